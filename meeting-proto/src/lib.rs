@@ -1,0 +1,11 @@
+//! Conclave's shared protocol library.
+//!
+//! Everything two components must agree on lives here once: wire formats,
+//! tickets, KMS API types and node configuration. Nothing in this crate does
+//! I/O; callers feed bytes and time in and take bytes and events out.
+//!
+//! Media key derivation and SFrame live behind the `keys` feature, which the
+//! relay does not enable: a relay build cannot even name a media key.
+
+pub mod ids;
+pub mod ticket;
