@@ -1,11 +1,15 @@
 //! Conclave's shared protocol library.
 //!
 //! Everything two components must agree on lives here once: wire formats,
-//! tickets, KMS API types and node configuration. Nothing in this crate does
-//! I/O; callers feed bytes and time in and take bytes and events out.
+//! tickets, join tokens, KMS API types and node configuration. Nothing in this
+//! crate does I/O; callers feed bytes and time in and take bytes and events out.
 //!
 //! Media key derivation and SFrame live behind the `keys` feature, which the
 //! relay does not enable: a relay build cannot even name a media key.
 
+pub mod config;
 pub mod ids;
+pub mod kms_api;
 pub mod ticket;
+pub mod token;
+pub mod wire;
