@@ -1,1 +1,716 @@
-//! (being written)
+//! The KMS HTTP API: paths, request and response bodies (JSON), and the
+//! byte strings both ends must agree on (HPKE `info`, roster signatures).
+//!
+//! Authentication is not in the bodies except where a request *is* the
+//! credential exchange:
+//! - services (relays, connectors, the operator) present a client certificate
+//!   whose URI SAN names them (`conclave://ns/kind/name[/pod]`);
+//! - a participant presents its join token once, in [`JoinRequest::token`], and
+//!   then the opaque session secret from [`JoinResponse::session`] as
+//!   `Authorization: Bearer <session>` on every later call.
+//!
+//! Binary values (keys, signatures, HPKE encapsulations) travel as lowercase
+//! hex strings ([`Hex`]): they are short and hex needs no extra dependency.
+
+use crate::ids::{MeetingId, ParticipantId};
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Every path of the API. `{meeting}`, `{participant}` and `{recording}` are
+/// filled in by the caller (axum route syntax).
+pub mod paths {
+    /// POST [`super::JoinRequest`] -> [`super::JoinResponse`].
+    pub const JOIN: &str = "/v1/meetings/{meeting}/join";
+    /// GET `?since=<roster version>&wait_ms=<n>` -> [`super::EventsResponse`] (long poll).
+    pub const EVENTS: &str = "/v1/meetings/{meeting}/events";
+    /// POST (empty body) -> [`super::LeaveResponse`].
+    pub const LEAVE: &str = "/v1/meetings/{meeting}/leave";
+    /// POST (host session) -> [`super::RemoveResponse`].
+    pub const REMOVE: &str = "/v1/meetings/{meeting}/participants/{participant}/remove";
+    /// POST [`super::InviteRequest`] (host session) -> [`super::InviteResponse`].
+    pub const INVITE: &str = "/v1/meetings/{meeting}/connectors";
+    /// GET `?wait_ms=<n>` (connector certificate) -> [`super::AssignmentsResponse`].
+    pub const ASSIGNMENTS: &str = "/v1/connector/assignments";
+    /// POST [`super::RelayRegisterRequest`] (relay certificate) -> [`super::RelayRegisterResponse`].
+    pub const RELAY_REGISTER: &str = "/v1/relays/register";
+    /// POST [`super::RelayHeartbeatRequest`] (relay certificate) -> [`super::RelayHeartbeatResponse`].
+    pub const RELAY_HEARTBEAT: &str = "/v1/relays/heartbeat";
+    /// POST [`super::CreateRecordingKeyRequest`] (recording connector in the meeting)
+    /// -> [`super::RecordingKeyResponse`].
+    pub const RECORDING_KEYS: &str = "/v1/recordings";
+    /// POST [`super::RecordingKeyRequest`] (creator or configured reader)
+    /// -> [`super::RecordingKeyResponse`].
+    pub const RECORDING_KEY: &str = "/v1/recordings/{recording}/key";
+    /// GET `?from=<seq>&limit=<n>` (admin certificate) -> [`super::AuditPage`].
+    pub const AUDIT: &str = "/v1/audit";
+    /// POST (admin certificate) -> [`super::AuditVerifyResponse`].
+    pub const AUDIT_VERIFY: &str = "/v1/audit/verify";
+    /// POST (admin certificate) -> [`super::KekRotateResponse`].
+    pub const KEK_ROTATE: &str = "/v1/admin/kek/rotate";
+    /// GET (admin certificate) -> [`super::SignedRoster`].
+    pub const ROSTER_EXPORT: &str = "/v1/admin/meetings/{meeting}/roster";
+    /// GET, no authentication -> [`super::InfoResponse`].
+    pub const INFO: &str = "/v1/info";
+    pub const HEALTHZ: &str = "/healthz";
+    pub const READYZ: &str = "/readyz";
+    pub const METRICS: &str = "/metrics";
+
+    /// Fills `{name}` in a path template. Values are URL-path-safe by
+    /// construction (meeting ids, numbers), so no escaping is needed.
+    pub fn fill(template: &str, name: &str, value: &str) -> String {
+        template.replace(&format!("{{{name}}}"), value)
+    }
+}
+
+/// Longest wait a long poll may ask for; the server clamps to this.
+pub const MAX_WAIT_MS: u64 = 30_000;
+
+/// Bytes as lowercase hex in JSON.
+#[derive(Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Hex(pub Vec<u8>);
+
+impl fmt::Debug for Hex {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Hex values are public (keys sealed or public, signatures): printing
+        // the length keeps logs short without hiding anything that matters.
+        write!(f, "Hex({} bytes)", self.0.len())
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid hex string")]
+pub struct HexError;
+
+impl Hex {
+    pub fn encode(bytes: &[u8]) -> String {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut out = String::with_capacity(bytes.len() * 2);
+        for b in bytes {
+            out.push(DIGITS[(b >> 4) as usize] as char);
+            out.push(DIGITS[(b & 15) as usize] as char);
+        }
+        out
+    }
+
+    pub fn decode(s: &str) -> Result<Vec<u8>, HexError> {
+        fn nibble(c: u8) -> Result<u8, HexError> {
+            match c {
+                b'0'..=b'9' => Ok(c - b'0'),
+                b'a'..=b'f' => Ok(c - b'a' + 10),
+                b'A'..=b'F' => Ok(c - b'A' + 10),
+                _ => Err(HexError),
+            }
+        }
+        let s = s.as_bytes();
+        if s.len() % 2 != 0 {
+            return Err(HexError);
+        }
+        s.chunks_exact(2)
+            .map(|p| Ok(nibble(p[0])? << 4 | nibble(p[1])?))
+            .collect()
+    }
+
+    /// The bytes as a fixed-size array, or `None` if the length differs.
+    pub fn array<const N: usize>(&self) -> Option<[u8; N]> {
+        self.0.as_slice().try_into().ok()
+    }
+}
+
+impl TryFrom<String> for Hex {
+    type Error = HexError;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        Hex::decode(&value).map(Hex)
+    }
+}
+
+impl From<Hex> for String {
+    fn from(value: Hex) -> Self {
+        Hex::encode(&value.0)
+    }
+}
+
+/// A participant's role in a meeting. Connectors are `connector:<kind>`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Role {
+    Host,
+    Participant,
+    Connector(ConnectorKind),
+}
+
+impl Role {
+    pub fn is_host(&self) -> bool {
+        matches!(self, Role::Host)
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("unknown role {0:?} (expected host, participant or connector:<kind>)")]
+pub struct RoleError(pub String);
+
+impl std::str::FromStr for Role {
+    type Err = RoleError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "host" => Ok(Role::Host),
+            "participant" => Ok(Role::Participant),
+            other => other
+                .strip_prefix("connector:")
+                .and_then(|k| k.parse().ok())
+                .map(Role::Connector)
+                .ok_or_else(|| RoleError(s.chars().take(40).collect())),
+        }
+    }
+}
+
+impl TryFrom<String> for Role {
+    type Error = RoleError;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        value.parse()
+    }
+}
+
+impl From<Role> for String {
+    fn from(value: Role) -> Self {
+        value.to_string()
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Role::Host => f.write_str("host"),
+            Role::Participant => f.write_str("participant"),
+            Role::Connector(k) => write!(f, "connector:{k}"),
+        }
+    }
+}
+
+/// The kinds of connector a ConnectorPool can run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ConnectorKind {
+    Recording,
+    LiveStreaming,
+    Telephony,
+    RoomSystem,
+}
+
+impl std::str::FromStr for ConnectorKind {
+    type Err = RoleError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "recording" => Ok(Self::Recording),
+            "liveStreaming" => Ok(Self::LiveStreaming),
+            "telephony" => Ok(Self::Telephony),
+            "roomSystem" => Ok(Self::RoomSystem),
+            _ => Err(RoleError(s.chars().take(40).collect())),
+        }
+    }
+}
+
+impl fmt::Display for ConnectorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Recording => "recording",
+            Self::LiveStreaming => "liveStreaming",
+            Self::Telephony => "telephony",
+            Self::RoomSystem => "roomSystem",
+        })
+    }
+}
+
+/// POST [`paths::JOIN`]. Exactly one of `token` (people) or `invitation`
+/// (connectors, authenticated by their client certificate) is set.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct JoinRequest {
+    /// The join token (JWT) from the customer's portal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// The invitation a connector picked up from [`paths::ASSIGNMENTS`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invitation: Option<u64>,
+    /// The participant's ephemeral X25519 public key (32 bytes): every meeting
+    /// key released to this participant is sealed to it.
+    pub public_key: Hex,
+}
+
+impl fmt::Debug for JoinRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The token is a bearer credential: never print it.
+        f.debug_struct("JoinRequest")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("invitation", &self.invitation)
+            .field("public_key", &self.public_key)
+            .finish()
+    }
+}
+
+/// A meeting key (or recording data key) sealed with HPKE (RFC 9180, base
+/// mode, DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, ChaCha20-Poly1305) to one
+/// participant's X25519 key. `info` is [`meeting_key_info`] / [`recording_key_info`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealedKey {
+    pub meeting: MeetingId,
+    pub epoch: u64,
+    pub participant: ParticipantId,
+    /// HPKE encapsulated key (32 bytes).
+    pub enc: Hex,
+    /// HPKE ciphertext of the 32-byte key.
+    pub ciphertext: Hex,
+}
+
+/// A data key for one recording, sealed like [`SealedKey`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealedDataKey {
+    pub recording: String,
+    pub meeting: MeetingId,
+    pub enc: Hex,
+    pub ciphertext: Hex,
+}
+
+const MEETING_KEY_INFO: &[u8] = b"conclave meeting key v1\0";
+const RECORDING_KEY_INFO: &[u8] = b"conclave recording key v1\0";
+const ROSTER_DOMAIN: &[u8] = b"conclave roster v1\0";
+
+/// HPKE `info` for a meeting key: binds the sealed key to its meeting, epoch
+/// and recipient, so a sealed key moved to another context fails to open.
+pub fn meeting_key_info(meeting: &MeetingId, epoch: u64, participant: ParticipantId) -> Vec<u8> {
+    let m = meeting.as_str().as_bytes();
+    let mut out = Vec::with_capacity(MEETING_KEY_INFO.len() + 1 + m.len() + 16);
+    out.extend_from_slice(MEETING_KEY_INFO);
+    out.push(m.len() as u8);
+    out.extend_from_slice(m);
+    out.extend_from_slice(&epoch.to_be_bytes());
+    out.extend_from_slice(&participant.0.to_be_bytes());
+    out
+}
+
+/// HPKE `info` for a recording data key.
+pub fn recording_key_info(meeting: &MeetingId, recording: &str) -> Vec<u8> {
+    let m = meeting.as_str().as_bytes();
+    let mut out = Vec::with_capacity(RECORDING_KEY_INFO.len() + 2 + m.len() + recording.len());
+    out.extend_from_slice(RECORDING_KEY_INFO);
+    out.push(m.len() as u8);
+    out.extend_from_slice(m);
+    out.push(recording.len().min(255) as u8);
+    out.extend_from_slice(recording.as_bytes());
+    out
+}
+
+/// Where to send media, and the KMS's permission to do so.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayAssignment {
+    /// The relay's identity as named in the ticket.
+    pub relay: String,
+    /// `host:port` of the relay's media socket.
+    pub address: String,
+    /// The ticket ([`crate::ticket::Ticket`]) to present in HELLO.
+    pub ticket: Hex,
+    /// Unix seconds after which the ticket is refused; poll events before then.
+    pub not_after: u64,
+}
+
+/// One member of a meeting.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RosterMember {
+    pub participant: ParticipantId,
+    /// SFrame sender index (also in routing headers).
+    pub sender_index: u16,
+    pub role: Role,
+    /// Display name (token `name` claim, or the connector kind).
+    pub name: String,
+    /// Token subject, or the connector's certificate identity.
+    pub subject: String,
+}
+
+/// A host's invitation of a connector. It is in the roster from the moment
+/// it is made, so everyone sees who will be able to read the meeting.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Invitation {
+    pub id: u64,
+    pub kind: ConnectorKind,
+    pub invited_by: ParticipantId,
+    /// The connector identity that picked it up, once one has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claimed_by: Option<String>,
+    /// The participant the connector joined as, once it has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub participant: Option<ParticipantId>,
+}
+
+/// Who is in a meeting at one version.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Roster {
+    pub meeting: MeetingId,
+    /// Increases on every change; `since` of [`paths::EVENTS`].
+    pub version: u64,
+    /// The current key epoch.
+    pub epoch: u64,
+    pub members: Vec<RosterMember>,
+    pub invitations: Vec<Invitation>,
+    /// Unix milliseconds when this version was made.
+    pub issued_at_ms: u64,
+}
+
+/// A roster signed by the KMS (Ed25519 over `"conclave roster v1\0" || roster_json`).
+/// The JSON text itself is signed, so members verify exactly what they parse.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedRoster {
+    pub roster_json: String,
+    pub signature: Hex,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RosterError {
+    #[error("roster signature does not verify")]
+    BadSignature,
+    #[error("roster is not valid JSON: {0}")]
+    Malformed(#[from] serde_json::Error),
+}
+
+impl SignedRoster {
+    pub fn sign(roster: &Roster, key: &SigningKey) -> Result<Self, serde_json::Error> {
+        let roster_json = serde_json::to_string(roster)?;
+        let signature = key.sign(&[ROSTER_DOMAIN, roster_json.as_bytes()].concat());
+        Ok(Self {
+            roster_json,
+            signature: Hex(signature.to_bytes().to_vec()),
+        })
+    }
+
+    /// Checks the KMS signature, then parses.
+    pub fn verify(&self, key: &VerifyingKey) -> Result<Roster, RosterError> {
+        let signature =
+            Signature::from_slice(&self.signature.0).map_err(|_| RosterError::BadSignature)?;
+        key.verify(
+            &[ROSTER_DOMAIN, self.roster_json.as_bytes()].concat(),
+            &signature,
+        )
+        .map_err(|_| RosterError::BadSignature)?;
+        Ok(serde_json::from_str(&self.roster_json)?)
+    }
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+pub struct JoinResponse {
+    pub participant: ParticipantId,
+    /// Session secret: `Authorization: Bearer <session>` on later calls.
+    pub session: String,
+    pub sender_index: u16,
+    pub roster: SignedRoster,
+    pub key: SealedKey,
+    pub relay: RelayAssignment,
+}
+
+impl fmt::Debug for JoinResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JoinResponse")
+            .field("participant", &self.participant)
+            .field("session", &"<redacted>")
+            .field("sender_index", &self.sender_index)
+            .field("roster", &self.roster)
+            .field("key", &self.key)
+            .field("relay", &self.relay)
+            .finish()
+    }
+}
+
+/// Query of [`paths::EVENTS`].
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct EventsQuery {
+    /// The roster version the caller already has.
+    #[serde(default)]
+    pub since: u64,
+    /// How long to wait for a change (clamped to [`MAX_WAIT_MS`]).
+    #[serde(default)]
+    pub wait_ms: u64,
+}
+
+/// What changed since `since`. Fields are absent when nothing changed.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EventsResponse {
+    pub version: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub roster: Option<SignedRoster>,
+    /// The current epoch's key, when the caller does not have it yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<SealedKey>,
+    /// A new relay assignment (meeting re-placed or ticket renewed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<RelayAssignment>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LeaveResponse {
+    /// The epoch the remaining members move to.
+    pub epoch: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RemoveResponse {
+    pub epoch: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InviteRequest {
+    pub kind: ConnectorKind,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InviteResponse {
+    pub invitation: Invitation,
+    pub roster: SignedRoster,
+}
+
+/// Query of [`paths::ASSIGNMENTS`].
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct AssignmentsQuery {
+    #[serde(default)]
+    pub wait_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub meeting: MeetingId,
+    pub invitation: u64,
+    pub kind: ConnectorKind,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AssignmentsResponse {
+    pub assignments: Vec<Assignment>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RelayRegisterRequest {
+    /// MeetingZone name.
+    pub zone: String,
+    /// `host:port` clients send media to.
+    pub address: String,
+    /// Participants this relay accepts at most.
+    pub capacity: u32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RelayRegisterResponse {
+    /// The relay id tickets for this relay carry (verify tickets against it).
+    pub relay: String,
+    /// Ed25519 public key that signs tickets and rosters (32 bytes).
+    pub ticket_public_key: Hex,
+    /// Heartbeat at least this often, or stop receiving meetings.
+    pub heartbeat_interval_ms: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RelayHeartbeatRequest {
+    /// Participants currently bound on the relay.
+    pub load: u32,
+    /// False while draining: keep existing meetings, take no new ones.
+    #[serde(default = "yes")]
+    pub ready: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RelayHeartbeatResponse {
+    /// Meetings placed on this relay.
+    pub meetings: u32,
+    pub heartbeat_interval_ms: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CreateRecordingKeyRequest {
+    pub meeting: MeetingId,
+    /// X25519 public key the data key is sealed to.
+    pub public_key: Hex,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+pub struct RecordingKeyRequest {
+    pub public_key: Hex,
+    /// A join token for the recording's meeting, for readers authorised by
+    /// token subject rather than by certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+impl fmt::Debug for RecordingKeyRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RecordingKeyRequest")
+            .field("public_key", &self.public_key)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RecordingKeyResponse {
+    pub key: SealedDataKey,
+}
+
+/// Query of [`paths::AUDIT`].
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct AuditQuery {
+    #[serde(default)]
+    pub from: u64,
+    #[serde(default)]
+    pub limit: u32,
+}
+
+/// What an audit entry records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditKind {
+    KeyRelease,
+    RosterChange,
+    EpochChange,
+    Denial,
+    Invitation,
+    RecordingKey,
+    Relay,
+    Admin,
+}
+
+/// One link of the audit hash chain.
+/// `hash = SHA-256("conclave audit v1\0" || prev || canonical JSON of the entry without hash)`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub seq: u64,
+    pub time_ms: u64,
+    pub kind: AuditKind,
+    /// Who acted: a certificate identity, `token:<iss>:<sub>`, or `kms`.
+    pub actor: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meeting: Option<MeetingId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub participant: Option<ParticipantId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
+    /// Short human-readable detail (never a secret).
+    pub detail: String,
+    pub prev: Hex,
+    pub hash: Hex,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AuditPage {
+    pub entries: Vec<AuditEntry>,
+    /// Sequence number of the newest entry (entries exist up to here).
+    pub head_seq: Option<u64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AuditVerifyResponse {
+    pub ok: bool,
+    /// Entries checked.
+    pub entries: u64,
+    pub head_seq: Option<u64>,
+    pub head_hash: Hex,
+    /// The first problem found, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct KekRotateResponse {
+    /// The new current KEK version.
+    pub version: u32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InfoResponse {
+    /// Ed25519 key that signs tickets and rosters (32 bytes).
+    pub signing_public_key: Hex,
+    pub api_version: String,
+}
+
+/// Body of every error response (4xx/5xx).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// Stable machine-readable reason, e.g. `token_expired`, `not_invited`.
+    pub code: String,
+    /// Human-readable explanation. Never contains secrets.
+    pub error: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_round_trips_and_rejects_garbage() {
+        let bytes = vec![0u8, 1, 0xab, 0xff];
+        let s = Hex::encode(&bytes);
+        assert_eq!(s, "0001abff");
+        assert_eq!(Hex::decode(&s).unwrap(), bytes);
+        assert_eq!(Hex::decode("0g"), Err(HexError));
+        assert_eq!(Hex::decode("abc"), Err(HexError));
+        assert!(serde_json::from_str::<Hex>("\"zz\"").is_err());
+    }
+
+    #[test]
+    fn roles_parse_and_print() {
+        for s in ["host", "participant", "connector:recording", "connector:liveStreaming"] {
+            assert_eq!(s.parse::<Role>().unwrap().to_string(), s);
+        }
+        assert!("connector:fax".parse::<Role>().is_err());
+        assert!("admin".parse::<Role>().is_err());
+    }
+
+    #[test]
+    fn signed_roster_detects_any_change() {
+        let key = SigningKey::generate(&mut rand_core::OsRng);
+        let roster = Roster {
+            meeting: MeetingId::new("m").unwrap(),
+            version: 3,
+            epoch: 2,
+            members: vec![RosterMember {
+                participant: ParticipantId(1),
+                sender_index: 0,
+                role: Role::Host,
+                name: "Ada".into(),
+                subject: "ada".into(),
+            }],
+            invitations: vec![],
+            issued_at_ms: 5,
+        };
+        let signed = SignedRoster::sign(&roster, &key).unwrap();
+        assert_eq!(signed.verify(&key.verifying_key()).unwrap(), roster);
+        let mut tampered = signed.clone();
+        tampered.roster_json = tampered.roster_json.replace("Ada", "Eve");
+        assert!(matches!(
+            tampered.verify(&key.verifying_key()),
+            Err(RosterError::BadSignature)
+        ));
+        let other = SigningKey::generate(&mut rand_core::OsRng);
+        assert!(signed.verify(&other.verifying_key()).is_err());
+    }
+
+    #[test]
+    fn info_binds_every_field() {
+        let m = MeetingId::new("m").unwrap();
+        let base = meeting_key_info(&m, 1, ParticipantId(1));
+        assert_ne!(base, meeting_key_info(&m, 2, ParticipantId(1)));
+        assert_ne!(base, meeting_key_info(&m, 1, ParticipantId(2)));
+        assert_ne!(
+            base,
+            meeting_key_info(&MeetingId::new("n").unwrap(), 1, ParticipantId(1))
+        );
+    }
+
+    #[test]
+    fn secrets_are_not_in_debug() {
+        let req = JoinRequest {
+            token: Some("eyJsecret".into()),
+            invitation: None,
+            public_key: Hex(vec![1; 32]),
+        };
+        assert!(!format!("{req:?}").contains("eyJsecret"));
+    }
+}

@@ -9,6 +9,8 @@
 
 pub mod config;
 pub mod ids;
+#[cfg(feature = "keys")]
+pub mod key_release;
 pub mod kms_api;
 pub mod ticket;
 pub mod token;
