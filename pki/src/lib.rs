@@ -1,0 +1,38 @@
+//! Conclave's internal PKI.
+//!
+//! - [`Identity`]: the `conclave://<namespace>/<kind>/<name>[/<pod>]` URI SAN
+//!   that every service certificate carries and every authorization decision
+//!   reads.
+//! - [`CertificateAuthority`]: an ECDSA P-256 CA (one per namespace, kept by
+//!   the operator) issuing short-lived server and client certificates, renewed
+//!   at two thirds of their lifetime ([`Validity::renew_after`]).
+//! - [`tls`]: rustls server/client configurations whose certificate, key and
+//!   CA bundle are re-read from their files when they change, so nodes follow
+//!   Secret rotations without restarting.
+//! - [`peer_identity`]: the identity of a verified TLS peer.
+//! - [`DevPki`]: a CA and certificates in a directory, for tests and local runs.
+//!
+//! ring is the only crypto backend.
+
+mod ca;
+mod dev;
+mod error;
+mod identity;
+mod inspect;
+pub mod pem;
+mod reload;
+pub mod tls;
+
+pub use ca::{CertificateAuthority, IssuedCert, ServerNames};
+pub use dev::{DEV_LIFETIME, DevPki};
+pub use error::PkiError;
+pub use identity::{Identity, IdentityError, Kind, MAX_SEGMENT_LEN, SCHEME};
+pub use inspect::{CertInfo, Validity, identity_of, inspect, peer_identity, renew_after};
+pub use reload::{
+    ReloadingCertifiedKey, ReloadingClientVerifier, ReloadingServerVerifier, ReloadingTrust,
+    provider,
+};
+pub use tls::{ClientAuth, TlsFiles};
+
+/// Re-exported so callers name the same rustls as this crate.
+pub use rustls;
