@@ -1,0 +1,8 @@
+//! Conclave connector-node: recording, live streaming, telephony and room
+//! systems. Protocol cores are sans-IO (bytes and time in, bytes and events
+//! out); the tokio shells around them own sockets, files and child processes.
+
+pub mod media;
+pub mod metrics;
+pub mod sip;
+pub mod telephony;

@@ -1,0 +1,9 @@
+//! Phone-leg media: RTP, SRTP, G.711, RFC 4733 DTMF, jitter buffer with
+//! concealment, and tone analysis used by tests and health checks.
+
+pub mod dtmf;
+pub mod g711;
+pub mod jitter;
+pub mod rtp;
+pub mod srtp;
+pub mod tone;

@@ -1,0 +1,543 @@
+//! Telephony and room-system connectors: turns SIP calls into phone legs.
+//!
+//! Each answered or placed call becomes a [`PhoneLeg`]: 8 kHz, 20 ms PCM
+//! frames to and from the phone, the meeting it belongs to, and a signal
+//! when it ends. The meeting side (join with role `connector:telephony`,
+//! mix minus the caller, Opus + SFrame) consumes legs; this module owns the
+//! SIP signalling and the RTP/SRTP media of the phone side.
+
+use crate::media::dtmf::DtmfReceiver;
+use crate::media::jitter::JitterBuffer;
+use crate::media::srtp::SrtpContext;
+use crate::media::{g711, rtp};
+use crate::metrics::Metrics;
+use crate::sip::sdp::{self, Codec, Local, Negotiated, SrtpKey};
+use crate::sip::transport::{Command, SipHandle};
+use crate::sip::ua::{CallRef, EndReason, Event};
+use meeting_proto::config::connector::SrtpPolicy;
+use meeting_proto::ids::MeetingId;
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// Samples per 20 ms frame at 8 kHz.
+pub const FRAME: usize = 160;
+/// How long a caller has to enter a meeting number by DTMF.
+const DTMF_ENTRY_TIMEOUT: Duration = Duration::from_secs(30);
+/// No RTP from the phone for this long: the leg is dead, hang up.
+const MEDIA_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    DialIn,
+    DialOut,
+}
+
+/// What was negotiated for the phone leg (for status and logs; no keys).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LegInfo {
+    pub codec: Codec,
+    pub srtp: Option<&'static str>,
+    pub remote: SocketAddr,
+}
+
+/// One phone call, connected to one meeting.
+#[derive(Debug)]
+pub struct PhoneLeg {
+    pub call: CallRef,
+    pub direction: Direction,
+    /// Roster name: "Phone <caller>" or the room system's display name.
+    pub display_name: String,
+    pub meeting: MeetingId,
+    pub info: LegInfo,
+    /// Audio for the phone (8 kHz mono, 160-sample frames).
+    pub to_phone: mpsc::Sender<Vec<i16>>,
+    /// Audio from the phone, after jitter buffering and concealment.
+    pub from_phone: mpsc::Receiver<Vec<i16>>,
+    /// Becomes true when the call has ended (either side).
+    pub ended: watch::Receiver<bool>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TelephonySettings {
+    /// Address RTP sockets bind to and SDP advertises.
+    pub media_ip: IpAddr,
+    pub srtp: SrtpPolicy,
+    pub dial_in: BTreeMap<String, MeetingId>,
+    /// Prefix of roster names ("Phone" for telephony; room systems use their SIP display name).
+    pub name_prefix: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("SIP endpoint is gone")]
+    Gone,
+    #[error("could not place the call: {0}")]
+    Local(String),
+    #[error("the callee is busy ({0})")]
+    Busy(u16),
+    #[error("no answer ({0})")]
+    NoAnswer(u16),
+    #[error("call failed: {code} {reason}")]
+    Failed { code: u16, reason: String },
+    #[error("the callee's answer is unusable: {0}")]
+    Sdp(#[from] sdp::SdpError),
+}
+
+enum Control {
+    Dial {
+        peer: SocketAddr,
+        uri: String,
+        meeting: MeetingId,
+        reply: oneshot::Sender<Result<PhoneLeg, DialError>>,
+    },
+}
+
+/// Handle for dial-out requests (from the host, through the KMS).
+#[derive(Debug, Clone)]
+pub struct Telephony {
+    control: mpsc::Sender<Control>,
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Control::Dial { uri, .. } = self;
+        write!(f, "Dial({uri})")
+    }
+}
+
+impl Telephony {
+    /// Call `uri` through `peer` (the trunk or the device itself) and, once
+    /// answered, return the leg for `meeting`.
+    pub async fn dial(
+        &self,
+        peer: SocketAddr,
+        uri: &str,
+        meeting: MeetingId,
+    ) -> Result<PhoneLeg, DialError> {
+        let (reply, rx) = oneshot::channel();
+        self.control
+            .send(Control::Dial {
+                peer,
+                uri: uri.to_string(),
+                meeting,
+                reply,
+            })
+            .await
+            .map_err(|_| DialError::Gone)?;
+        rx.await.map_err(|_| DialError::Gone)?
+    }
+}
+
+struct Pending {
+    meeting: MeetingId,
+    local: Local,
+    socket: UdpSocket,
+    uri: String,
+    reply: oneshot::Sender<Result<PhoneLeg, DialError>>,
+}
+
+/// Run the telephony service over a SIP endpoint. New legs go to `legs`.
+pub fn start(
+    sip: SipHandle,
+    mut events: mpsc::Receiver<Event>,
+    settings: TelephonySettings,
+    metrics: Arc<Metrics>,
+    legs: mpsc::Sender<PhoneLeg>,
+) -> Telephony {
+    let (control_tx, mut control_rx) = mpsc::channel::<Control>(16);
+    tokio::spawn(async move {
+        let mut live: HashMap<CallRef, watch::Sender<bool>> = HashMap::new();
+        let mut pending: HashMap<CallRef, Pending> = HashMap::new();
+        loop {
+            tokio::select! {
+                c = control_rx.recv() => {
+                    let Some(Control::Dial { peer, uri, meeting, reply }) = c else { continue };
+                    let socket = match UdpSocket::bind((settings.media_ip, 0)).await {
+                        Ok(s) => s,
+                        Err(e) => { let _ = reply.send(Err(DialError::Local(e.to_string()))); continue; }
+                    };
+                    let Ok(port) = socket.local_addr().map(|a| a.port()) else { continue };
+                    let local = local_for(&settings, port);
+                    let (tx, rx) = oneshot::channel();
+                    let cmd = Command::Invite { peer, uri: uri.clone(), offer: local.offer(), reply: tx };
+                    if sip.commands.send(cmd).await.is_err() {
+                        let _ = reply.send(Err(DialError::Gone));
+                        continue;
+                    }
+                    match rx.await {
+                        Ok(Ok(call)) => {
+                            metrics.calls_started("dialOut");
+                            pending.insert(call, Pending { meeting, local, socket, uri, reply });
+                        }
+                        Ok(Err(e)) => { let _ = reply.send(Err(DialError::Local(e.to_string()))); }
+                        Err(_) => { let _ = reply.send(Err(DialError::Gone)); }
+                    }
+                }
+                e = events.recv() => {
+                    let Some(e) = e else { break };
+                    match e {
+                        Event::Incoming { call, caller, dialled, offer, .. } => {
+                            metrics.calls_started("dialIn");
+                            incoming(&sip, &settings, &metrics, &legs, &mut live, call, caller, dialled, &offer).await;
+                        }
+                        Event::Ringing { .. } => {}
+                        Event::Answered { call, answer } => {
+                            let Some(p) = pending.remove(&call) else { continue };
+                            let neg = sdp::parse(&answer).and_then(|a| p.local.accept_answer(&a));
+                            match neg {
+                                Ok(neg) => {
+                                    let name = format!("Phone {}", short_uri(&p.uri));
+                                    let (leg, end_tx) = start_media(call, Direction::DialOut, name, p.meeting, p.socket, neg, &sip, &metrics, None);
+                                    live.insert(call, end_tx);
+                                    if let Some(leg) = leg {
+                                        let _ = p.reply.send(Ok(leg));
+                                    }
+                                }
+                                Err(err) => {
+                                    metrics.call_refused(refusal_label(&err));
+                                    let _ = sip.commands.send(Command::Hangup(call)).await;
+                                    let _ = p.reply.send(Err(err.into()));
+                                }
+                            }
+                        }
+                        Event::Failed { call, code, reason } => {
+                            let Some(p) = pending.remove(&call) else { continue };
+                            metrics.call_failed(code);
+                            let err = match code {
+                                486 | 600 => DialError::Busy(code),
+                                408 | 480 | 487 => DialError::NoAnswer(code),
+                                _ => DialError::Failed { code, reason },
+                            };
+                            let _ = p.reply.send(Err(err));
+                        }
+                        Event::Ended { call, why } => {
+                            if let Some(tx) = live.remove(&call) {
+                                let _ = tx.send(true);
+                            }
+                            metrics.call_ended(match why {
+                                EndReason::RemoteBye => "remoteBye",
+                                EndReason::LocalBye => "localBye",
+                                EndReason::Cancelled => "cancelled",
+                                EndReason::Timeout => "timeout",
+                            });
+                        }
+                    }
+                }
+            }
+            live.retain(|_, tx| !tx.is_closed());
+        }
+    });
+    Telephony {
+        control: control_tx,
+    }
+}
+
+fn short_uri(uri: &str) -> String {
+    crate::sip::message::SipUri::parse(uri)
+        .and_then(|u| u.user)
+        .unwrap_or_else(|| uri.to_string())
+}
+
+fn local_for(settings: &TelephonySettings, port: u16) -> Local {
+    Local {
+        addr: settings.media_ip,
+        port,
+        session_id: u64::from(rand::random::<u32>()),
+        policy: settings.srtp,
+        key: SrtpKey::random(),
+    }
+}
+
+fn refusal_label(e: &sdp::SdpError) -> &'static str {
+    match e {
+        sdp::SdpError::SrtpRequired => "srtpRequired",
+        sdp::SdpError::SrtpOff => "srtpOff",
+        sdp::SdpError::NoCryptoSuite => "noCryptoSuite",
+        sdp::SdpError::NoCodec => "noCodec",
+        _ => "badSdp",
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn incoming(
+    sip: &SipHandle,
+    settings: &TelephonySettings,
+    metrics: &Arc<Metrics>,
+    legs: &mpsc::Sender<PhoneLeg>,
+    live: &mut HashMap<CallRef, watch::Sender<bool>>,
+    call: CallRef,
+    caller: String,
+    dialled: Option<String>,
+    offer: &[u8],
+) {
+    let reject = |code: u16, reason: &str, warning: Option<String>| Command::Reject {
+        call,
+        code,
+        reason: reason.to_string(),
+        warning,
+    };
+    let offer = match sdp::parse(offer) {
+        Ok(o) => o,
+        Err(e) => {
+            metrics.call_refused("badSdp");
+            let _ = sip
+                .commands
+                .send(reject(488, "Not Acceptable Here", Some(e.to_string())))
+                .await;
+            return;
+        }
+    };
+    let socket = match UdpSocket::bind((settings.media_ip, 0)).await {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = sip
+                .commands
+                .send(reject(503, "Service Unavailable", None))
+                .await;
+            return;
+        }
+    };
+    let Ok(port) = socket.local_addr().map(|a| a.port()) else {
+        return;
+    };
+    let local = local_for(settings, port);
+    let (answer, neg) = match local.answer(&offer) {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::info!(%caller, reason = %e, "refused call");
+            metrics.call_refused(refusal_label(&e));
+            let _ = sip
+                .commands
+                .send(reject(488, "Not Acceptable Here", Some(e.to_string())))
+                .await;
+            return;
+        }
+    };
+    let _ = sip.commands.send(Command::Answer(call, answer)).await;
+    let display_name = match &settings.name_prefix {
+        Some(p) => format!("{p} {caller}"),
+        None => caller,
+    };
+    let meeting = dialled
+        .as_deref()
+        .and_then(|d| settings.dial_in.get(d))
+        .cloned();
+    let (leg_tx, leg_rx) = oneshot::channel();
+    let (leg, end_tx) = match meeting {
+        Some(m) => start_media(
+            call,
+            Direction::DialIn,
+            display_name,
+            m,
+            socket,
+            neg,
+            sip,
+            metrics,
+            None,
+        ),
+        None => {
+            // Unknown number: ask for the meeting number by DTMF (ended by '#').
+            let placeholder = MeetingId::new("pending").expect("constant id is valid");
+            start_media(
+                call,
+                Direction::DialIn,
+                display_name,
+                placeholder,
+                socket,
+                neg,
+                sip,
+                metrics,
+                Some(leg_tx),
+            )
+        }
+    };
+    live.insert(call, end_tx);
+    match leg {
+        Some(l) => {
+            let _ = legs.send(l).await;
+        }
+        None => {
+            let legs = legs.clone();
+            tokio::spawn(async move {
+                if let Ok(l) = leg_rx.await {
+                    let _ = legs.send(l).await;
+                }
+            });
+        }
+    }
+}
+
+/// Start the RTP task. Returns the leg at once, or (when the meeting is still
+/// to be entered by DTMF) hands it to `deferred` once the caller pressed '#'.
+#[allow(clippy::too_many_arguments)]
+fn start_media(
+    call: CallRef,
+    direction: Direction,
+    display_name: String,
+    meeting: MeetingId,
+    socket: UdpSocket,
+    neg: Negotiated,
+    sip: &SipHandle,
+    metrics: &Arc<Metrics>,
+    deferred: Option<oneshot::Sender<PhoneLeg>>,
+) -> (Option<PhoneLeg>, watch::Sender<bool>) {
+    let (to_phone_tx, to_phone_rx) = mpsc::channel::<Vec<i16>>(50);
+    let (from_phone_tx, from_phone_rx) = mpsc::channel::<Vec<i16>>(50);
+    let (end_tx, end_rx) = watch::channel(false);
+    let info = LegInfo {
+        codec: neg.codec,
+        srtp: neg.srtp.as_ref().map(|_| sdp::SRTP_SUITE),
+        remote: neg.remote,
+    };
+    metrics.leg_started(info.srtp.is_some());
+    let leg = PhoneLeg {
+        call,
+        direction,
+        display_name,
+        meeting,
+        info,
+        to_phone: to_phone_tx,
+        from_phone: from_phone_rx,
+        ended: end_rx.clone(),
+    };
+    let (leg_now, leg_later) = match deferred {
+        None => (Some(leg), None),
+        Some(tx) => (None, Some((leg, tx))),
+    };
+    let commands = sip.commands.clone();
+    let metrics = metrics.clone();
+    tokio::spawn(async move {
+        let why = media_loop(
+            socket,
+            neg,
+            to_phone_rx,
+            from_phone_tx,
+            end_rx,
+            leg_later,
+            &metrics,
+        )
+        .await;
+        tracing::info!(?call, why, "phone leg media ended");
+        let _ = commands.send(Command::Hangup(call)).await;
+        metrics.leg_ended();
+    });
+    (leg_now, end_tx)
+}
+
+async fn media_loop(
+    socket: UdpSocket,
+    neg: Negotiated,
+    mut to_phone: mpsc::Receiver<Vec<i16>>,
+    from_phone: mpsc::Sender<Vec<i16>>,
+    mut ended: watch::Receiver<bool>,
+    mut deferred: Option<(PhoneLeg, oneshot::Sender<PhoneLeg>)>,
+    metrics: &Metrics,
+) -> &'static str {
+    let (mut tx_srtp, mut rx_srtp) = match &neg.srtp {
+        Some((ours, theirs)) => (
+            Some(SrtpContext::new(&ours.0)),
+            Some(SrtpContext::new(&theirs.0)),
+        ),
+        None => (None, None),
+    };
+    let ssrc: u32 = rand::random();
+    let mut seq: u16 = rand::random();
+    let mut ts: u32 = rand::random();
+    let mut jitter = JitterBuffer::new(FRAME, 3, 25);
+    let mut dtmf = DtmfReceiver::default();
+    let mut digits = String::new();
+    let dtmf_deadline = tokio::time::Instant::now() + DTMF_ENTRY_TIMEOUT;
+    let mut last_rx = tokio::time::Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut buf = vec![0u8; 2048];
+    let mut first = true;
+    loop {
+        tokio::select! {
+            _ = ended.changed() => return "call ended",
+            _ = tick.tick() => {
+                let now = tokio::time::Instant::now();
+                if now.duration_since(last_rx) > MEDIA_TIMEOUT {
+                    return "no media from the phone";
+                }
+                if deferred.is_some() && now > dtmf_deadline {
+                    return "no meeting number entered";
+                }
+                // Phone -> meeting.
+                let frame = jitter.pop();
+                if deferred.is_none() && from_phone.try_send(frame).is_err() && from_phone.is_closed() {
+                    return "meeting side closed";
+                }
+                // Meeting -> phone.
+                let pcm = to_phone.try_recv().unwrap_or_else(|_| vec![0; FRAME]);
+                let payload: Vec<u8> = match neg.codec {
+                    Codec::Pcmu => pcm.iter().map(|&s| g711::linear_to_ulaw(s)).collect(),
+                    Codec::Pcma => pcm.iter().map(|&s| g711::linear_to_alaw(s)).collect(),
+                };
+                let mut pkt = rtp::build(first, neg.pt, seq, ts, ssrc, &payload);
+                first = false;
+                seq = seq.wrapping_add(1);
+                ts = ts.wrapping_add(FRAME as u32);
+                if let Some(s) = tx_srtp.as_mut() && s.protect(&mut pkt).is_err() {
+                    continue;
+                }
+                if socket.send_to(&pkt, neg.remote).await.is_ok() {
+                    metrics.rtp_sent();
+                }
+            }
+            r = socket.recv_from(&mut buf) => {
+                let Ok((n, from)) = r else { continue };
+                if from.ip() != neg.remote.ip() || rtp::is_rtcp(&buf[..n]) {
+                    metrics.rtp_dropped("source");
+                    continue;
+                }
+                let mut pkt = buf[..n].to_vec();
+                if let Some(s) = rx_srtp.as_mut() && let Err(e) = s.unprotect(&mut pkt) {
+                    metrics.rtp_dropped(match e {
+                        crate::media::srtp::SrtpError::Auth => "srtpAuth",
+                        crate::media::srtp::SrtpError::Replay => "srtpReplay",
+                        _ => "malformed",
+                    });
+                    continue;
+                }
+                let Ok((h, payload)) = rtp::parse(&pkt) else {
+                    metrics.rtp_dropped("malformed");
+                    continue;
+                };
+                last_rx = tokio::time::Instant::now();
+                metrics.rtp_received();
+                if Some(h.pt) == neg.dtmf_pt {
+                    if let Some(d) = dtmf.on_payload(h.ts, payload) {
+                        metrics.dtmf_digit();
+                        if let Some((leg, tx)) = deferred.take() {
+                            if d == '#' {
+                                match MeetingId::new(std::mem::take(&mut digits)) {
+                                    Ok(m) => { let _ = tx.send(PhoneLeg { meeting: m, ..leg }); }
+                                    Err(_) => return "invalid meeting number",
+                                }
+                            } else {
+                                if digits.len() < 32 {
+                                    digits.push(d);
+                                }
+                                deferred = Some((leg, tx));
+                            }
+                        }
+                    }
+                } else if h.pt == neg.pt {
+                    let pcm: Vec<i16> = match neg.codec {
+                        Codec::Pcmu => payload.iter().map(|&b| g711::ulaw_to_linear(b)).collect(),
+                        Codec::Pcma => payload.iter().map(|&b| g711::alaw_to_linear(b)).collect(),
+                    };
+                    // We answer with ptime 20; other packet sizes are padded or cut to 20 ms.
+                    jitter.push(h.seq, pcm);
+                } else {
+                    metrics.rtp_dropped("payloadType");
+                }
+            }
+        }
+    }
+}
