@@ -1,1 +1,114 @@
-fn main() {}
+//! media-node: `media-node --config relay.yaml`.
+//!
+//! Prints one JSON line on stdout once both sockets are bound
+//! (`{"media":"ip:port","http":"ip:port"}`) so supervisors and tests can use
+//! port 0. Logs go to stderr as JSON.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use meeting_proto::config::relay::RelayConfig;
+use tokio::sync::mpsc;
+
+use media_node::core::Relay;
+use media_node::metrics::RelayMetrics;
+use media_node::server::{self, Control, Health};
+use media_node::{http, udp};
+
+#[derive(Parser, Debug)]
+#[command(version, about = "Conclave media relay")]
+struct Args {
+    /// Relay config file (YAML or JSON).
+    #[arg(long, env = "CONCLAVE_RELAY_CONFIG")]
+    config: PathBuf,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .json()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let args = Args::parse();
+    let text = std::fs::read_to_string(&args.config)
+        .with_context(|| format!("reading {}", args.config.display()))?;
+    let config: RelayConfig = serde_yaml_ng::from_str(&text)
+        .with_context(|| format!("parsing {}", args.config.display()))?;
+    config
+        .validate()
+        .with_context(|| format!("invalid config {}", args.config.display()))?;
+    let ticket_key = config.ticket_verifying_key()?;
+
+    let metrics = Arc::new(RelayMetrics::new());
+    let health = Arc::new(Health::default());
+    let socket = udp::MediaSocket::bind(config.listen)
+        .with_context(|| format!("binding media socket {}", config.listen))?;
+    let media_addr = socket.local_addr()?;
+    let listener = http::bind(config.http_listen)
+        .await
+        .with_context(|| format!("binding http {}", config.http_listen))?;
+    let http_addr = listener.local_addr()?;
+    println!(
+        "{}",
+        serde_json::json!({"media": media_addr.to_string(), "http": http_addr.to_string()})
+    );
+    tracing::info!(%media_addr, %http_addr, relay = %config.relay_id, "relay listening");
+
+    let relay = Relay::new(
+        config.relay_id.clone(),
+        ticket_key,
+        config.limits.clone(),
+        metrics.clone(),
+    );
+    let (ctl_tx, ctl_rx) = mpsc::channel(8);
+    let forwarding = tokio::spawn(server::run(
+        socket,
+        relay,
+        metrics.clone(),
+        health.clone(),
+        ctl_rx,
+    ));
+    let app = http::router(metrics.clone(), health.clone());
+    tokio::spawn(async move {
+        if let Err(e) = http::serve(listener, app).await {
+            tracing::error!(error = %e, "http server stopped");
+        }
+    });
+
+    wait_for_shutdown_signal().await?;
+    let drain = Duration::from_secs(config.drain_seconds as u64);
+    tracing::info!(
+        seconds = config.drain_seconds,
+        "shutdown requested: draining"
+    );
+    ctl_tx
+        .send(Control::Drain { forward_for: drain })
+        .await
+        .ok();
+    // Keep forwarding while clients move; a second signal ends it at once.
+    tokio::select! {
+        _ = tokio::time::sleep(drain) => {}
+        _ = wait_for_shutdown_signal() => {}
+    }
+    drop(ctl_tx);
+    forwarding.await.ok();
+    tracing::info!("relay stopped");
+    Ok(())
+}
+
+async fn wait_for_shutdown_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}

@@ -12,6 +12,10 @@ pub mod ids;
 #[cfg(feature = "keys")]
 pub mod key_release;
 pub mod kms_api;
+#[cfg(feature = "keys")]
+pub mod media_crypto;
+#[cfg(feature = "keys")]
+pub mod media_keys;
 pub mod ticket;
 pub mod token;
 pub mod wire;

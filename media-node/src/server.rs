@@ -1,0 +1,117 @@
+//! The tokio shell around [`crate::core::Relay`]: one task owns the routing
+//! table and the media socket, so forwarding needs no locks.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::mpsc;
+
+use crate::core::{Action, Relay};
+use crate::metrics::{Kind, RelayMetrics};
+use crate::udp::{MediaSocket, RecvBuffers};
+
+/// What `/readyz` reports.
+#[derive(Debug, Default)]
+pub struct Health {
+    pub ready: AtomicBool,
+    pub draining: AtomicBool,
+}
+
+/// Commands from the rest of the process to the forwarding task.
+#[derive(Debug)]
+pub enum Control {
+    /// Tell every bound client to move and stop taking joins.
+    Drain { forward_for: Duration },
+    /// Report (meetings, participants) for KMS heartbeats.
+    Load(tokio::sync::oneshot::Sender<(usize, usize)>),
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Forwards until `control` closes.
+pub async fn run(
+    socket: MediaSocket,
+    mut relay: Relay,
+    metrics: Arc<RelayMetrics>,
+    health: Arc<Health>,
+    mut control: mpsc::Receiver<Control>,
+) {
+    let mut bufs = RecvBuffers::default();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    health.ready.store(true, Ordering::Relaxed);
+    loop {
+        tokio::select! {
+            r = bufs.recv_from(&socket) => {
+                let n = match r {
+                    Ok(n) => n,
+                    Err(e) => {
+                        metrics.recv_error();
+                        tracing::debug!(error = %e, "receive failed");
+                        continue;
+                    }
+                };
+                let now = unix_now();
+                for i in 0..n {
+                    for (from, data) in bufs.datagrams(i) {
+                        let started = Instant::now();
+                        match relay.handle(from, data, now) {
+                            Action::None => {}
+                            Action::Reply(bytes) => {
+                                send(&socket, &metrics, from, &bytes, Kind::Control).await;
+                            }
+                            Action::Forward { kind, to } => {
+                                for dest in to {
+                                    send(&socket, &metrics, *dest, data, kind).await;
+                                }
+                                if matches!(kind, Kind::Media(_)) && !to.is_empty() {
+                                    metrics.forwarding_latency.observe(started.elapsed().as_secs_f64());
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            _ = tick.tick() => {
+                relay.expire(unix_now());
+            }
+            c = control.recv() => match c {
+                Some(Control::Drain { forward_for }) => {
+                    health.draining.store(true, Ordering::Relaxed);
+                    health.ready.store(false, Ordering::Relaxed);
+                    let ms = forward_for.as_millis().min(u32::MAX as u128) as u32;
+                    let (msg, to) = relay.start_drain(ms);
+                    tracing::info!(clients = to.len(), "draining: telling clients to move");
+                    for dest in to {
+                        send(&socket, &metrics, dest, &msg, Kind::Control).await;
+                    }
+                }
+                Some(Control::Load(reply)) => {
+                    let _ = reply.send((relay.meetings(), relay.participants()));
+                }
+                None => break,
+            }
+        }
+    }
+}
+
+async fn send(
+    socket: &MediaSocket,
+    metrics: &RelayMetrics,
+    to: std::net::SocketAddr,
+    data: &[u8],
+    kind: Kind,
+) {
+    match socket.send_to(to, data).await {
+        Ok(()) => metrics.sent(kind, data.len()),
+        Err(e) => {
+            metrics.send_error();
+            tracing::debug!(error = %e, %to, "send failed");
+        }
+    }
+}
