@@ -13,7 +13,7 @@ use crate::media::{g711, rtp};
 use crate::metrics::Metrics;
 use crate::sip::sdp::{self, Codec, Local, Negotiated, SrtpKey};
 use crate::sip::transport::{Command, SipHandle};
-use crate::sip::ua::{CallRef, EndReason, Event};
+use crate::sip::ua::{CallRef, EndReason, Event, UaStats};
 use meeting_proto::config::connector::SrtpPolicy;
 use meeting_proto::ids::MeetingId;
 use std::collections::{BTreeMap, HashMap};
@@ -94,6 +94,7 @@ enum Control {
         meeting: MeetingId,
         reply: oneshot::Sender<Result<PhoneLeg, DialError>>,
     },
+    Hangup(CallRef),
 }
 
 /// Handle for dial-out requests (from the host, through the KMS).
@@ -104,8 +105,10 @@ pub struct Telephony {
 
 impl std::fmt::Debug for Control {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let Control::Dial { uri, .. } = self;
-        write!(f, "Dial({uri})")
+        match self {
+            Control::Dial { uri, .. } => write!(f, "Dial({uri})"),
+            Control::Hangup(c) => write!(f, "Hangup({c:?})"),
+        }
     }
 }
 
@@ -130,6 +133,11 @@ impl Telephony {
             .map_err(|_| DialError::Gone)?;
         rx.await.map_err(|_| DialError::Gone)?
     }
+
+    /// End a call (the host removed the phone, or the meeting ended).
+    pub async fn hangup(&self, call: CallRef) {
+        let _ = self.control.send(Control::Hangup(call)).await;
+    }
 }
 
 struct Pending {
@@ -149,13 +157,37 @@ pub fn start(
     legs: mpsc::Sender<PhoneLeg>,
 ) -> Telephony {
     let (control_tx, mut control_rx) = mpsc::channel::<Control>(16);
+    let mut stats = sip.stats.clone();
+    let m = metrics.clone();
+    tokio::spawn(async move {
+        let mut seen = UaStats::default();
+        while stats.changed().await.is_ok() {
+            let now = *stats.borrow_and_update();
+            m.sip_rejected("malformed", now.parse_errors - seen.parse_errors);
+            m.sip_rejected("rateLimited", now.rate_limited - seen.rate_limited);
+            m.sip_rejected("overCapacity", now.over_capacity - seen.over_capacity);
+            m.sip_rejected("unmatched", now.unmatched - seen.unmatched);
+            seen = now;
+        }
+    });
     tokio::spawn(async move {
         let mut live: HashMap<CallRef, watch::Sender<bool>> = HashMap::new();
         let mut pending: HashMap<CallRef, Pending> = HashMap::new();
+        let mut control_open = true;
         loop {
             tokio::select! {
-                c = control_rx.recv() => {
-                    let Some(Control::Dial { peer, uri, meeting, reply }) = c else { continue };
+                c = control_rx.recv(), if control_open => {
+                    let (peer, uri, meeting, reply) = match c {
+                        Some(Control::Dial { peer, uri, meeting, reply }) => (peer, uri, meeting, reply),
+                        Some(Control::Hangup(call)) => {
+                            let _ = sip.commands.send(Command::Hangup(call)).await;
+                            continue;
+                        }
+                        None => {
+                            control_open = false;
+                            continue;
+                        }
+                    };
                     let socket = match UdpSocket::bind((settings.media_ip, 0)).await {
                         Ok(s) => s,
                         Err(e) => { let _ = reply.send(Err(DialError::Local(e.to_string()))); continue; }
@@ -490,7 +522,11 @@ async fn media_loop(
                 }
             }
             r = socket.recv_from(&mut buf) => {
-                let Ok((n, from)) = r else { continue };
+                let Ok((n, from)) = r else {
+                    // ICMP errors from the peer's closed ports surface here on Linux.
+                    metrics.rtp_dropped("recvError");
+                    continue;
+                };
                 if from.ip() != neg.remote.ip() || rtp::is_rtcp(&buf[..n]) {
                     metrics.rtp_dropped("source");
                     continue;

@@ -78,7 +78,7 @@ enum Recv {
 }
 
 /// Bind and run. Events go to `events`; the task ends when all command
-/// senders are dropped.
+/// senders are dropped. A port 0 in the engine's address becomes the bound port.
 pub async fn spawn(
     mut ua: UserAgent,
     bind: SocketAddr,
@@ -101,6 +101,10 @@ pub async fn spawn(
             (Socket::Stream(l, tls), a)
         }
     };
+    if ua.local().port() == 0 {
+        ua.set_local(SocketAddr::new(ua.local().ip(), local.port()));
+    }
+    let local = ua.local();
     let (cmd_tx, mut cmd_rx) = mpsc::channel::<Command>(64);
     let (stats_tx, stats_rx) = watch::channel(UaStats::default());
     let (in_tx, mut in_rx) = mpsc::channel::<Inbound>(256);

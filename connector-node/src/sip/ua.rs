@@ -208,6 +208,15 @@ impl UserAgent {
         }
     }
 
+    pub fn local(&self) -> SocketAddr {
+        self.cfg.local
+    }
+
+    /// The address peers should use (Via, Contact), once the shell has bound.
+    pub fn set_local(&mut self, local: SocketAddr) {
+        self.cfg.local = local;
+    }
+
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.out.pop_front()
     }
@@ -232,17 +241,14 @@ impl UserAgent {
     }
 
     fn contact(&self) -> String {
-        let scheme = if self.cfg.transport == Transport::Tls {
-            "sips"
-        } else {
-            "sip"
-        };
+        // `sip:` with transport=tls rather than `sips:`: baresip/libre refuse
+        // to route an ACK to a sips Contact (ENOSYS), and TLS is what matters.
         let t = match self.cfg.transport {
             Transport::Udp => "",
             Transport::Tcp => ";transport=tcp",
             Transport::Tls => ";transport=tls",
         };
-        format!("<{scheme}:{}@{}{t}>", self.cfg.user, self.cfg.local)
+        format!("<sip:{}@{}{t}>", self.cfg.user, self.cfg.local)
     }
 
     fn via(&self, branch: &str) -> String {
@@ -419,7 +425,14 @@ impl UserAgent {
             self.respond(from, &req, 481, "Call/Transaction Does Not Exist");
             return;
         }
-        if self.calls.len() >= self.cfg.max_calls {
+        // Refused calls wait up to 32 s for an ACK that a flooder never sends:
+        // they must not use up capacity for real calls, but are bounded too.
+        let live = self
+            .calls
+            .values()
+            .filter(|c| c.state != State::AwaitAck { ok: false })
+            .count();
+        if live >= self.cfg.max_calls || self.calls.len() >= 4 * self.cfg.max_calls + 64 {
             self.stats.over_capacity += 1;
             let mut r = Message::response_to(&req, 503, "Service Unavailable");
             r.push("Retry-After", "30");
@@ -594,17 +607,12 @@ impl UserAgent {
             return Err(UaError::Capacity);
         }
         let r = self.new_ref();
-        let scheme = if self.cfg.transport == Transport::Tls {
-            "sips"
-        } else {
-            "sip"
-        };
         let name = self.cfg.display_name.replace('"', "");
         let call = Call {
             call_id: format!("{}@conclave", random_token()),
             local_tag: random_token(),
             remote_tag: None,
-            local_party: format!("\"{name}\" <{scheme}:{}@{}>", self.cfg.user, self.cfg.local),
+            local_party: format!("\"{name}\" <sip:{}@{}>", self.cfg.user, self.cfg.local),
             remote_party: format!("<{target_uri}>"),
             remote_target: target_uri.to_string(),
             peer,

@@ -1,0 +1,223 @@
+//! Real peers for process-level tests: baresip as a phone, WAV helpers.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!(
+            "conclave-{tag}-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn require(bin: &str) {
+    let ok = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {bin}"))
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "{bin} is required for this test (see e2e/deps/apt-packages.txt)"
+    );
+}
+
+/// Write a mono 16-bit WAV.
+pub fn write_wav(path: &Path, rate: u32, samples: &[i16]) {
+    let mut b = Vec::new();
+    let data_len = (samples.len() * 2) as u32;
+    b.extend_from_slice(b"RIFF");
+    b.extend_from_slice(&(36 + data_len).to_le_bytes());
+    b.extend_from_slice(b"WAVEfmt ");
+    b.extend_from_slice(&16u32.to_le_bytes());
+    b.extend_from_slice(&1u16.to_le_bytes());
+    b.extend_from_slice(&1u16.to_le_bytes());
+    b.extend_from_slice(&rate.to_le_bytes());
+    b.extend_from_slice(&(rate * 2).to_le_bytes());
+    b.extend_from_slice(&2u16.to_le_bytes());
+    b.extend_from_slice(&16u16.to_le_bytes());
+    b.extend_from_slice(b"data");
+    b.extend_from_slice(&data_len.to_le_bytes());
+    for s in samples {
+        b.extend_from_slice(&s.to_le_bytes());
+    }
+    std::fs::write(path, b).unwrap();
+}
+
+/// Samples of a 16-bit PCM WAV (first channel) and its rate.
+pub fn read_wav(path: &Path) -> (u32, Vec<i16>) {
+    let b = std::fs::read(path).unwrap();
+    assert_eq!(&b[..4], b"RIFF", "{} is not a WAV", path.display());
+    let mut i = 12;
+    let (mut rate, mut channels) = (0u32, 1usize);
+    while i + 8 <= b.len() {
+        let id = &b[i..i + 4];
+        let len = u32::from_le_bytes(b[i + 4..i + 8].try_into().unwrap()) as usize;
+        let body = &b[i + 8..(i + 8 + len).min(b.len())];
+        if id == b"fmt " {
+            channels = u16::from_le_bytes([body[2], body[3]]) as usize;
+            rate = u32::from_le_bytes(body[4..8].try_into().unwrap());
+        } else if id == b"data" {
+            let samples = body
+                .chunks_exact(2 * channels)
+                .map(|c| i16::from_le_bytes([c[0], c[1]]))
+                .collect();
+            return (rate, samples);
+        }
+        i += 8 + len + (len & 1);
+    }
+    panic!("no data chunk in {}", path.display());
+}
+
+pub fn free_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// baresip 1.0 as a phone: its own config dir, auto-answer, plays `wav`,
+/// records what it hears (sndfile module) into `dir/rec`.
+pub struct Baresip {
+    child: Child,
+    pub dir: PathBuf,
+    pub port: u16,
+}
+
+pub struct BaresipOpts<'a> {
+    pub transport: &'a str,
+    /// `mediaenc` account value: "srtp-mand", "srtp" or None.
+    pub mediaenc: Option<&'a str>,
+    /// (certificate+key PEM, CA PEM) for TLS.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    pub dial: Option<String>,
+}
+
+impl Baresip {
+    pub fn start(dir: &Path, wav: &Path, opts: BaresipOpts<'_>) -> Self {
+        require("baresip");
+        let port = free_port();
+        let rec = dir.join("rec");
+        std::fs::create_dir_all(&rec).unwrap();
+        let mut cfg = format!(
+            "poll_method epoll\n\
+             net_interface 127.0.0.1\n\
+             sip_listen 127.0.0.1:{port}\n\
+             call_local_timeout 30\n\
+             audio_player aubridge,nil\n\
+             audio_source aufile,{wav}\n\
+             audio_alert aubridge,nil\n\
+             ausrc_srate 8000\n\
+             auplay_srate 8000\n\
+             ausrc_channels 1\n\
+             auplay_channels 1\n\
+             rtp_ports 30000-39999\n\
+             rtcp_mux no\n\
+             jitter_buffer_delay 2-6\n\
+             snd_path {rec}\n\
+             module_path /usr/lib/baresip/modules\n\
+             module g711.so\n\
+             module aufile.so\n\
+             module aubridge.so\n\
+             module sndfile.so\n\
+             module srtp.so\n\
+             module_tmp account.so\n\
+             module_app menu.so\n",
+            wav = wav.display(),
+            rec = rec.display(),
+        );
+        if let Some((cert, ca)) = &opts.tls {
+            cfg.push_str(&format!(
+                "sip_certificate {}\nsip_cafile {}\n",
+                cert.display(),
+                ca.display()
+            ));
+        }
+        std::fs::write(dir.join("config"), cfg).unwrap();
+        let mut account = format!(
+            "<sip:phone@127.0.0.1;transport={}>;regint=0;answermode=auto;audio_codecs=PCMU,PCMA",
+            opts.transport
+        );
+        if let Some(m) = opts.mediaenc {
+            account.push_str(&format!(";mediaenc={m}"));
+        }
+        std::fs::write(dir.join("accounts"), format!("{account}\n")).unwrap();
+        std::fs::write(dir.join("contacts"), "").unwrap();
+        let log = std::fs::File::create(dir.join("baresip.log")).unwrap();
+        let mut cmd = Command::new("baresip");
+        cmd.arg("-f").arg(dir).arg("-v");
+        if let Some(d) = &opts.dial {
+            cmd.arg("-e").arg(format!("/dial {d}"));
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("baresip starts");
+        let me = Self {
+            child,
+            dir: dir.to_path_buf(),
+            port,
+        };
+        me.wait_for_log("baresip is ready", Duration::from_secs(10));
+        me
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("baresip.log")).unwrap_or_default()
+    }
+
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if self.log().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    /// WAV files baresip recorded of decoded (heard) audio.
+    pub fn heard(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(self.dir.join("rec"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.to_string_lossy().ends_with("-dec.wav"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Baresip {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
