@@ -1,6 +1,8 @@
 //! Cost of the reloading TLS configurations: full mTLS handshakes per second
 //! in memory (no sockets), against a baseline of plain rustls configurations
-//! with the same certificates loaded once. Also certificate issuance rate.
+//! with the same certificates loaded once. Also certificate issuance rate, and
+//! join-token verification (meeting-proto) against a bare signature check of
+//! the same token, which is the floor any verifier pays.
 
 use conclave_pki::rustls::pki_types::ServerName;
 use conclave_pki::rustls::server::WebPkiClientVerifier;
@@ -116,4 +118,46 @@ fn main() {
         "BENCH {{\"name\": \"pki_client_certs_issued_per_s\", \"value\": {issued:.1}, \"unit\": \"certs/s\", \"baseline\": null}}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+    bench_tokens();
+}
+
+fn bench_tokens() {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use meeting_proto::ids::MeetingId;
+    use meeting_proto::token::{Claims, DevIssuerKey, Jwks, Role, TokenVerifier, TrustedIssuer};
+    use ring::signature::{ED25519, UnparsedPublicKey};
+
+    let key = DevIssuerKey::from_seed("bench", &[7; 32]).expect("dev key");
+    let now = 1_800_000_000;
+    let token = key.mint(&Claims {
+        sub: "user-1".into(),
+        name: "Bench User".into(),
+        mid: MeetingId::new("bench-meeting").expect("mid"),
+        role: Role::Participant,
+        aud: vec!["kms".into()],
+        exp: now + 600,
+        nbf: None,
+        iat: Some(now),
+        iss: None,
+    });
+    let verifier = TokenVerifier::new(vec![TrustedIssuer {
+        name: "portal".into(),
+        audience: "kms".into(),
+        jwks: Jwks::new(vec![key.jwk()]).expect("jwks"),
+    }]);
+    let full = rate(|| {
+        verifier.verify(&token, now).expect("verifies");
+    });
+    let (signed, sig) = token.rsplit_once('.').expect("three parts");
+    let sig = URL_SAFE_NO_PAD.decode(sig).expect("base64url");
+    let public = key.public_key();
+    let bare = rate(|| {
+        UnparsedPublicKey::new(&ED25519, &public)
+            .verify(signed.as_bytes(), &sig)
+            .expect("signature");
+    });
+    println!(
+        "BENCH {{\"name\": \"token_eddsa_verifications_per_s\", \"value\": {full:.1}, \"unit\": \"tokens/s\", \"baseline\": {bare:.1}}}"
+    );
 }
