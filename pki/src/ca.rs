@@ -204,6 +204,19 @@ impl CertificateAuthority {
         Zeroizing::new(self.issuer.key().serialize_pem())
     }
 
+    /// Whether `cert` was signed by this CA's key (signature check only; the
+    /// validity window is not looked at). The operator uses it to replace
+    /// certificates left over from a previous CA.
+    pub fn issued(&self, cert: &CertificateDer<'_>) -> bool {
+        let Ok((_, ca)) = x509_parser::parse_x509_certificate(&self.cert_der) else {
+            return false;
+        };
+        let Ok((_, leaf)) = x509_parser::parse_x509_certificate(cert) else {
+            return false;
+        };
+        leaf.issuer() == ca.subject() && leaf.verify_signature(Some(ca.public_key())).is_ok()
+    }
+
     /// A server certificate: DNS and IP SANs for hostname checks, plus the
     /// identity URI. It also allows client authentication, because services
     /// that serve (kms, relays) also call other services with the same identity.
@@ -251,17 +264,19 @@ impl CertificateAuthority {
         ekus: Vec<ExtendedKeyUsagePurpose>,
         validity: Validity,
     ) -> Result<IssuedCert, PkiError> {
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut params = base_params(identity.name(), &validity)?;
         params.subject_alt_names = sans;
         params.extended_key_usages = ekus;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.use_authority_key_identifier_extension = true;
         let cert = params.signed_by(&key, &self.issuer)?;
+        let key_pem = Zeroizing::new(key.serialize_pem());
+        zeroize::Zeroize::zeroize(&mut key);
         Ok(IssuedCert {
             cert_pem: cert.pem(),
             cert_der: cert.der().clone(),
-            key_pem: Zeroizing::new(key.serialize_pem()),
+            key_pem,
             validity,
         })
     }

@@ -3,6 +3,7 @@
 use crate::error::PkiError;
 use crate::identity::{Identity, SCHEME};
 use rustls::pki_types::CertificateDer;
+use std::net::IpAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use x509_parser::extensions::GeneralName;
 
@@ -53,6 +54,8 @@ pub struct CertInfo {
     pub validity: Validity,
     /// DNS SANs, for diagnostics and the operator's "is this still right" check.
     pub dns_names: Vec<String>,
+    /// IP SANs.
+    pub ips: Vec<IpAddr>,
     /// Whether the certificate is a CA (basic constraints).
     pub is_ca: bool,
 }
@@ -78,6 +81,7 @@ pub fn inspect(cert: &CertificateDer<'_>) -> Result<CertInfo, PkiError> {
     };
     let mut identities = Vec::new();
     let mut dns_names = Vec::new();
+    let mut ips = Vec::new();
     let san = x509
         .subject_alternative_name()
         .map_err(|_| PkiError::BadCertificate)?;
@@ -86,6 +90,11 @@ pub fn inspect(cert: &CertificateDer<'_>) -> Result<CertInfo, PkiError> {
             match name {
                 GeneralName::URI(uri) if uri.starts_with(SCHEME) => identities.push(*uri),
                 GeneralName::DNSName(dns) => dns_names.push(dns.to_string()),
+                GeneralName::IPAddress(raw) => match raw.len() {
+                    4 => ips.push(IpAddr::from(<[u8; 4]>::try_from(*raw).unwrap_or_default())),
+                    16 => ips.push(IpAddr::from(<[u8; 16]>::try_from(*raw).unwrap_or_default())),
+                    _ => return Err(PkiError::BadCertificate),
+                },
                 _ => {}
             }
         }
@@ -99,6 +108,7 @@ pub fn inspect(cert: &CertificateDer<'_>) -> Result<CertInfo, PkiError> {
         identity,
         validity,
         dns_names,
+        ips,
         is_ca: x509.is_ca(),
     })
 }

@@ -37,6 +37,8 @@ fn server_certificates_carry_identity_names_and_lifetime() {
     let info = inspect(&issued.cert_der).unwrap();
     assert_eq!(info.identity, Some(identity.clone()));
     assert_eq!(info.dns_names, vec!["zone-a.prod.svc".to_string()]);
+    assert_eq!(info.ips, names.ips);
+    assert!(ca.issued(&issued.cert_der));
     assert!(!info.is_ca);
     assert_eq!(info.validity, validity);
     assert_eq!(
@@ -105,6 +107,20 @@ fn loading_refuses_a_key_of_another_ca_and_a_leaf_posing_as_ca() {
         CertificateAuthority::from_pem("not pem", &a.key_pem()).unwrap_err(),
         PkiError::NoPem { .. }
     ));
+}
+
+#[test]
+fn a_ca_recognises_only_its_own_certificates() {
+    let a = ca();
+    let b = ca();
+    let id = Identity::new("prod", Kind::Operator, "operator").unwrap();
+    let from_a = a
+        .issue_client(&id, Validity::starting_now(Duration::from_secs(60)))
+        .unwrap();
+    assert!(a.issued(&from_a.cert_der));
+    // Same subject name (both are "conclave CA prod"), different key.
+    assert!(!b.issued(&from_a.cert_der));
+    assert!(!a.issued(&CertificateDer::from(vec![0u8; 8])));
 }
 
 #[test]
