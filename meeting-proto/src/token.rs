@@ -131,6 +131,8 @@ pub enum TokenError {
     NotYetValid,
     #[error("token was issued in the future")]
     IssuedInFuture,
+    #[error("token lives longer than this KMS accepts")]
+    LifetimeTooLong,
 }
 
 /// Why a JWKS was refused.
@@ -371,6 +373,7 @@ pub struct VerifiedToken {
 pub struct TokenVerifier {
     issuers: Vec<TrustedIssuer>,
     clock_skew_secs: u64,
+    max_lifetime_secs: Option<u64>,
 }
 
 /// Header parameters we accept. Anything that could point the verifier at
@@ -529,7 +532,16 @@ impl TokenVerifier {
         Self {
             issuers,
             clock_skew_secs: DEFAULT_CLOCK_SKEW_SECS,
+            max_lifetime_secs: None,
         }
+    }
+
+    /// Refuses tokens whose `exp` lies more than `secs` after `now`, so a
+    /// portal that mints long-lived bearer tokens by mistake is caught.
+    /// Off by default.
+    pub fn with_max_lifetime(mut self, secs: u64) -> Self {
+        self.max_lifetime_secs = Some(secs);
+        self
     }
 
     /// Tolerance applied to `exp`, `nbf` and `iat` (default 60 s).
@@ -642,6 +654,12 @@ impl TokenVerifier {
         }
         if claims.iat.is_some_and(|iat| now.saturating_add(skew) < iat) {
             return Err(TokenError::IssuedInFuture);
+        }
+        if self
+            .max_lifetime_secs
+            .is_some_and(|max| claims.exp > now.saturating_add(max).saturating_add(skew))
+        {
+            return Err(TokenError::LifetimeTooLong);
         }
         Ok(VerifiedToken {
             issuer: issuer.name.clone(),
@@ -1118,6 +1136,13 @@ mod tests {
         assert_eq!(v.verify(&frac, NOW).unwrap().claims.exp, NOW + 5);
         // Huge values do not overflow.
         assert!(v.verify(&at(u64::MAX, None, None), u64::MAX - 1).is_ok());
+        // An optional cap on how far ahead `exp` may lie (skew included).
+        let capped = verifier(&key).with_max_lifetime(3600);
+        assert!(capped.verify(&at(NOW + 3660, None, None), NOW).is_ok());
+        assert_eq!(
+            capped.verify(&at(NOW + 3661, None, None), NOW),
+            Err(TokenError::LifetimeTooLong)
+        );
     }
 
     #[test]
