@@ -288,3 +288,45 @@ fn starting_without_files_is_a_clear_error() {
     assert!(matches!(err, PkiError::Io { .. }), "{err}");
     assert!(err.to_string().contains("tls.crt"), "{err}");
 }
+
+/// Kubelet updates a mounted Secret by writing a new timestamped directory and
+/// flipping the `..data` symlink; the visible files are symlinks through it.
+#[tokio::test]
+async fn kubelet_style_symlink_flip_is_picked_up() {
+    use std::os::unix::fs::symlink;
+    let s = setup();
+    let mount = s._dir.0.join("mount");
+    std::fs::create_dir_all(&mount).unwrap();
+    let publish = |version: &str, identity: &Identity| {
+        let files = s
+            .pki
+            .client(&format!("issued-{version}"), identity)
+            .unwrap();
+        let data_dir = mount.join(format!("..{version}"));
+        std::fs::create_dir_all(&data_dir).unwrap();
+        std::fs::copy(&files.cert, data_dir.join("tls.crt")).unwrap();
+        std::fs::copy(&files.key, data_dir.join("tls.key")).unwrap();
+        std::fs::copy(&files.ca, data_dir.join("ca.crt")).unwrap();
+        let tmp = mount.join("..data_tmp");
+        symlink(format!("..{version}"), &tmp).unwrap();
+        std::fs::rename(&tmp, mount.join("..data")).unwrap();
+    };
+    let first = id(Kind::Relay, "zone-a").with_pod("zone-a-0").unwrap();
+    let second = id(Kind::Relay, "zone-a").with_pod("zone-a-1").unwrap();
+    publish("v1", &first);
+    for f in ["tls.crt", "tls.key", "ca.crt"] {
+        symlink(format!("..data/{f}"), mount.join(f)).unwrap();
+    }
+    let server = tls::server_config(&s.server_files, ClientAuth::Required).unwrap();
+    let client = tls::client_config(&TlsFiles::in_secret_dir(&mount)).unwrap();
+    assert_eq!(
+        handshake(&server, &client, "localhost").await.server,
+        Ok(Some(first))
+    );
+    publish("v2", &second);
+    std::fs::remove_dir_all(mount.join("..v1")).unwrap();
+    assert_eq!(
+        handshake(&server, &client, "localhost").await.server,
+        Ok(Some(second))
+    );
+}
