@@ -1,1 +1,178 @@
-fn main() {}
+//! `conclave-client`: join a meeting, generate load, mint dev credentials.
+//!
+//! Output for programs: JSON lines on stdout (`{"chat":...}` as chat
+//! arrives, then one `{"report":...}` line); logs go to stderr.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use meeting_client::dev::{DevIssuer, hex_array};
+use meeting_client::{audio, join, load};
+use meeting_proto::ids::MeetingId;
+use meeting_proto::media_keys::EpochKey;
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "Conclave client: join meetings, send and receive encrypted media, load-test relays"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Join a meeting: send Opus audio and chat, decode the others to WAV.
+    Join(JoinArgs),
+    /// N participants in each of M meetings at realistic rates.
+    Load(LoadArgs),
+    /// Print the ticket-verification public key (hex) of a dev ticket seed,
+    /// for a relay's `ticketPublicKey`.
+    DevTicketKey {
+        /// 32-byte Ed25519 seed, hex.
+        #[arg(long, env = "CONCLAVE_DEV_TICKET_SEED")]
+        seed: String,
+    },
+}
+
+/// Credentials without a KMS: a dev ticket signer and a meeting key.
+#[derive(Args, Debug)]
+struct DevCreds {
+    /// Relay media address (host:port).
+    #[arg(long)]
+    relay: SocketAddr,
+    /// The relay's identity (its `relayId`).
+    #[arg(long)]
+    relay_id: String,
+    /// 32-byte Ed25519 seed of the dev ticket signer, hex.
+    #[arg(long, env = "CONCLAVE_DEV_TICKET_SEED")]
+    dev_ticket_seed: String,
+}
+
+#[derive(Args, Debug)]
+struct JoinArgs {
+    #[command(flatten)]
+    dev: DevCreds,
+    #[arg(long)]
+    meeting: String,
+    /// This participant's sender index.
+    #[arg(long)]
+    sender: u16,
+    /// 32-byte meeting key of the epoch, hex.
+    #[arg(long, env = "CONCLAVE_DEV_MEETING_KEY")]
+    meeting_key: String,
+    #[arg(long, default_value_t = 1)]
+    epoch: u64,
+    /// Send a sine tone of this frequency (Hz).
+    #[arg(long, conflicts_with = "wav")]
+    tone: Option<f64>,
+    /// Send this 48 kHz 16-bit WAV file (looped).
+    #[arg(long)]
+    wav: Option<PathBuf>,
+    /// Seconds of media after joining.
+    #[arg(long, default_value_t = 5.0)]
+    duration: f64,
+    /// Chat message to send once joined (repeatable).
+    #[arg(long)]
+    chat: Vec<String>,
+    /// Seconds after joining before chat is sent.
+    #[arg(long, default_value_t = 1.0)]
+    chat_delay: f64,
+    /// Directory for decoded audio (`sender-<index>.wav`).
+    #[arg(long)]
+    out_dir: Option<PathBuf>,
+    /// Seconds to wait for the relay's WELCOME.
+    #[arg(long, default_value_t = 5.0)]
+    join_timeout: f64,
+}
+
+#[derive(Args, Debug)]
+struct LoadArgs {
+    #[command(flatten)]
+    dev: DevCreds,
+    /// Meetings (M).
+    #[arg(long, default_value_t = 2)]
+    meetings: usize,
+    /// Participants per meeting (N).
+    #[arg(long, default_value_t = 3)]
+    participants: usize,
+    #[arg(long, default_value_t = 5.0)]
+    duration: f64,
+    /// Also send video (30 fps, ~1.2 Mb/s).
+    #[arg(long)]
+    video: bool,
+    /// Also send screen share (5 fps, 10 kB frames).
+    #[arg(long)]
+    screen: bool,
+}
+
+fn issuer(d: &DevCreds) -> anyhow::Result<DevIssuer> {
+    Ok(DevIssuer::new(
+        hex_array("--dev-ticket-seed", &d.dev_ticket_seed)?,
+        d.relay_id.clone(),
+    ))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
+    match Cli::parse().command {
+        Command::DevTicketKey { seed } => {
+            let i = DevIssuer::new(hex_array("--seed", &seed)?, "");
+            println!("{}", i.public_key_hex());
+        }
+        Command::Join(a) => {
+            let meeting = MeetingId::new(a.meeting.clone()).context("--meeting")?;
+            let secret: [u8; 32] = hex_array("--meeting-key", &a.meeting_key)?;
+            let key = EpochKey::new(meeting.clone(), a.epoch, &secret)?;
+            let ticket = issuer(&a.dev)?.ticket(&meeting, a.sender, 3600)?;
+            let pcm = match (&a.wav, a.tone) {
+                (Some(p), _) => audio::read_wav(p)?,
+                (None, Some(f)) => audio::tone(f, 1.0),
+                (None, None) => audio::tone(440.0, 1.0),
+            };
+            let creds = join::Credentials {
+                meeting,
+                sender_index: a.sender,
+                relay: a.dev.relay,
+                ticket,
+                key,
+            };
+            let opts = join::JoinOptions {
+                audio: pcm,
+                duration: Duration::from_secs_f64(a.duration),
+                chat: a.chat,
+                chat_delay: Duration::from_secs_f64(a.chat_delay),
+                out_dir: a.out_dir,
+                join_timeout: Duration::from_secs_f64(a.join_timeout),
+            };
+            let report = join::run(creds, opts).await?;
+            println!("{}", serde_json::json!({ "report": report }));
+            if !report.joined {
+                anyhow::bail!("did not join: no WELCOME from {}", a.dev.relay);
+            }
+        }
+        Command::Load(a) => {
+            let opts = load::LoadOptions {
+                relay: a.dev.relay,
+                meetings: a.meetings,
+                participants: a.participants,
+                duration: Duration::from_secs_f64(a.duration),
+                video: a.video,
+                screen: a.screen,
+            };
+            let report = load::run(opts, issuer(&a.dev)?).await?;
+            println!("{}", serde_json::json!({ "report": report }));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,207 @@
+//! `conclave-client join`: one participant over UDP, driven by tokio.
+//!
+//! Sends Opus audio (20 ms frames at 50 packets/s) and chat, receives and
+//! decodes every other participant, and returns a report (and WAV files).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use meeting_proto::ids::MeetingId;
+use meeting_proto::media_keys::EpochKey;
+use meeting_proto::wire::{StreamKind, flags};
+use serde::Serialize;
+use tokio::net::UdpSocket;
+
+use crate::audio::{self, Decoder, Encoder, FRAME_SAMPLES};
+use crate::session::{Event, Session, SessionStats};
+
+/// What a join needs once the KMS (or a dev setup) has answered.
+#[derive(Debug)]
+pub struct Credentials {
+    pub meeting: MeetingId,
+    pub sender_index: u16,
+    pub relay: SocketAddr,
+    pub ticket: Vec<u8>,
+    pub key: EpochKey,
+}
+
+#[derive(Debug)]
+pub struct JoinOptions {
+    /// Audio to send, looped; 48 kHz mono.
+    pub audio: Vec<i16>,
+    pub duration: Duration,
+    /// Chat messages sent `chat_delay` after joining.
+    pub chat: Vec<String>,
+    /// Lets the others bind first: the relay only forwards to bound members.
+    pub chat_delay: Duration,
+    /// Where `sender-<index>.wav` files of decoded audio are written.
+    pub out_dir: Option<PathBuf>,
+    /// Give up if no WELCOME arrives within this time.
+    pub join_timeout: Duration,
+}
+
+#[derive(Debug, Serialize)]
+pub struct JoinReport {
+    pub sender_index: u16,
+    pub joined: bool,
+    pub moved: bool,
+    pub stats: SessionStats,
+    /// Decoded audio frames per sender.
+    pub audio_frames: BTreeMap<u16, u64>,
+    /// Strongest frequency in each sender's decoded audio (Hz).
+    pub dominant_hz: BTreeMap<u16, f64>,
+    pub chats: Vec<ChatLine>,
+}
+
+#[derive(Debug, Serialize, Clone)]
+pub struct ChatLine {
+    pub from: u16,
+    pub text: String,
+}
+
+/// A UDP socket "connected" to the relay, so datagrams from anyone else are
+/// never even delivered to the session.
+pub async fn relay_socket(relay: SocketAddr) -> std::io::Result<UdpSocket> {
+    let bind: SocketAddr = if relay.is_ipv4() {
+        "0.0.0.0:0".parse().expect("literal")
+    } else {
+        "[::]:0".parse().expect("literal")
+    };
+    let s = UdpSocket::bind(bind).await?;
+    s.connect(relay).await?;
+    Ok(s)
+}
+
+pub async fn flush(session: &mut Session, socket: &UdpSocket) -> std::io::Result<()> {
+    while let Some(d) = session.poll_transmit() {
+        socket.send(&d).await?;
+    }
+    Ok(())
+}
+
+pub async fn run(creds: Credentials, opts: JoinOptions) -> anyhow::Result<JoinReport> {
+    let socket = relay_socket(creds.relay)
+        .await
+        .with_context(|| format!("opening a UDP socket towards {}", creds.relay))?;
+    let start = Instant::now();
+    let nonce = rand::random::<u64>();
+    let mut session = Session::new(
+        creds.meeting.clone(),
+        creds.sender_index,
+        creds.ticket,
+        creds.key,
+        nonce,
+        start,
+    );
+    let mut encoder = Encoder::new()?;
+    let mut decoders: BTreeMap<u16, Decoder> = BTreeMap::new();
+    let mut pcm_in: BTreeMap<u16, Vec<i16>> = BTreeMap::new();
+    let mut report = JoinReport {
+        sender_index: creds.sender_index,
+        joined: false,
+        moved: false,
+        stats: SessionStats::default(),
+        audio_frames: BTreeMap::new(),
+        dominant_hz: BTreeMap::new(),
+        chats: Vec::new(),
+    };
+    let mut audio_pos = 0usize;
+    let mut ts: u32 = 0;
+    let mut frame_tick = tokio::time::interval(Duration::from_millis(20));
+    frame_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut buf = vec![0u8; 2048];
+    let end = tokio::time::Instant::now() + opts.join_timeout + opts.duration;
+    let mut media_end: Option<tokio::time::Instant> = None;
+    let mut chat_at: Option<tokio::time::Instant> = None;
+    flush(&mut session, &socket).await?;
+    loop {
+        let deadline = media_end.unwrap_or(end).min(end);
+        let wake = tokio::time::Instant::from_std(session.poll_timeout());
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => break,
+            _ = tokio::time::sleep_until(wake) => session.handle_timeout(Instant::now()),
+            _ = tokio::time::sleep_until(chat_at.unwrap_or(end)), if chat_at.is_some() => {
+                chat_at = None;
+                for text in &opts.chat {
+                    let ms = start.elapsed().as_millis() as u32;
+                    session.send_chat(text, ms)?;
+                }
+            }
+            r = socket.recv(&mut buf) => match r {
+                Ok(n) => session.handle_datagram(&buf[..n], Instant::now()),
+                // ICMP port unreachable from a dead relay surfaces here; keep going
+                // so the report says what happened.
+                Err(e) => tracing::debug!(error = %e, "receive failed"),
+            },
+            _ = frame_tick.tick(), if session.is_joined() && !opts.audio.is_empty() => {
+                let mut frame = [0i16; FRAME_SAMPLES];
+                for s in frame.iter_mut() {
+                    *s = opts.audio[audio_pos % opts.audio.len()];
+                    audio_pos += 1;
+                }
+                let packet = encoder.encode(&frame)?;
+                session.send_media(StreamKind::Audio, flags::FRAME_START | flags::FRAME_END, ts, &packet)?;
+                ts = ts.wrapping_add(FRAME_SAMPLES as u32);
+            }
+        }
+        while let Some(ev) = session.poll_event() {
+            match ev {
+                Event::Joined { slot } => {
+                    tracing::info!(slot, sender = creds.sender_index, "joined");
+                    report.joined = true;
+                    media_end = Some(tokio::time::Instant::now() + opts.duration);
+                    if !opts.chat.is_empty() {
+                        chat_at = Some(tokio::time::Instant::now() + opts.chat_delay);
+                    }
+                }
+                Event::Rejected(r) => anyhow::bail!("relay refused the join: {r:?}"),
+                Event::Media(o) if o.header.kind == StreamKind::Audio => {
+                    let sender = o.header.sender;
+                    let dec = match decoders.entry(sender) {
+                        std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                        std::collections::btree_map::Entry::Vacant(v) => v.insert(Decoder::new()?),
+                    };
+                    match dec.decode(&o.payload) {
+                        Ok(pcm) => {
+                            pcm_in.entry(sender).or_default().extend(pcm);
+                            *report.audio_frames.entry(sender).or_default() += 1;
+                        }
+                        Err(e) => tracing::warn!(sender, error = %e, "undecodable audio frame"),
+                    }
+                }
+                Event::Media(_) => {}
+                Event::Chat { sender, text, .. } => {
+                    println!(
+                        "{}",
+                        serde_json::json!({"chat": {"from": sender, "text": text}})
+                    );
+                    report.chats.push(ChatLine { from: sender, text });
+                }
+                Event::Move { forward_for, .. } => {
+                    tracing::info!(?forward_for, "relay is draining; asked to move");
+                    report.moved = true;
+                }
+                Event::KeyframeRequested { .. } => {}
+            }
+        }
+        flush(&mut session, &socket).await?;
+    }
+    session.leave();
+    flush(&mut session, &socket).await.ok();
+    report.stats = session.stats().clone();
+    for (sender, pcm) in &pcm_in {
+        // Skip the codec's start-up frames when naming the tone.
+        let settled = pcm.get(FRAME_SAMPLES * 5..).unwrap_or(pcm);
+        report
+            .dominant_hz
+            .insert(*sender, audio::dominant_frequency(settled));
+        if let Some(dir) = &opts.out_dir {
+            std::fs::create_dir_all(dir)?;
+            audio::write_wav(&dir.join(format!("sender-{sender}.wav")), pcm)?;
+        }
+    }
+    Ok(report)
+}
