@@ -4,5 +4,7 @@
 
 pub mod media;
 pub mod metrics;
+pub mod recording;
+pub mod service;
 pub mod sip;
 pub mod telephony;

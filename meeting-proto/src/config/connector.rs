@@ -22,6 +22,7 @@
 //!   credentialsFile: /etc/conclave/sip/credentials   # "user:password" for digest auth
 //!   tlsCertFile: /etc/conclave/tls/tls.crt           # needed when transport is tls
 //!   tlsKeyFile: /etc/conclave/tls/tls.key
+//!   tlsCaFile: /etc/conclave/sip/trunk-ca.crt       # verifies the trunk on dial-out
 //!   srtp: required              # required | preferred (default) | off
 //!   dialIn:
 //!     "+15550100": weekly-sync
@@ -188,6 +189,10 @@ pub struct SipSettings {
     /// PEM private key for SIP over TLS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_key_file: Option<PathBuf>,
+    /// PEM CA bundle that verifies the trunk's certificate on dial-out over
+    /// TLS (required with `transport: tls`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca_file: Option<PathBuf>,
     /// SRTP policy for the phone leg. Default preferred.
     #[serde(default)]
     pub srtp: SrtpPolicy,
@@ -235,7 +240,7 @@ pub enum ConnectorConfigError {
     TooManyTargets,
     #[error("streaming.allowedTargets: {0:?} must be an rtmp:// or rtmps:// URL with a host")]
     BadTarget(String),
-    #[error("sip.transport is tls: sip.tlsCertFile and sip.tlsKeyFile are required")]
+    #[error("sip.transport is tls: sip.tlsCertFile, sip.tlsKeyFile and sip.tlsCaFile are required")]
     TlsFilesMissing,
     #[error("sip.trunk: {0:?} must be host:port")]
     BadTrunk(String),
@@ -389,10 +394,11 @@ impl SipSettings {
     fn validate(&self) -> Result<(), ConnectorConfigError> {
         use ConnectorConfigError as E;
         if self.transport == SipTransport::Tls {
-            match (&self.tls_cert_file, &self.tls_key_file) {
-                (Some(c), Some(k)) => {
+            match (&self.tls_cert_file, &self.tls_key_file, &self.tls_ca_file) {
+                (Some(c), Some(k), Some(ca)) => {
                     non_empty(c, "sip.tlsCertFile")?;
                     non_empty(k, "sip.tlsKeyFile")?;
+                    non_empty(ca, "sip.tlsCaFile")?;
                 }
                 _ => return Err(E::TlsFilesMissing),
             }
@@ -442,7 +448,7 @@ mod tests {
             "type": "telephony",
             "pool": "phones",
             "kms": {"url": "https://kms:8443", "caFile": "/ca", "certFile": "/c", "keyFile": "/k"},
-            "sip": {"transport": "tls", "tlsCertFile": "/c", "tlsKeyFile": "/k",
+            "sip": {"transport": "tls", "tlsCertFile": "/c", "tlsKeyFile": "/k", "tlsCaFile": "/ca",
                     "trunk": "pbx.example:5061", "srtp": "required",
                     "dialIn": {"+15550100": "weekly-sync"}}
         }))
