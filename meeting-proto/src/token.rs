@@ -29,6 +29,35 @@
 //! | `iss`  | issuer name; selects among trusted issuers     | when more than one issuer is trusted |
 //!
 //! Other claims are ignored.
+//!
+//! ```
+//! use meeting_proto::ids::MeetingId;
+//! use meeting_proto::token::*;
+//!
+//! let key = DevIssuerKey::from_seed("dev-1", &[7; 32]).unwrap();
+//! let now = 1_800_000_000;
+//! let token = key.mint(&Claims {
+//!     sub: "user-1".into(),
+//!     name: "Ada".into(),
+//!     mid: MeetingId::new("weekly").unwrap(),
+//!     role: Role::Host,
+//!     aud: vec!["conclave-kms".into()],
+//!     exp: now + 300,
+//!     nbf: None,
+//!     iat: Some(now),
+//!     iss: None,
+//! });
+//! // The KMS side: the issuer's JWKS (here the dev key's) and its audience.
+//! let jwks = Jwks::from_json(key.jwks_json().as_bytes()).unwrap();
+//! let verifier = TokenVerifier::new(vec![TrustedIssuer {
+//!     name: "portal".into(),
+//!     audience: "conclave-kms".into(),
+//!     jwks,
+//! }]);
+//! let ok = verifier.verify(&token, now).unwrap();
+//! assert_eq!(ok.claims.role, Role::Host);
+//! assert_eq!(verifier.verify(&token, now + 3600), Err(TokenError::Expired));
+//! ```
 
 use crate::ids::MeetingId;
 use base64::Engine as _;

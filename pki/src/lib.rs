@@ -13,6 +13,22 @@
 //! - [`DevPki`]: a CA and certificates in a directory, for tests and local runs.
 //!
 //! ring is the only crypto backend.
+//!
+//! ```no_run
+//! use conclave_pki::{ClientAuth, DevPki, Identity, Kind, peer_identity, tls};
+//! # fn main() -> Result<(), conclave_pki::PkiError> {
+//! let pki = DevPki::create("/tmp/conclave-dev-pki", "test")?;
+//! let kms = pki.server("kms", &Identity::new("test", Kind::Kms, "kms")?)?;
+//! let relay_id = Identity::new("test", Kind::Relay, "zone-a")?.with_pod("zone-a-0")?;
+//! let relay = pki.client("relay-0", &relay_id)?;
+//! let server = tls::server_config(&kms, ClientAuth::Optional)?; // for tokio_rustls::TlsAcceptor
+//! let client = tls::client_config(&relay)?; // for tokio_rustls::TlsConnector
+//! // After the handshake, on the server:
+//! // let who = peer_identity(server_conn.peer_certificates())?; // Some(identity) or None
+//! # let _ = (server, client, peer_identity);
+//! # Ok(())
+//! # }
+//! ```
 
 mod ca;
 mod dev;
