@@ -88,6 +88,9 @@ pub enum IdentityError {
 }
 
 /// A parsed `conclave://<namespace>/<kind>/<name>[/<pod>]` identity.
+///
+/// Serializes as its URI string (audit entries, configuration), and
+/// deserializes only through the same strict parser.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Identity {
     namespace: String,
@@ -197,6 +200,32 @@ impl FromStr for Identity {
     }
 }
 
+impl serde::Serialize for Identity {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Identity {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl serde::Serialize for Kind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Kind {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -262,6 +291,20 @@ mod tests {
                 .parse::<Identity>()
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn serde_uses_the_uri_and_the_strict_parser() {
+        let id: Identity = "conclave://ns/relay/z/z-0".parse().unwrap();
+        let json = serde_json::to_string(&id).unwrap();
+        assert_eq!(json, "\"conclave://ns/relay/z/z-0\"");
+        assert_eq!(serde_json::from_str::<Identity>(&json).unwrap(), id);
+        assert!(serde_json::from_str::<Identity>("\"conclave://ns/relay/Z\"").is_err());
+        assert_eq!(
+            serde_json::from_str::<Kind>("\"recording-reader\"").unwrap(),
+            Kind::RecordingReader
+        );
+        assert!(serde_json::from_str::<Kind>("\"root\"").is_err());
     }
 
     #[test]
