@@ -1,0 +1,63 @@
+# Conclave: the two commands a newcomer needs are `make demo` and `make test`.
+# Every target installs what it needs (Debian packages, a Python venv under
+# $(CONCLAVE_CACHE)) and is idempotent. `make help` lists the targets.
+
+SHELL := /bin/bash
+export CONCLAVE_CACHE ?= $(HOME)/.cache/conclave
+export CLUSTER_STATE ?= $(CONCLAVE_CACHE)/cluster
+VERSION ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+# Image tag; `make images TAG=...` builds another (e.g. for a helm upgrade).
+TAG ?= $(VERSION)
+# `make images REGISTRY=host:port/path` also pushes the images there.
+REGISTRY ?=
+E2E := e2e
+PYTEST := $(CONCLAVE_CACHE)/venv/bin/python -m pytest
+
+.PHONY: help deps build check unit-test e2e-test test demo bench images \
+        cluster-up cluster-down crds helm-lint
+
+help: ## This list.
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+deps: ## Install Debian packages and the Python venv (helm-python-sdk) the targets use.
+	@bash -c 'source $(E2E)/lib.sh && timed packages ensure_packages && timed venv ensure_venv'
+
+build: deps ## Build every binary (debug).
+	cargo build --workspace --bins
+
+check: ## Formatting, clippy -D warnings and generated-file drift.
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	bash $(E2E)/check-generated.sh
+
+unit-test: build ## Unit, property and process-level tests of every crate.
+	cargo nextest run --workspace --no-fail-fast
+
+e2e-test: deps images ## End-to-end scenarios on the local cluster (brings it up and down).
+	bash $(E2E)/run-e2e.sh
+
+test: deps ## Everything CI runs: checks, unit and process tests, then e2e on a real cluster.
+	@bash -c 'source $(E2E)/lib.sh; timed check $(MAKE) --no-print-directory check \
+	  && timed unit-test $(MAKE) --no-print-directory unit-test \
+	  && timed e2e-test $(MAKE) --no-print-directory e2e-test'
+
+demo: deps images ## Local cluster + Conclave + a short meeting, end to end.
+	bash $(E2E)/demo.sh
+
+bench: build ## Run every benchmark; results in target/bench/results.json.
+	bash $(E2E)/bench.sh
+
+images: deps ## Static binaries -> minimal OCI images, imported into the local cluster (needs cluster-up).
+	bash $(E2E)/images.sh "$(TAG)" "$(REGISTRY)"
+
+cluster-up: ## Start the local single-node Kubernetes cluster (builds k8s once, cached).
+	bash $(E2E)/cluster/up.sh
+
+cluster-down: ## Stop the local cluster and remove everything it left behind.
+	bash $(E2E)/cluster/down.sh
+
+crds: ## Regenerate crds/ from the operator's types.
+	cargo run -q -p operator --bin crdgen -- crds
+
+helm-lint: deps ## Lint and render the chart with the real Helm engine.
+	$(CONCLAVE_CACHE)/venv/bin/python $(E2E)/helm.py lint
