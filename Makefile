@@ -5,6 +5,9 @@
 SHELL := /bin/bash
 export CONCLAVE_CACHE ?= $(HOME)/.cache/conclave
 export CLUSTER_STATE ?= $(CONCLAVE_CACHE)/cluster
+# Builds are kept outside the clone so a fresh clone (CI) reuses compiled
+# dependencies; results the targets report still go under ./target.
+export CARGO_TARGET_DIR ?= $(CONCLAVE_CACHE)/target
 VERSION ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 # Image tag; `make images TAG=...` builds another (e.g. for a helm upgrade).
 TAG ?= $(VERSION)
@@ -57,7 +60,7 @@ cluster-down: ## Stop the local cluster and remove everything it left behind.
 	bash $(E2E)/cluster/down.sh
 
 crds: ## Regenerate crds/ from the operator's types.
-	cargo run -q -p operator --bin crdgen -- crds
+	cargo run -q -p operator --bin crdgen -- crds charts/conclave/crds
 
 helm-lint: deps ## Lint and render the chart with the real Helm engine.
 	$(CONCLAVE_CACHE)/venv/bin/python $(E2E)/helm.py lint

@@ -11,7 +11,8 @@ IMAGES=(${CONCLAVE_IMAGES:-operator kms-node media-node connector-node conclave-
 # The e2e scenarios also need their test-only probe; it is never pushed.
 [ -n "${CONCLAVE_E2E:-}" ] && IMAGES+=(e2e-probe)
 TARGET=x86_64-unknown-linux-gnu
-OUT=$REPO_ROOT/target/images
+BUILD_DIR=${CARGO_TARGET_DIR:-$REPO_ROOT/target}
+OUT=$BUILD_DIR/images
 mkdir -p "$OUT"
 
 cd "$REPO_ROOT"
@@ -22,7 +23,7 @@ RUSTFLAGS="-C target-feature=+crt-static" PKG_CONFIG_ALL_STATIC=1 \
   cargo build --release --locked --target "$TARGET" $(printf -- '--bin %s ' "${IMAGES[@]}")
 
 for name in "${IMAGES[@]}"; do
-  bin=target/$TARGET/release/$name
+  bin=$BUILD_DIR/$TARGET/release/$name
   file "$bin" | grep -q 'static' || die "$bin is not statically linked"
   build_oci_image "$OUT/$name-$TAG.tar" "$name" "$TAG" "$bin" "/$name"
   log "image conclave/$name:$TAG ($(du -h "$OUT/$name-$TAG.tar" | cut -f1))"

@@ -34,11 +34,11 @@ timed kubernetes-binaries "$(dirname "$0")/build-k8s.sh"
 # Refuse to start over someone else's listener rather than fail obscurely later.
 check_port() {
   local proto=$1 port=$2 who
-  who=$(ss -Hlnp"${proto}" "( sport = :$port )" 2>/dev/null | head -1)
+  who=$(ss -Hlnp --"$proto" "( sport = :$port )" 2>/dev/null | head -1)
   [ -z "$who" ] || die "port $port/$proto is already in use ($who); stop that process or free the port, then retry"
 }
-for p in 2379 2380 6443 10250 10256 10257 10259; do check_port t "$p"; done
-check_port u 53
+for p in 2379 2380 6443 10250 10256 10257 10259; do check_port tcp "$p"; done
+check_port udp 53
 
 mkdir -p "$PIDS" "$LOGS" "$PKI" "$CLUSTER_STATE"/{etcd,kubelet,run,containerd/root,containerd/state,cni/conf,cni/ipam}
 ip addr show dev lo | grep -q " $NODE_IP/32" || ip addr add "$NODE_IP/32" dev lo
