@@ -7,4 +7,5 @@ pub mod metrics;
 pub mod recording;
 pub mod service;
 pub mod sip;
+pub mod streaming;
 pub mod telephony;

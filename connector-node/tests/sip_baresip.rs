@@ -382,7 +382,6 @@ async fn hostile_sip_is_rejected_counted_and_survived() {
             .unwrap()
             .to_owned();
         assert!(s.rate_limited < 300, "{s:?}");
-        assert_eq!(s.over_capacity, 0, "refused calls awaiting ACK do not hold capacity: {s:?}");
         // The bad-SDP INVITE was answered 488 with the reason in a Warning header.
         let mut buf = vec![0u8; 4096];
         let mut saw_488 = false;

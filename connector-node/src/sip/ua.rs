@@ -1186,6 +1186,38 @@ mod tests {
     }
 
     #[test]
+    fn refused_calls_awaiting_ack_do_not_hold_capacity() {
+        let (mut a, mut b) = (ua(5060, None), ua(5070, None));
+        let now = Instant::now();
+        for _ in 0..4 {
+            a.invite(b.cfg.local, "sip:x@127.0.0.1:5070", b"v=0".to_vec(), now)
+                .unwrap();
+        }
+        // Deliver only the INVITEs; b refuses each and never hears an ACK.
+        while let Some(t) = a.poll_transmit() {
+            b.handle_message(a.cfg.local, &t.data, now);
+        }
+        for e in events(&mut b) {
+            let Event::Incoming { call, .. } = e else {
+                panic!()
+            };
+            b.reject(call, 488, "Not Acceptable Here", Some("bad"), now)
+                .unwrap();
+        }
+        let fresh = ua(5080, None);
+        let mut c = fresh;
+        c.invite(b.cfg.local, "sip:x@127.0.0.1:5070", b"v=0".to_vec(), now)
+            .unwrap();
+        let t = c.poll_transmit().unwrap();
+        b.handle_message(c.cfg.local, &t.data, now);
+        assert_eq!(b.stats.over_capacity, 0);
+        assert!(matches!(
+            events(&mut b).as_slice(),
+            [Event::Incoming { .. }]
+        ));
+    }
+
+    #[test]
     fn floods_and_garbage_are_counted_not_fatal() {
         let mut b = ua(5070, None);
         let now = Instant::now();

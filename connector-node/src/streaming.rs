@@ -1,0 +1,262 @@
+//! Live streaming: the meeting's mixed audio goes into an ffmpeg child that
+//! encodes AAC and pushes RTMP/RTMPS to an allow-listed target.
+//!
+//! ffmpeg is supervised: it is restarted with exponential backoff when it
+//! exits, its last error line is kept in the status and counted in metrics,
+//! it is always reaped (no zombies), and it is stopped through its own
+//! process handle, never by name.
+
+use crate::metrics::Metrics;
+use meeting_proto::config::connector::StreamingSettings;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::process::{Child, Command};
+use tokio::sync::{mpsc, watch};
+
+const BACKOFF_START: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// A run this long resets the backoff: the target was healthy.
+const HEALTHY_RUN: Duration = Duration::from_secs(30);
+/// Sample rate of the PCM fed to ffmpeg.
+pub const RATE: u32 = 48_000;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum StreamError {
+    #[error("stream target {0:?} is not in this pool's allow-list")]
+    NotAllowed(String),
+    #[error("credentials file unreadable: {0}")]
+    Credentials(String),
+}
+
+/// Check a host-requested target and build the push URL (stream key from
+/// the pool's Secret appended). The key never appears in errors or logs.
+pub fn resolve_target(
+    settings: &StreamingSettings,
+    target: &str,
+    metrics: &Metrics,
+) -> Result<PushUrl, StreamError> {
+    if !settings.allows(target) {
+        metrics.stream_refused();
+        return Err(StreamError::NotAllowed(target.to_string()));
+    }
+    let url = match &settings.credentials_file {
+        Some(p) => {
+            let key = std::fs::read_to_string(p)
+                .map_err(|e| StreamError::Credentials(format!("{}: {e}", p.display())))?;
+            format!("{}/{}", target.trim_end_matches('/'), key.trim())
+        }
+        None => target.to_string(),
+    };
+    Ok(PushUrl {
+        url,
+        shown: target.to_string(),
+    })
+}
+
+/// The full push URL; Debug and Display show only the allow-listed part.
+#[derive(Clone)]
+pub struct PushUrl {
+    url: String,
+    shown: String,
+}
+
+impl std::fmt::Debug for PushUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PushUrl({})", self.shown)
+    }
+}
+
+impl PushUrl {
+    /// For targets that need no credentials (tests, open ingest).
+    pub fn plain(url: &str) -> Self {
+        Self {
+            url: url.to_string(),
+            shown: url.to_string(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StreamStatus {
+    /// PID of the running ffmpeg, if one runs.
+    pub pid: Option<u32>,
+    pub restarts: u64,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct Supervisor {
+    pub status: watch::Receiver<StreamStatus>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Supervisor {
+    /// Stop streaming: ffmpeg gets end of input, then is killed if it lingers,
+    /// and is reaped before this returns.
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+}
+
+fn ffmpeg_command(ffmpeg: &PathBuf, url: &PushUrl) -> Command {
+    let mut c = Command::new(ffmpeg);
+    c.args([
+        "-hide_banner",
+        "-nostdin",
+        "-loglevel",
+        "error",
+        "-f",
+        "s16le",
+        "-ar",
+    ])
+    .arg(RATE.to_string())
+    .args([
+        "-ac", "1", "-i", "pipe:0", "-c:a", "aac", "-b:a", "96k", "-f", "flv",
+    ])
+    .arg(&url.url)
+    .stdin(Stdio::piped())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .kill_on_drop(true);
+    c
+}
+
+/// Start pushing `audio` (48 kHz mono, any frame size) to `url`.
+pub fn start(
+    ffmpeg: PathBuf,
+    url: PushUrl,
+    mut audio: mpsc::Receiver<Vec<i16>>,
+    metrics: Arc<Metrics>,
+) -> Supervisor {
+    let (status_tx, status) = watch::channel(StreamStatus::default());
+    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let mut backoff = BACKOFF_START;
+        let mut restarts = 0u64;
+        loop {
+            let started = tokio::time::Instant::now();
+            let mut child: Child = match ffmpeg_command(&ffmpeg, &url).spawn() {
+                Ok(c) => c,
+                Err(e) => {
+                    status_tx
+                        .send_modify(|s| s.last_error = Some(format!("cannot start ffmpeg: {e}")));
+                    metrics.ffmpeg_started(restarts > 0);
+                    metrics.ffmpeg_exited("spawnError");
+                    if wait_or_stop(&mut stop_rx, &mut audio, backoff).await {
+                        return;
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    restarts += 1;
+                    continue;
+                }
+            };
+            metrics.ffmpeg_started(restarts > 0);
+            status_tx.send_modify(|s| {
+                s.pid = child.id();
+                s.restarts = restarts;
+            });
+            tracing::info!(target = ?url, pid = child.id(), "ffmpeg started");
+            let mut stdin = child.stdin.take();
+            let stderr = child.stderr.take();
+            let (err_tx, mut err_rx) = mpsc::channel::<String>(8);
+            if let Some(stderr) = stderr {
+                tokio::spawn(async move {
+                    let mut lines = tokio::io::BufReader::new(stderr).lines();
+                    while let Ok(Some(l)) = lines.next_line().await {
+                        let _ = err_tx.try_send(l);
+                    }
+                });
+            }
+            let mut last_error = None;
+            let outcome = loop {
+                tokio::select! {
+                    _ = &mut stop_rx => break None,
+                    l = err_rx.recv() => if let Some(l) = l { last_error = Some(l) },
+                    st = child.wait() => break Some(st),
+                    f = audio.recv() => {
+                        let Some(f) = f else { break None };
+                        let bytes: Vec<u8> = f.iter().flat_map(|s| s.to_le_bytes()).collect();
+                        if let Some(w) = stdin.as_mut()
+                            && w.write_all(&bytes).await.is_err()
+                        {
+                            // ffmpeg is going away; its exit status tells why.
+                            stdin = None;
+                        }
+                    }
+                }
+            };
+            match outcome {
+                None => {
+                    // Stop: close its input so it finishes the stream cleanly,
+                    // then make sure it is gone and reaped.
+                    drop(stdin);
+                    if tokio::time::timeout(Duration::from_secs(5), child.wait())
+                        .await
+                        .is_err()
+                    {
+                        let _ = child.start_kill();
+                        let _ = child.wait().await;
+                    }
+                    metrics.ffmpeg_exited("stopped");
+                    status_tx.send_modify(|s| s.pid = None);
+                    return;
+                }
+                Some(st) => {
+                    while let Ok(l) = err_rx.try_recv() {
+                        last_error = Some(l);
+                    }
+                    let why = match st {
+                        Ok(s) => format!(
+                            "ffmpeg exited ({s}){}",
+                            last_error.map(|e| format!(": {e}")).unwrap_or_default()
+                        ),
+                        Err(e) => format!("ffmpeg wait failed: {e}"),
+                    };
+                    tracing::warn!(target = ?url, error = %why, "ffmpeg exited; restarting");
+                    metrics.ffmpeg_exited("error");
+                    status_tx.send_modify(|s| {
+                        s.pid = None;
+                        s.last_error = Some(why);
+                    });
+                    if started.elapsed() >= HEALTHY_RUN {
+                        backoff = BACKOFF_START;
+                    }
+                    if wait_or_stop(&mut stop_rx, &mut audio, backoff).await {
+                        return;
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    restarts += 1;
+                }
+            }
+        }
+    });
+    Supervisor {
+        status,
+        stop: Some(stop_tx),
+        task,
+    }
+}
+
+/// Wait out a backoff while discarding audio (live means live). True: stop.
+async fn wait_or_stop(
+    stop: &mut tokio::sync::oneshot::Receiver<()>,
+    audio: &mut mpsc::Receiver<Vec<i16>>,
+    d: Duration,
+) -> bool {
+    let sleep = tokio::time::sleep(d);
+    tokio::pin!(sleep);
+    loop {
+        tokio::select! {
+            _ = &mut *stop => return true,
+            () = &mut sleep => return false,
+            f = audio.recv() => if f.is_none() { return true },
+        }
+    }
+}
