@@ -1,0 +1,124 @@
+//! The connector-node binary as a process: config validation errors, a
+//! telephony pool answering SIP, /metrics and /healthz.
+
+mod common;
+
+use common::TempDir;
+use std::io::{Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_connector-node");
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+#[test]
+fn invalid_config_is_refused_with_the_key_named() {
+    let dir = TempDir::new("run-bad");
+    let cfg = dir.0.join("c.yaml");
+    std::fs::write(
+        &cfg,
+        "type: liveStreaming\npool: p\nkms: {url: 'https://k', caFile: /a, certFile: /b, keyFile: /c}\n\
+         streaming: {allowedTargets: ['ftp://x']}\n",
+    )
+    .unwrap();
+    let o = Command::new(BIN)
+        .arg("run")
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("streaming.allowedTargets"), "{err}");
+}
+
+#[test]
+fn telephony_pool_serves_sip_metrics_and_health() {
+    let dir = TempDir::new("run-tel");
+    let metrics_port = common::free_port();
+    let sip_port = common::free_port();
+    let cfg = dir.0.join("c.json");
+    std::fs::write(
+        &cfg,
+        serde_json::json!({
+            "type": "telephony", "pool": "phones",
+            "kms": {"url": "https://127.0.0.1:1", "caFile": "/a", "certFile": "/b", "keyFile": "/c"},
+            "metricsListen": format!("127.0.0.1:{metrics_port}"),
+            "sip": {"listen": format!("127.0.0.1:{sip_port}"), "dialIn": {"+15550100": "weekly-sync"}}
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let _p = Proc(
+        Command::new(BIN)
+            .arg("run")
+            .arg("--config")
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut health = None;
+    for _ in 0..100 {
+        health = http_get(metrics_port, "/healthz");
+        if health.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        health
+            .expect("healthz answered")
+            .starts_with("HTTP/1.1 200 OK")
+    );
+    // SIP answers OPTIONS on the configured port.
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let p = sock.local_addr().unwrap().port();
+    let options = format!(
+        "OPTIONS sip:phones@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{p};branch=z9hG4bKrun\r\n\
+         From: <sip:t@127.0.0.1>;tag=1\r\nTo: <sip:phones@127.0.0.1>\r\nCall-ID: run1\r\nCSeq: 1 OPTIONS\r\n\
+         Content-Length: 0\r\n\r\n"
+    );
+    sock.send_to(options.as_bytes(), ("127.0.0.1", sip_port))
+        .unwrap();
+    let mut buf = [0u8; 2048];
+    let (n, _) = sock.recv_from(&mut buf).expect("SIP answer");
+    assert!(buf[..n].starts_with(b"SIP/2.0 200 OK"));
+    // Garbage is counted in the metrics.
+    sock.send_to(b"garbage\r\n\r\n", ("127.0.0.1", sip_port))
+        .unwrap();
+    let mut metrics = String::new();
+    for _ in 0..100 {
+        metrics = http_get(metrics_port, "/metrics").unwrap_or_default();
+        if metrics
+            .contains("conclave_connector_sip_messages_rejected_total{reason=\"malformed\"} 1")
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        metrics.contains("conclave_connector_sip_messages_rejected_total{reason=\"malformed\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("# TYPE conclave_connector_phone_legs_active gauge"));
+}
