@@ -414,3 +414,45 @@ async fn hostile_sip_is_rejected_counted_and_survived() {
     .await
     .expect("test timed out");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_number_enters_meeting_by_dtmf() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        use connector_node::media::{dtmf, rtp};
+        let mut c = connector(Transport::Udp, SrtpPolicy::Preferred, None).await;
+        // Our own stack plays the phone; the test injects RFC 4733 events.
+        let phone = connector(Transport::Udp, SrtpPolicy::Off, None).await;
+        let peer = c.local;
+        let phone_leg = phone
+            .telephony
+            .dial(
+                peer,
+                &format!("sip:999@127.0.0.1:{}", peer.port()),
+                MeetingId::new("x").unwrap(),
+            )
+            .await
+            .unwrap();
+        assert!(
+            c.legs.try_recv().is_err(),
+            "no leg before the meeting number"
+        );
+        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut seq = 1u16;
+        for (i, d) in "42#".chars().enumerate() {
+            for p in dtmf::event_payloads(d, 4) {
+                let pkt = rtp::build(false, 101, seq, 8000 * (i as u32 + 1), 99, &p);
+                seq += 1;
+                sock.send_to(&pkt, phone_leg.info.remote).await.unwrap();
+            }
+        }
+        let leg = c.legs.recv().await.expect("leg after #");
+        assert_eq!(leg.meeting.as_str(), "42");
+        assert!(
+            c.metrics
+                .render()
+                .contains("conclave_connector_dtmf_digits_total 3")
+        );
+    })
+    .await
+    .expect("test timed out");
+}
