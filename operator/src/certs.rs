@@ -1,0 +1,302 @@
+//! The per-namespace internal CA and the certificate Secrets issued from it.
+//!
+//! The CA lives in the Secret `conclave-ca` (`ca.crt`, `ca.key`) of each namespace that has
+//! Conclave resources. A user may create that Secret beforehand to bring their own CA; the
+//! operator never overwrites it. Issued certificates live in `kubernetes.io/tls` Secrets
+//! (`tls.crt`, `tls.key`, `ca.crt`) owned by the resource they serve; nodes re-read the mounted
+//! files when they change, so renewal at two thirds of the lifetime needs no restart.
+
+use crate::apply::{Applied, apply_over};
+use crate::context::Context;
+use crate::metrics::CertLabels;
+use crate::{Error, Result};
+use conclave_pki::{CertificateAuthority, Identity, ServerNames, Validity};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, PostParams};
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Name of the namespace CA Secret.
+pub const CA_SECRET: &str = "conclave-ca";
+
+fn pki_err(e: conclave_pki::PkiError) -> Error {
+    Error::Certificate(e.to_string())
+}
+
+fn data_str<'a>(s: &'a Secret, key: &str) -> Option<&'a str> {
+    s.data
+        .as_ref()?
+        .get(key)
+        .and_then(|b| std::str::from_utf8(&b.0).ok())
+}
+
+/// Loads the namespace CA, creating it when the namespace has none.
+pub async fn ensure_ca(ctx: &Context, ns: &str) -> Result<CertificateAuthority> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    if let Some(s) = api.get_opt(CA_SECRET).await? {
+        let (Some(cert), Some(key)) = (data_str(&s, "ca.crt"), data_str(&s, "ca.key")) else {
+            return Err(Error::Certificate(format!(
+                "Secret {ns}/{CA_SECRET} must hold ca.crt and ca.key (PEM)"
+            )));
+        };
+        return CertificateAuthority::from_pem(cert, key).map_err(pki_err);
+    }
+    let ca = CertificateAuthority::generate(ns, Validity::starting_now(ctx.settings.ca_lifetime))
+        .map_err(pki_err)?;
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(CA_SECRET.into()),
+            namespace: Some(ns.into()),
+            labels: Some(BTreeMap::from([
+                (crate::pod::LABEL_NAME.into(), "conclave".into()),
+                (crate::pod::LABEL_COMPONENT.into(), "ca".into()),
+                (
+                    crate::pod::LABEL_MANAGED_BY.into(),
+                    crate::pod::MANAGED_BY.into(),
+                ),
+            ])),
+            ..Default::default()
+        },
+        type_: Some("Opaque".into()),
+        data: Some(BTreeMap::from([
+            (
+                "ca.crt".into(),
+                ByteString(ca.cert_pem().as_bytes().to_vec()),
+            ),
+            (
+                "ca.key".into(),
+                ByteString(ca.key_pem().as_bytes().to_vec()),
+            ),
+        ])),
+        ..Default::default()
+    };
+    // Create, not apply: if another replica or the user won the race, use theirs.
+    match api.create(&PostParams::default(), &secret).await {
+        Ok(_) => {
+            tracing::info!(namespace = ns, "generated namespace CA");
+            Ok(ca)
+        }
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            let s = api.get(CA_SECRET).await?;
+            let (Some(cert), Some(key)) = (data_str(&s, "ca.crt"), data_str(&s, "ca.key")) else {
+                return Err(Error::Certificate(format!(
+                    "Secret {ns}/{CA_SECRET} is incomplete"
+                )));
+            };
+            CertificateAuthority::from_pem(cert, key).map_err(pki_err)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A certificate to keep issued in a Secret.
+#[derive(Clone, Debug)]
+pub struct CertRequest {
+    pub identity: Identity,
+    /// DNS names for a server certificate; `None` issues a client certificate.
+    pub server_names: Option<Vec<String>>,
+}
+
+/// Result of [`ensure_cert`].
+#[derive(Clone, Debug)]
+pub struct CertState {
+    pub not_after: SystemTime,
+    pub renew_after: SystemTime,
+    /// A new certificate was written.
+    pub renewed: bool,
+}
+
+/// Whether `live` still holds a certificate for `req` from `ca` that needs no renewal at `now`.
+/// Returns its validity when it can be kept.
+pub fn reusable(
+    live: &Secret,
+    req: &CertRequest,
+    ca: &CertificateAuthority,
+    now: SystemTime,
+) -> Option<Validity> {
+    let (cert, _key, ca_pem) = (
+        data_str(live, "tls.crt")?,
+        data_str(live, "tls.key")?,
+        data_str(live, "ca.crt")?,
+    );
+    if ca_pem != ca.cert_pem() {
+        return None;
+    }
+    let der = conclave_pki::pem::certs_from_pem(cert.as_bytes(), "tls.crt")
+        .ok()?
+        .into_iter()
+        .next()?;
+    let info = conclave_pki::inspect(&der).ok()?;
+    if info.identity.as_ref() != Some(&req.identity) {
+        return None;
+    }
+    if let Some(names) = &req.server_names {
+        let mut want = names.clone();
+        let mut have = info.dns_names.clone();
+        want.sort();
+        have.sort();
+        if want != have {
+            return None;
+        }
+    }
+    (now < info.validity.renew_after()).then_some(info.validity)
+}
+
+/// Keeps `secret` (owned via `meta`) holding a valid certificate for `req`.
+pub async fn ensure_cert(
+    ctx: &Context,
+    ca: &CertificateAuthority,
+    meta: ObjectMeta,
+    req: &CertRequest,
+) -> Result<CertState> {
+    let ns = meta
+        .namespace
+        .clone()
+        .ok_or(Error::MissingField("namespace"))?;
+    let name = meta.name.clone().ok_or(Error::MissingField("name"))?;
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let live = api.get_opt(&name).await?;
+    let now = SystemTime::now();
+    let kept = live
+        .as_ref()
+        .and_then(|l| reusable(l, req, ca, now).map(|v| (l.data.clone(), v)));
+    let (data, validity, renewed) = match kept {
+        Some((data, v)) => (data.unwrap_or_default(), v, false),
+        None => {
+            let validity = Validity::starting_now(ctx.settings.cert_lifetime);
+            let issued = match &req.server_names {
+                Some(dns) => ca.issue_server(
+                    &req.identity,
+                    &ServerNames {
+                        dns: dns.clone(),
+                        ips: vec![],
+                    },
+                    validity,
+                ),
+                None => ca.issue_client(&req.identity, validity),
+            }
+            .map_err(pki_err)?;
+            let data = BTreeMap::from([
+                (
+                    "tls.crt".to_string(),
+                    ByteString(issued.cert_pem.as_bytes().to_vec()),
+                ),
+                (
+                    "tls.key".to_string(),
+                    ByteString(issued.key_pem.as_bytes().to_vec()),
+                ),
+                (
+                    "ca.crt".to_string(),
+                    ByteString(ca.cert_pem().as_bytes().to_vec()),
+                ),
+            ]);
+            (data, issued.validity, true)
+        }
+    };
+    let secret = Secret {
+        metadata: meta,
+        type_: Some("kubernetes.io/tls".into()),
+        data: Some(data),
+        ..Default::default()
+    };
+    let applied = apply_over(&api, &secret, live).await?;
+    if renewed && matches!(applied, Applied::Changed(_)) {
+        tracing::info!(namespace = ns, secret = name, identity = %req.identity.to_uri(), "issued certificate");
+    }
+    let expiry = validity
+        .not_after
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO);
+    ctx.metrics
+        .cert_expiry
+        .get_or_create(&CertLabels {
+            namespace: ns,
+            secret: name,
+        })
+        .set(expiry.as_secs_f64());
+    Ok(CertState {
+        not_after: validity.not_after,
+        renew_after: validity.renew_after(),
+        renewed,
+    })
+}
+
+/// Time until `at`, at least one second (a requeue of zero would spin).
+pub fn until(at: SystemTime) -> Duration {
+    at.duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO)
+        .max(Duration::from_secs(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use conclave_pki::Kind;
+
+    fn secret_with(issued: &conclave_pki::IssuedCert, ca: &CertificateAuthority) -> Secret {
+        Secret {
+            data: Some(BTreeMap::from([
+                (
+                    "tls.crt".to_string(),
+                    ByteString(issued.cert_pem.as_bytes().to_vec()),
+                ),
+                (
+                    "tls.key".to_string(),
+                    ByteString(issued.key_pem.as_bytes().to_vec()),
+                ),
+                (
+                    "ca.crt".to_string(),
+                    ByteString(ca.cert_pem().as_bytes().to_vec()),
+                ),
+            ])),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_certificate_is_kept_until_two_thirds_of_its_life_and_only_for_its_identity() {
+        let ca =
+            CertificateAuthority::generate("ns", Validity::starting_now(Duration::from_secs(3600)))
+                .unwrap();
+        let id = Identity::new("ns", Kind::Kms, "main").unwrap();
+        let req = CertRequest {
+            identity: id.clone(),
+            server_names: Some(vec!["main-kms.ns.svc".into()]),
+        };
+        let validity = Validity::starting_now(Duration::from_secs(300));
+        let issued = ca
+            .issue_server(
+                &id,
+                &ServerNames {
+                    dns: vec!["main-kms.ns.svc".into()],
+                    ips: vec![],
+                },
+                validity,
+            )
+            .unwrap();
+        let s = secret_with(&issued, &ca);
+        let now = validity.not_before;
+        assert_eq!(reusable(&s, &req, &ca, now), Some(validity));
+        // 2/3 of 300 s = 200 s
+        assert!(reusable(&s, &req, &ca, now + Duration::from_secs(199)).is_some());
+        assert!(reusable(&s, &req, &ca, now + Duration::from_secs(201)).is_none());
+        // other names, other identity, other CA: reissue
+        let other_names = CertRequest {
+            identity: id.clone(),
+            server_names: Some(vec!["x".into()]),
+        };
+        assert!(reusable(&s, &other_names, &ca, now).is_none());
+        let other_id = CertRequest {
+            identity: Identity::new("ns", Kind::Kms, "other").unwrap(),
+            ..req.clone()
+        };
+        assert!(reusable(&s, &other_id, &ca, now).is_none());
+        let ca2 =
+            CertificateAuthority::generate("ns", Validity::starting_now(Duration::from_secs(3600)))
+                .unwrap();
+        assert!(reusable(&s, &req, &ca2, now).is_none());
+        assert!(reusable(&Secret::default(), &req, &ca, now).is_none());
+    }
+}

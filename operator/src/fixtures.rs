@@ -1,0 +1,260 @@
+//! Test helpers: resources built fluently, and an in-memory API server behind a tower-test
+//! mock that records every call a reconcile makes.
+
+use crate::context::{Capabilities, Context, Settings};
+use crate::kms::{KeyManagementServer, KeyManagementServerSpec};
+use crate::metrics::Metrics;
+use crate::pool::{ConnectorPool, ConnectorPoolSpec, RecordingSettings};
+use crate::shared::{ConnectorType, LocalRef};
+use crate::zone::{MeetingZone, MeetingZoneSpec};
+use http::{Method, Request, Response, StatusCode};
+use kube::client::Body;
+use kube::{Client, Resource};
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+pub const NS: &str = "team";
+
+fn with_meta<K: Resource>(mut k: K, name: &str) -> K {
+    let m = k.meta_mut();
+    m.namespace = Some(NS.into());
+    m.uid = Some(format!("uid-{name}"));
+    m.generation = Some(1);
+    k
+}
+
+pub fn kms(name: &str) -> KeyManagementServer {
+    let spec: KeyManagementServerSpec = serde_json::from_value(json!({})).unwrap();
+    let mut k = with_meta(KeyManagementServer::new(name, spec), name);
+    k.meta_mut().finalizers = Some(vec![crate::kms::FINALIZER.into()]);
+    k
+}
+
+pub fn zone(name: &str, kms: &str) -> MeetingZone {
+    let spec: MeetingZoneSpec = serde_json::from_value(json!({"kmsRef": {"name": kms}, "relays": {"replicas": 2}, "encryption": {"allowedConnectors": ["recording"]}})).unwrap();
+    with_meta(MeetingZone::new(name, spec), name)
+}
+
+pub fn pool(name: &str, zone: &str) -> ConnectorPool {
+    let spec = ConnectorPoolSpec {
+        zone_ref: Some(LocalRef { name: zone.into() }),
+        external_kms: None,
+        connector_type: ConnectorType::Recording,
+        replicas: 1,
+        recording: Some(RecordingSettings {
+            storage_size: "1Gi".into(),
+            storage_class_name: None,
+            retention: "720h".into(),
+        }),
+        live_streaming: None,
+        telephony: None,
+        room_system: None,
+        image: None,
+        resources: None,
+        placement: Default::default(),
+    };
+    with_meta(ConnectorPool::new(name, spec), name)
+}
+
+/// One request the fake API server saw.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Call {
+    pub method: Method,
+    pub path: String,
+}
+
+impl Call {
+    pub fn is_write(&self) -> bool {
+        self.method != Method::GET
+    }
+}
+
+/// An API server keeping objects by path, good enough for reconciles: GET, LIST (with
+/// label selectors), POST, server-side-apply PATCH (stores the applied object), status PATCH
+/// (merges status), JSON PATCH (answers with the stored object), DELETE.
+#[derive(Debug, Default)]
+pub struct FakeApi {
+    pub objects: Mutex<BTreeMap<String, Value>>,
+    pub calls: Mutex<Vec<Call>>,
+}
+
+fn collection_and_name(path: &str) -> (String, String) {
+    match path.rsplit_once('/') {
+        Some((c, n)) => (c.to_string(), n.to_string()),
+        None => (String::new(), path.to_string()),
+    }
+}
+
+fn not_found() -> Response<Body> {
+    let body = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"});
+    Response::builder()
+        .status(StatusCode::NOT_FOUND)
+        .body(Body::from(serde_json::to_vec(&body).unwrap()))
+        .unwrap()
+}
+
+fn ok(v: &Value) -> Response<Body> {
+    Response::builder()
+        .body(Body::from(serde_json::to_vec(v).unwrap()))
+        .unwrap()
+}
+
+fn labels_match(obj: &Value, selector: &str) -> bool {
+    selector.split(',').filter(|s| !s.is_empty()).all(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        obj["metadata"]["labels"][k].as_str() == Some(v)
+    })
+}
+
+fn query_param(query: &str, key: &str) -> Option<String> {
+    query.split('&').find_map(|p| {
+        let (k, v) = p.split_once('=')?;
+        (k == key).then(|| {
+            v.replace("%3D", "=")
+                .replace("%2C", ",")
+                .replace("%2F", "/")
+        })
+    })
+}
+
+impl FakeApi {
+    pub fn put(&self, path: &str, obj: Value) {
+        self.objects.lock().unwrap().insert(path.into(), obj);
+    }
+
+    pub fn get(&self, path: &str) -> Option<Value> {
+        self.objects.lock().unwrap().get(path).cloned()
+    }
+
+    pub fn calls(&self) -> Vec<Call> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    pub fn writes(&self) -> Vec<Call> {
+        self.calls().into_iter().filter(Call::is_write).collect()
+    }
+
+    pub fn clear_calls(&self) {
+        self.calls.lock().unwrap().clear();
+    }
+
+    async fn handle(&self, req: Request<Body>) -> Response<Body> {
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let query = req.uri().query().unwrap_or("").to_string();
+        let body = req.into_body().collect_bytes().await.unwrap();
+        self.calls.lock().unwrap().push(Call {
+            method: method.clone(),
+            path: path.clone(),
+        });
+        let mut objects = self.objects.lock().unwrap();
+        match method {
+            Method::GET => {
+                if let Some(o) = objects.get(&path) {
+                    return ok(o);
+                }
+                if path.contains("/proxy/") {
+                    return not_found();
+                }
+                // A collection: list what lies directly under it.
+                let selector = query_param(&query, "labelSelector").unwrap_or_default();
+                let items: Vec<Value> = objects
+                    .iter()
+                    .filter(|(p, o)| collection_and_name(p).0 == path && labels_match(o, &selector))
+                    .map(|(_, o)| o.clone())
+                    .collect();
+                let segs = path.trim_start_matches('/').split('/').count();
+                let collection = if path.starts_with("/api/") {
+                    segs == 5
+                } else {
+                    segs == 6
+                };
+                if collection {
+                    ok(
+                        &json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "1"}, "items": items}),
+                    )
+                } else {
+                    not_found()
+                }
+            }
+            Method::POST => {
+                let obj: Value = serde_json::from_slice(&body).unwrap();
+                let name = obj["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or("event")
+                    .to_string();
+                if !path.ends_with("/events") {
+                    objects.insert(format!("{path}/{name}"), obj.clone());
+                }
+                ok(&obj)
+            }
+            Method::PATCH => {
+                let patch: Value = serde_json::from_slice(&body).unwrap();
+                if let Some(parent) = path.strip_suffix("/status") {
+                    let Some(o) = objects.get_mut(parent) else {
+                        return not_found();
+                    };
+                    o["status"] = patch["status"].clone();
+                    return ok(o);
+                }
+                if patch.is_array() {
+                    // JSON patch (finalizers): answer with the stored object.
+                    return objects.get(&path).map(ok).unwrap_or_else(not_found);
+                }
+                let mut obj = patch;
+                if let Some(st) = objects.get(&path).and_then(|old| old.get("status")) {
+                    obj["status"] = st.clone();
+                }
+                obj["metadata"]["generation"] = json!(1);
+                objects.insert(path, obj.clone());
+                ok(&obj)
+            }
+            Method::DELETE => match objects.remove(&path) {
+                Some(o) => ok(&o),
+                None => not_found(),
+            },
+            _ => not_found(),
+        }
+    }
+}
+
+/// A Context whose client talks to a [`FakeApi`], served until the test ends.
+pub fn context(caps: Capabilities) -> (Arc<Context>, Arc<FakeApi>) {
+    let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let fake = Arc::new(FakeApi::default());
+    let server = fake.clone();
+    tokio::spawn(async move {
+        while let Some((req, send)) = handle.next_request().await {
+            send.send_response(server.handle(req).await);
+        }
+    });
+    let client = Client::new(svc, NS);
+    let settings = Settings::default();
+    (
+        Arc::new(Context::new(
+            client,
+            Arc::new(Metrics::default()),
+            settings,
+            caps,
+        )),
+        fake,
+    )
+}
+
+/// API path of a namespaced object.
+pub fn path(group_version: &str, plural: &str, name: &str) -> String {
+    let base = if group_version == "v1" {
+        "/api/v1".to_string()
+    } else {
+        format!("/apis/{group_version}")
+    };
+    format!("{base}/namespaces/{NS}/{plural}/{name}")
+}
+
+/// Bounds a test future.
+pub async fn bounded<F: std::future::Future>(f: F) -> F::Output {
+    tokio::time::timeout(std::time::Duration::from_secs(20), f)
+        .await
+        .expect("test timed out")
+}

@@ -1,0 +1,363 @@
+//! Reconciles against the in-memory API server: what each scenario writes, and that a second
+//! reconcile of an unchanged world writes nothing.
+
+use crate::context::Capabilities;
+use crate::fixtures::*;
+use crate::kms::KeyManagementServer;
+use crate::pool::ConnectorPool;
+use crate::zone::MeetingZone;
+use http::Method;
+use serde_json::{Value, json};
+use std::sync::Arc;
+
+const CAPS: Capabilities = Capabilities { pdb_v1: true };
+
+fn kms_path(name: &str) -> String {
+    path("conclave.dev/v1alpha1", "keymanagementservers", name)
+}
+fn zone_path(name: &str) -> String {
+    path("conclave.dev/v1alpha1", "meetingzones", name)
+}
+fn pool_path(name: &str) -> String {
+    path("conclave.dev/v1alpha1", "connectorpools", name)
+}
+
+fn stored<K: serde::de::DeserializeOwned>(fake: &FakeApi, p: &str) -> K {
+    serde_json::from_value(fake.get(p).unwrap_or_else(|| panic!("{p} not stored"))).unwrap()
+}
+
+fn ready(status: &Value) -> (String, String, String) {
+    let c = status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Ready")
+        .unwrap()
+        .clone();
+    (
+        c["status"].as_str().unwrap().into(),
+        c["reason"].as_str().unwrap().into(),
+        c["message"].as_str().unwrap().into(),
+    )
+}
+
+fn non_event_writes(fake: &FakeApi) -> Vec<Call> {
+    fake.writes()
+        .into_iter()
+        .filter(|c| !c.path.contains("/events"))
+        .collect()
+}
+
+#[tokio::test]
+async fn kms_creates_owned_children_and_then_makes_no_writes() {
+    bounded(async {
+        let (ctx, fake) = context(CAPS);
+        let kms = kms("main");
+        fake.put(&kms_path("main"), serde_json::to_value(&kms).unwrap());
+        crate::kms::reconcile(Arc::new(kms), ctx.clone())
+            .await
+            .unwrap();
+
+        for (gv, plural, name) in [
+            ("apps/v1", "statefulsets", "main-kms"),
+            ("v1", "services", "main-kms"),
+            ("v1", "services", "main-kms-headless"),
+            ("v1", "configmaps", "main-kms-config"),
+            ("v1", "secrets", "main-kms-tls"),
+            ("v1", "secrets", "main-kms-root-key"),
+            ("v1", "serviceaccounts", "main-kms"),
+            ("networking.k8s.io/v1", "networkpolicies", "main-kms"),
+            ("policy/v1", "poddisruptionbudgets", "main-kms"),
+        ] {
+            let obj = fake
+                .get(&path(gv, plural, name))
+                .unwrap_or_else(|| panic!("{plural}/{name} missing"));
+            let owner = &obj["metadata"]["ownerReferences"][0];
+            assert_eq!(owner["uid"], "uid-main", "{plural}/{name} owner");
+            assert_eq!(owner["controller"], true);
+            assert_eq!(
+                obj["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+                "conclave-operator"
+            );
+        }
+        assert!(
+            fake.get(&path("v1", "secrets", "conclave-ca")).is_some(),
+            "namespace CA created"
+        );
+        let cm = fake
+            .get(&path("v1", "configmaps", "main-kms-config"))
+            .unwrap();
+        let cfg = meeting_proto::config::kms::KmsConfig::from_yaml(
+            cm["data"]["config.yaml"].as_str().unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.root_key.file.to_str(),
+            Some("/etc/conclave/root-key/root.key")
+        );
+
+        let status = fake.get(&kms_path("main")).unwrap()["status"].clone();
+        assert_eq!(ready(&status).0, "False");
+        assert_eq!(status["rootKey"], "generated (development-grade)");
+        assert_eq!(status["observedGeneration"], 1);
+        assert!(
+            fake.calls()
+                .iter()
+                .any(|c| c.method == Method::POST && c.path.ends_with("/events")),
+            "an event was published"
+        );
+
+        // Steady state: same world, no writes at all.
+        fake.clear_calls();
+        let again: KeyManagementServer = stored(&fake, &kms_path("main"));
+        crate::kms::reconcile(Arc::new(again), ctx.clone())
+            .await
+            .unwrap();
+        assert_eq!(fake.writes(), vec![], "second reconcile must not write");
+
+        // An edited child is restored with one apply.
+        let sts_path = path("apps/v1", "statefulsets", "main-kms");
+        let mut sts = fake.get(&sts_path).unwrap();
+        sts["spec"]["replicas"] = json!(5);
+        fake.put(&sts_path, sts);
+        fake.clear_calls();
+        let again: KeyManagementServer = stored(&fake, &kms_path("main"));
+        crate::kms::reconcile(Arc::new(again), ctx).await.unwrap();
+        let writes = non_event_writes(&fake);
+        assert_eq!(writes.len(), 1, "{writes:?}");
+        assert_eq!(writes[0].path, sts_path);
+        assert_eq!(fake.get(&sts_path).unwrap()["spec"]["replicas"], 1);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn invalid_kms_spec_is_reported_and_creates_nothing() {
+    bounded(async {
+        let (ctx, fake) = context(CAPS);
+        let mut kms = kms("main");
+        kms.spec.replicas = 3;
+        fake.put(&kms_path("main"), serde_json::to_value(&kms).unwrap());
+        crate::kms::reconcile(Arc::new(kms), ctx).await.unwrap();
+        let writes = non_event_writes(&fake);
+        assert_eq!(writes.len(), 1, "only the status: {writes:?}");
+        assert!(writes[0].path.ends_with("/status"));
+        let (st, reason, msg) = ready(&fake.get(&kms_path("main")).unwrap()["status"]);
+        assert_eq!((st.as_str(), reason.as_str()), ("False", "InvalidSpec"));
+        assert!(msg.contains("spec.replicas"), "{msg}");
+        assert!(
+            fake.calls().iter().any(|c| c.path.ends_with("/events")),
+            "warning event"
+        );
+    })
+    .await
+}
+
+#[tokio::test]
+async fn no_pdb_where_policy_v1_is_not_served_and_status_says_so() {
+    bounded(async {
+        let (ctx, fake) = context(Capabilities { pdb_v1: false });
+        let kms = kms("main");
+        fake.put(&kms_path("main"), serde_json::to_value(&kms).unwrap());
+        crate::kms::reconcile(Arc::new(kms), ctx).await.unwrap();
+        assert!(
+            fake.get(&path("policy/v1", "poddisruptionbudgets", "main-kms"))
+                .is_none()
+        );
+        assert!(
+            !fake
+                .calls()
+                .iter()
+                .any(|c| c.path.contains("poddisruptionbudgets"))
+        );
+        let (_, _, msg) = ready(&fake.get(&kms_path("main")).unwrap()["status"]);
+        assert!(msg.contains("policy/v1"), "{msg}");
+    })
+    .await
+}
+
+#[tokio::test]
+async fn zone_with_missing_kms_reports_dependency_missing() {
+    bounded(async {
+        let (ctx, fake) = context(CAPS);
+        let zone = zone("zone-a", "nope");
+        fake.put(&zone_path("zone-a"), serde_json::to_value(&zone).unwrap());
+        crate::zone::reconcile(Arc::new(zone), ctx).await.unwrap();
+        let (st, reason, msg) = ready(&fake.get(&zone_path("zone-a")).unwrap()["status"]);
+        assert_eq!(
+            (st.as_str(), reason.as_str()),
+            ("False", "DependencyMissing")
+        );
+        assert!(msg.contains("spec.kmsRef") && msg.contains("nope"), "{msg}");
+        assert!(
+            fake.get(&path("apps/v1", "statefulsets", "zone-a-relay"))
+                .is_none()
+        );
+    })
+    .await
+}
+
+fn ready_kms_with_key(fake: &FakeApi) {
+    let mut kms = serde_json::to_value(kms("main")).unwrap();
+    kms["status"] = json!({
+        "conditions": [{"type": "Ready", "status": "True", "reason": "PodsReady", "message": "1/1", "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+        "ticketPublicKey": "3b6a27bcceb6a42d62a3a8d02a6f0d73653215771de243a63ac048a18b59da29",
+    });
+    fake.put(&kms_path("main"), kms);
+}
+
+#[tokio::test]
+async fn zone_renders_relays_from_its_kms_and_then_makes_no_writes() {
+    bounded(async {
+        let (ctx, fake) = context(CAPS);
+        ready_kms_with_key(&fake);
+        let zone = zone("zone-a", "main");
+        fake.put(&zone_path("zone-a"), serde_json::to_value(&zone).unwrap());
+        crate::zone::reconcile(Arc::new(zone), ctx.clone())
+            .await
+            .unwrap();
+        let sts = fake
+            .get(&path("apps/v1", "statefulsets", "zone-a-relay"))
+            .unwrap();
+        assert_eq!(sts["spec"]["replicas"], 2);
+        let cm = fake
+            .get(&path("v1", "configmaps", "zone-a-relay-config"))
+            .unwrap();
+        let cfg: meeting_proto::config::relay::RelayConfig =
+            serde_yaml_ng::from_str(cm["data"]["config.yaml"].as_str().unwrap()).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(
+            cfg.ticket_public_key,
+            "3b6a27bcceb6a42d62a3a8d02a6f0d73653215771de243a63ac048a18b59da29"
+        );
+        assert_eq!(
+            cfg.kms.as_ref().unwrap().url,
+            "https://main-kms.team.svc:8443"
+        );
+        assert!(
+            fake.get(&path("v1", "secrets", "zone-a-relay-tls"))
+                .is_some()
+        );
+        let status = fake.get(&zone_path("zone-a")).unwrap()["status"].clone();
+        assert_eq!(status["kms"]["reachable"], true);
+        assert_eq!(ready(&status).1, "PodsNotReady");
+
+        fake.clear_calls();
+        let again: MeetingZone = stored(&fake, &zone_path("zone-a"));
+        crate::zone::reconcile(Arc::new(again), ctx).await.unwrap();
+        assert_eq!(fake.writes(), vec![], "second reconcile must not write");
+    })
+    .await
+}
+
+#[tokio::test]
+async fn kms_deletion_waits_for_referencing_zones() {
+    bounded(async {
+        let (ctx, fake) = context(CAPS);
+        let mut kms = kms("main");
+        kms.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                "2026-01-01T00:00:00Z".parse().unwrap(),
+            ));
+        fake.put(&kms_path("main"), serde_json::to_value(&kms).unwrap());
+        fake.put(
+            &zone_path("zone-a"),
+            serde_json::to_value(zone("zone-a", "main")).unwrap(),
+        );
+        let err = crate::kms::reconcile(Arc::new(kms.clone()), ctx.clone())
+            .await
+            .unwrap_err();
+        assert_eq!(err.metric_label(), "deletion_blocked");
+        let (st, reason, msg) = ready(&fake.get(&kms_path("main")).unwrap()["status"]);
+        assert_eq!((st.as_str(), reason.as_str()), ("False", "DeletionBlocked"));
+        assert!(msg.contains("zone-a"), "{msg}");
+        assert!(
+            !fake
+                .writes()
+                .iter()
+                .any(|c| c.method == Method::PATCH && c.path == kms_path("main")),
+            "finalizer kept"
+        );
+
+        // Zone gone: the finalizer is removed.
+        fake.objects.lock().unwrap().remove(&zone_path("zone-a"));
+        fake.clear_calls();
+        crate::kms::reconcile(Arc::new(kms), ctx).await.unwrap();
+        assert!(
+            fake.writes()
+                .iter()
+                .any(|c| c.method == Method::PATCH && c.path == kms_path("main")),
+            "finalizer removed"
+        );
+    })
+    .await
+}
+
+#[tokio::test]
+async fn pool_of_a_type_the_zone_does_not_allow_is_refused() {
+    bounded(async {
+        let (ctx, fake) = context(CAPS);
+        ready_kms_with_key(&fake);
+        let mut z = zone("zone-a", "main");
+        z.spec.encryption.allowed_connectors.clear();
+        fake.put(&zone_path("zone-a"), serde_json::to_value(&z).unwrap());
+        let p = pool("rec", "zone-a");
+        fake.put(&pool_path("rec"), serde_json::to_value(&p).unwrap());
+        crate::pool::reconcile(Arc::new(p), ctx).await.unwrap();
+        let (st, reason, msg) = ready(&fake.get(&pool_path("rec")).unwrap()["status"]);
+        assert_eq!(
+            (st.as_str(), reason.as_str()),
+            ("False", "ConnectorNotAllowed")
+        );
+        assert!(msg.contains("allowedConnectors"), "{msg}");
+        assert!(
+            fake.get(&path("apps/v1", "deployments", "rec-connector"))
+                .is_none()
+        );
+    })
+    .await
+}
+
+#[tokio::test]
+async fn recording_pool_gets_deployment_volume_and_client_certificate() {
+    bounded(async {
+        let (ctx, fake) = context(CAPS);
+        ready_kms_with_key(&fake);
+        fake.put(
+            &zone_path("zone-a"),
+            serde_json::to_value(zone("zone-a", "main")).unwrap(),
+        );
+        let p = pool("rec", "zone-a");
+        fake.put(&pool_path("rec"), serde_json::to_value(&p).unwrap());
+        crate::pool::reconcile(Arc::new(p), ctx.clone())
+            .await
+            .unwrap();
+        let dep = fake
+            .get(&path("apps/v1", "deployments", "rec-connector"))
+            .unwrap();
+        assert_eq!(dep["spec"]["strategy"]["type"], "Recreate");
+        let pvc = fake
+            .get(&path("v1", "persistentvolumeclaims", "rec-recordings"))
+            .unwrap();
+        assert!(
+            pvc["metadata"]["ownerReferences"].is_null(),
+            "recordings outlive the pool"
+        );
+        let cm = fake
+            .get(&path("v1", "configmaps", "rec-connector-config"))
+            .unwrap();
+        let cfg: meeting_proto::config::connector::ConnectorConfig =
+            serde_yaml_ng::from_str(cm["data"]["config.yaml"].as_str().unwrap()).unwrap();
+        assert_eq!(cfg.recording.unwrap().retention_days, 30);
+        assert!(
+            fake.get(&path("v1", "secrets", "rec-connector-tls"))
+                .is_some()
+        );
+
+        fake.clear_calls();
+        let again: ConnectorPool = stored(&fake, &pool_path("rec"));
+        crate::pool::reconcile(Arc::new(again), ctx).await.unwrap();
+        assert_eq!(fake.writes(), vec![], "second reconcile must not write");
+    })
+    .await
+}
