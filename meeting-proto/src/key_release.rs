@@ -57,8 +57,7 @@ impl EphemeralKey {
     /// Rebuilds a key pair from its 32 secret bytes (e.g. a connector that
     /// keeps its key across a restart in a Secret).
     pub fn from_secret_bytes(bytes: &[u8; 32]) -> Result<Self, OpenError> {
-        let secret =
-            KemPrivateKey::from_bytes(bytes).map_err(|_| OpenError::BadEncapsulation)?;
+        let secret = KemPrivateKey::from_bytes(bytes).map_err(|_| OpenError::BadEncapsulation)?;
         let public = X25519HkdfSha256::sk_to_pk(&secret);
         Ok(Self::from_parts(secret, public))
     }
@@ -185,15 +184,16 @@ mod tests {
 
     fn seal_to(public: &[u8; 32], info: &[u8], key: &[u8; 32]) -> (Hex, Hex) {
         let pk = <X25519HkdfSha256 as Kem>::PublicKey::from_bytes(public).unwrap();
-        let (enc, ct) = hpke::single_shot_seal::<ChaCha20Poly1305, HkdfSha256, X25519HkdfSha256, _>(
-            &OpModeS::Base,
-            &pk,
-            info,
-            key,
-            &[],
-            &mut rand_core::OsRng,
-        )
-        .unwrap();
+        let (enc, ct) =
+            hpke::single_shot_seal::<ChaCha20Poly1305, HkdfSha256, X25519HkdfSha256, _>(
+                &OpModeS::Base,
+                &pk,
+                info,
+                key,
+                &[],
+                &mut rand_core::OsRng,
+            )
+            .unwrap();
         (Hex(enc.to_bytes().to_vec()), Hex(ct))
     }
 
@@ -217,7 +217,11 @@ mod tests {
     fn opens_what_was_sealed_to_it() {
         let me = EphemeralKey::generate();
         let key = me
-            .open_meeting_key(&sealed(&me, 2), &MeetingId::new("m1").unwrap(), ParticipantId(4))
+            .open_meeting_key(
+                &sealed(&me, 2),
+                &MeetingId::new("m1").unwrap(),
+                ParticipantId(4),
+            )
             .unwrap();
         assert_eq!(key.as_bytes(), &[7; 32]);
         assert_eq!(key.epoch, 2);
@@ -240,7 +244,8 @@ mod tests {
         let mut relabelled = s.clone();
         relabelled.epoch = 3;
         assert_eq!(
-            me.open_meeting_key(&relabelled, &m1, ParticipantId(4)).unwrap_err(),
+            me.open_meeting_key(&relabelled, &m1, ParticipantId(4))
+                .unwrap_err(),
             OpenError::OpenFailed
         );
         // Addressed to someone else.
@@ -251,13 +256,15 @@ mod tests {
         let mut flipped = s.clone();
         flipped.ciphertext.0[0] ^= 1;
         assert_eq!(
-            me.open_meeting_key(&flipped, &m1, ParticipantId(4)).unwrap_err(),
+            me.open_meeting_key(&flipped, &m1, ParticipantId(4))
+                .unwrap_err(),
             OpenError::OpenFailed
         );
         let mut short = s;
         short.enc.0.truncate(10);
         assert_eq!(
-            me.open_meeting_key(&short, &m1, ParticipantId(4)).unwrap_err(),
+            me.open_meeting_key(&short, &m1, ParticipantId(4))
+                .unwrap_err(),
             OpenError::BadEncapsulation
         );
     }

@@ -656,7 +656,12 @@ mod tests {
 
     #[test]
     fn roles_parse_and_print() {
-        for s in ["host", "participant", "connector:recording", "connector:liveStreaming"] {
+        for s in [
+            "host",
+            "participant",
+            "connector:recording",
+            "connector:liveStreaming",
+        ] {
             assert_eq!(s.parse::<Role>().unwrap().to_string(), s);
         }
         assert!("connector:fax".parse::<Role>().is_err());

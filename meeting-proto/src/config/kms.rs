@@ -93,8 +93,8 @@ pub struct IssuerConfig {
     pub issuer: String,
     /// JWKS file with the issuer's public keys (EdDSA/Ed25519 or ES256). Reloaded when it changes.
     pub jwks_file: PathBuf,
-    /// Accepted `aud` values. Must not be empty.
-    pub audiences: Vec<String>,
+    /// The `aud` value tokens must carry for this KMS.
+    pub audience: String,
 }
 
 impl fmt::Debug for IssuerConfig {
@@ -102,7 +102,7 @@ impl fmt::Debug for IssuerConfig {
         f.debug_struct("IssuerConfig")
             .field("issuer", &self.issuer)
             .field("jwks_file", &self.jwks_file)
-            .field("audiences", &self.audiences)
+            .field("audience", &self.audience)
             .finish()
     }
 }
@@ -305,9 +305,8 @@ pub enum ParseError {
 impl KmsConfig {
     /// Parses YAML (JSON is YAML) and validates.
     pub fn from_yaml(text: &str) -> Result<Self, ParseError> {
-        let config: Self = serde_yaml_ng::from_str(text).map_err(|e| {
-            ParseError::Syntax(e.to_string())
-        })?;
+        let config: Self =
+            serde_yaml_ng::from_str(text).map_err(|e| ParseError::Syntax(e.to_string()))?;
         config.validate()?;
         Ok(config)
     }
@@ -320,12 +319,18 @@ impl KmsConfig {
                 errors.push(msg.to_owned());
             }
         };
-        check(!self.data_dir.as_os_str().is_empty(), "dataDir must not be empty");
+        check(
+            !self.data_dir.as_os_str().is_empty(),
+            "dataDir must not be empty",
+        );
         check(
             !self.tls.cert_file.as_os_str().is_empty() && !self.tls.key_file.as_os_str().is_empty(),
             "tls.certFile and tls.keyFile must be set",
         );
-        check(!self.root_key.file.as_os_str().is_empty(), "rootKey.file must be set");
+        check(
+            !self.root_key.file.as_os_str().is_empty(),
+            "rootKey.file must be set",
+        );
         check(
             (30..=86_400).contains(&self.ticket_lifetime_s),
             "ticketLifetimeS must be between 30 and 86400 seconds",
@@ -335,7 +340,10 @@ impl KmsConfig {
             r.meeting_key_interval_s == 0 || r.meeting_key_interval_s >= 10,
             "rotation.meetingKeyIntervalS must be 0 (off) or at least 10 seconds",
         );
-        check(r.kek_interval_s >= 60, "rotation.kekIntervalS must be at least 60 seconds");
+        check(
+            r.kek_interval_s >= 60,
+            "rotation.kekIntervalS must be at least 60 seconds",
+        );
         check(
             r.kek_retire_after_s >= r.kek_interval_s,
             "rotation.kekRetireAfterS must be at least rotation.kekIntervalS",
@@ -363,16 +371,22 @@ impl KmsConfig {
             "limits.maxMembers must be between 2 and 65000",
         );
         let rel = &self.relays;
-        check(rel.heartbeat_interval_ms >= 100, "relays.heartbeatIntervalMs must be at least 100");
+        check(
+            rel.heartbeat_interval_ms >= 100,
+            "relays.heartbeatIntervalMs must be at least 100",
+        );
         check(
             rel.heartbeat_timeout_ms > rel.heartbeat_interval_ms,
             "relays.heartbeatTimeoutMs must exceed relays.heartbeatIntervalMs",
         );
         for (i, issuer) in self.issuers.iter().enumerate() {
-            check(!issuer.issuer.is_empty(), &format!("issuers[{i}].issuer must not be empty"));
             check(
-                !issuer.audiences.is_empty() && issuer.audiences.iter().all(|a| !a.is_empty()),
-                &format!("issuers[{i}].audiences must list at least one non-empty audience"),
+                !issuer.issuer.is_empty(),
+                &format!("issuers[{i}].issuer must not be empty"),
+            );
+            check(
+                !issuer.audience.is_empty(),
+                &format!("issuers[{i}].audience must not be empty"),
             );
             check(
                 !issuer.jwks_file.as_os_str().is_empty(),
@@ -396,7 +410,9 @@ impl KmsConfig {
         for (i, reader) in self.recording_key_readers.iter().enumerate() {
             check(
                 reader.starts_with("conclave://")
-                    || reader.strip_prefix("token:").is_some_and(|r| r.contains(':')),
+                    || reader
+                        .strip_prefix("token:")
+                        .is_some_and(|r| r.contains(':')),
                 &format!(
                     "recordingKeyReaders[{i}] must be conclave://... or token:<issuer>:<subject>"
                 ),
@@ -442,8 +458,8 @@ rootKey: {file: /root/key}
         let text = format!(
             "{MINIMAL}
 issuers:
-  - {{issuer: portal, jwksFile: /j, audiences: []}}
-  - {{issuer: portal, jwksFile: /j, audiences: [a]}}
+  - {{issuer: portal, jwksFile: /j, audience: ''}}
+  - {{issuer: portal, jwksFile: /j, audience: a}}
 ticketLifetimeS: 5
 admins: [operator]
 limits: {{maxBodyBytes: 10}}
@@ -455,7 +471,7 @@ limits: {{maxBodyBytes: 10}}
         };
         let all = err.to_string();
         for needle in [
-            "issuers[0].audiences",
+            "issuers[0].audience",
             "issuers[1].issuer is listed twice",
             "ticketLifetimeS",
             "admins[0]",

@@ -1,0 +1,1417 @@
+//! The KMS state machine: meetings (roster, epochs, invitations), relays,
+//! recordings and KEKs. Sans-IO: callers pass the time and authenticated
+//! principals in, and get back a result plus [`Effects`] (store writes and
+//! audit records) that must be committed before the result is answered.
+//!
+//! Crypto that costs real CPU (HPKE sealing, ticket signing) is left to the
+//! caller, outside the lock that guards this state: grants carry the key to
+//! seal and the caller seals it.
+
+use crate::audit::AuditRecord;
+use crate::keys::{KeyError, KeyRing, Purpose, SecretKey, StoredKek};
+use crate::relays::Relays;
+use ed25519_dalek::SigningKey;
+use meeting_proto::ids::{MeetingId, ParticipantId};
+use meeting_proto::kms_api::{
+    Assignment, AuditKind, ConnectorKind, Hex, Invitation, Role, Roster, RosterMember, SignedRoster,
+};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+/// A refusal: HTTP status, stable code and a message without secrets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Denial {
+    pub status: u16,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl Denial {
+    pub fn new(status: u16, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// One store mutation. Records are JSON so the store stays inspectable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Write {
+    Meeting(MeetingId, Vec<u8>),
+    Member(MeetingId, ParticipantId, Option<Vec<u8>>),
+    Token([u8; 32], u64),
+    Recording(String, Vec<u8>),
+    Kek(StoredKek),
+}
+
+/// What must be durable before answering.
+#[derive(Debug, Default)]
+pub struct Effects {
+    pub writes: Vec<Write>,
+    pub audit: Vec<AuditRecord>,
+    /// Meetings whose roster version changed (wake their long polls).
+    pub changed: Vec<MeetingId>,
+}
+
+impl Effects {
+    fn deny(&mut self, actor: &str, meeting: Option<&MeetingId>, d: Denial) -> Denial {
+        let mut rec = AuditRecord::new(
+            AuditKind::Denial,
+            actor,
+            format!("{}: {}", d.code, d.message),
+        );
+        rec.meeting = meeting.cloned();
+        self.audit.push(rec);
+        d
+    }
+}
+
+/// A verified join token, reduced to what the KMS uses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Claims {
+    pub issuer: String,
+    pub subject: String,
+    pub name: String,
+    pub meeting: MeetingId,
+    pub role: Role,
+    pub expires_s: u64,
+    /// SHA-256 of the token text, for replay detection.
+    pub token_hash: [u8; 32],
+}
+
+impl Claims {
+    pub fn actor(&self) -> String {
+        format!("token:{}:{}", self.issuer, self.subject)
+    }
+}
+
+/// Who is joining.
+#[derive(Clone, Debug)]
+pub enum Joiner {
+    Person(Claims),
+    Connector {
+        identity: String,
+        kind: ConnectorKind,
+        invitation: u64,
+    },
+}
+
+/// Who asks for a recording key after the fact.
+#[derive(Clone, Debug)]
+pub enum Reader {
+    Certificate(String),
+    Token(Claims),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeetingRecord {
+    pub id: MeetingId,
+    pub version: u64,
+    pub epoch: u64,
+    pub epoch_started_ms: u64,
+    pub wrapped_key: Hex,
+    pub next_participant: u64,
+    pub next_sender: u16,
+    pub next_invitation: u64,
+    pub invitations: Vec<Invitation>,
+    pub relay: Option<String>,
+    pub updated_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberRecord {
+    pub participant: ParticipantId,
+    pub sender_index: u16,
+    pub role: Role,
+    pub name: String,
+    pub subject: String,
+    pub public_key: Hex,
+    pub session_hash: Hex,
+    pub released_epoch: u64,
+    pub joined_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordingRecord {
+    pub id: String,
+    pub meeting: MeetingId,
+    pub wrapped_key: Hex,
+    pub creator: String,
+    pub created_ms: u64,
+}
+
+struct Meeting {
+    record: MeetingRecord,
+    key: Arc<SecretKey>,
+    members: BTreeMap<ParticipantId, MemberRecord>,
+    sessions: HashMap<[u8; 32], ParticipantId>,
+    signed: Option<(u64, Arc<SignedRoster>)>,
+}
+
+impl Meeting {
+    fn roster(&self, now_ms: u64) -> Roster {
+        Roster {
+            meeting: self.record.id.clone(),
+            version: self.record.version,
+            epoch: self.record.epoch,
+            members: self
+                .members
+                .values()
+                .map(|m| RosterMember {
+                    participant: m.participant,
+                    sender_index: m.sender_index,
+                    role: m.role.clone(),
+                    name: m.name.clone(),
+                    subject: m.subject.clone(),
+                })
+                .collect(),
+            invitations: self.record.invitations.clone(),
+            issued_at_ms: now_ms,
+        }
+    }
+}
+
+/// Where a participant sends media. The caller signs the ticket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placement {
+    pub relay: String,
+    pub address: String,
+}
+
+/// A key to seal to one participant's public key.
+#[derive(Clone, Debug)]
+pub struct Release {
+    pub meeting: MeetingId,
+    pub epoch: u64,
+    pub participant: ParticipantId,
+    pub public_key: [u8; 32],
+    pub key: Arc<SecretKey>,
+}
+
+#[derive(Debug)]
+pub struct JoinGrant {
+    pub participant: ParticipantId,
+    pub sender_index: u16,
+    /// Session secret, returned once; only its hash is kept.
+    pub session: String,
+    pub roster: Arc<SignedRoster>,
+    pub release: Release,
+    pub placement: Placement,
+}
+
+#[derive(Debug)]
+pub struct EventsGrant {
+    pub version: u64,
+    pub roster: Option<Arc<SignedRoster>>,
+    pub release: Option<Release>,
+    pub placement: Option<(Placement, ParticipantId, u16)>,
+}
+
+/// The limits the core enforces itself.
+#[derive(Clone, Debug)]
+pub struct CoreConfig {
+    pub max_members: usize,
+    pub meeting_key_interval_ms: u64,
+    pub kek_interval_ms: u64,
+    pub kek_retire_after_ms: u64,
+    pub relay_timeout_ms: u64,
+    pub zone: Option<String>,
+    pub recording_key_readers: Vec<String>,
+}
+
+pub struct Core {
+    config: CoreConfig,
+    keys: KeyRing,
+    signing: SigningKey,
+    meetings: HashMap<MeetingId, Meeting>,
+    open_invitations: BTreeSet<(ConnectorKind, MeetingId, u64)>,
+    tokens: HashMap<[u8; 32], u64>,
+    recordings: HashMap<String, RecordingRecord>,
+    relays: Relays,
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Core")
+            .field("meetings", &self.meetings.len())
+            .field("keys", &self.keys)
+            .finish_non_exhaustive()
+    }
+}
+
+fn json<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("records serialize")
+}
+
+pub fn session_hash(session: &str) -> [u8; 32] {
+    Sha256::digest(session.as_bytes()).into()
+}
+
+fn internal(e: KeyError) -> Denial {
+    Denial::new(500, "internal", format!("key operation failed: {e}"))
+}
+
+/// Everything loaded from the store at start.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub meetings: Vec<MeetingRecord>,
+    pub members: Vec<(MeetingId, MemberRecord)>,
+    pub tokens: Vec<([u8; 32], u64)>,
+    pub recordings: Vec<RecordingRecord>,
+}
+
+impl Core {
+    pub fn new(
+        config: CoreConfig,
+        keys: KeyRing,
+        signing: SigningKey,
+        loaded: Loaded,
+    ) -> Result<Self, KeyError> {
+        let mut core = Self {
+            relays: Relays::new(config.relay_timeout_ms),
+            config,
+            keys,
+            signing,
+            meetings: HashMap::new(),
+            open_invitations: BTreeSet::new(),
+            tokens: loaded.tokens.into_iter().collect(),
+            recordings: loaded
+                .recordings
+                .into_iter()
+                .map(|r| (r.id.clone(), r))
+                .collect(),
+        };
+        for record in loaded.meetings {
+            let key = core.keys.unwrap(
+                &Purpose::MeetingKey {
+                    meeting: &record.id,
+                    epoch: record.epoch,
+                },
+                &record.wrapped_key.0,
+            )?;
+            for inv in &record.invitations {
+                if inv.claimed_by.is_none() {
+                    core.open_invitations
+                        .insert((inv.kind, record.id.clone(), inv.id));
+                }
+            }
+            core.meetings.insert(
+                record.id.clone(),
+                Meeting {
+                    record,
+                    key: Arc::new(key),
+                    members: BTreeMap::new(),
+                    sessions: HashMap::new(),
+                    signed: None,
+                },
+            );
+        }
+        for (meeting, member) in loaded.members {
+            if let Some(m) = core.meetings.get_mut(&meeting) {
+                if let Some(hash) = member.session_hash.array::<32>() {
+                    m.sessions.insert(hash, member.participant);
+                }
+                m.members.insert(member.participant, member);
+            }
+        }
+        Ok(core)
+    }
+
+    pub fn keys(&self) -> &KeyRing {
+        &self.keys
+    }
+
+    pub fn signing_key(&self) -> &SigningKey {
+        &self.signing
+    }
+
+    pub fn active_meetings(&self) -> usize {
+        self.meetings
+            .values()
+            .filter(|m| !m.members.is_empty())
+            .count()
+    }
+
+    pub fn live_relays(&self, now_ms: u64) -> usize {
+        self.relays.live_count(now_ms)
+    }
+
+    fn signed_roster(&mut self, meeting: &MeetingId, now_ms: u64) -> Arc<SignedRoster> {
+        let m = self.meetings.get_mut(meeting).expect("caller checked");
+        if let Some((v, signed)) = &m.signed
+            && *v == m.record.version
+        {
+            return signed.clone();
+        }
+        let signed = Arc::new(
+            SignedRoster::sign(&m.roster(now_ms), &self.signing).expect("roster serializes"),
+        );
+        m.signed = Some((m.record.version, signed.clone()));
+        signed
+    }
+
+    fn save_meeting(m: &mut Meeting, now_ms: u64, fx: &mut Effects) {
+        m.record.updated_ms = now_ms;
+        fx.writes
+            .push(Write::Meeting(m.record.id.clone(), json(&m.record)));
+    }
+
+    fn new_meeting(&self, id: &MeetingId, now_ms: u64) -> Result<Meeting, Denial> {
+        let key = self.keys.random_key().map_err(internal)?;
+        let wrapped = self
+            .keys
+            .wrap(
+                &Purpose::MeetingKey {
+                    meeting: id,
+                    epoch: 1,
+                },
+                &key,
+            )
+            .map_err(internal)?;
+        Ok(Meeting {
+            record: MeetingRecord {
+                id: id.clone(),
+                version: 0,
+                epoch: 1,
+                epoch_started_ms: now_ms,
+                wrapped_key: Hex(wrapped),
+                next_participant: 1,
+                next_sender: 0,
+                next_invitation: 1,
+                invitations: Vec::new(),
+                relay: None,
+                updated_ms: now_ms,
+            },
+            key: Arc::new(key),
+            members: BTreeMap::new(),
+            sessions: HashMap::new(),
+            signed: None,
+        })
+    }
+
+    /// Moves a meeting to a fresh epoch key. The caller saves the record.
+    fn rotate_meeting(
+        keys: &KeyRing,
+        m: &mut Meeting,
+        now_ms: u64,
+        actor: &str,
+        reason: &str,
+        fx: &mut Effects,
+    ) -> Result<(), Denial> {
+        let epoch = m.record.epoch + 1;
+        let key = keys.random_key().map_err(internal)?;
+        let wrapped = keys
+            .wrap(
+                &Purpose::MeetingKey {
+                    meeting: &m.record.id,
+                    epoch,
+                },
+                &key,
+            )
+            .map_err(internal)?;
+        m.record.epoch = epoch;
+        m.record.epoch_started_ms = now_ms;
+        m.record.wrapped_key = Hex(wrapped);
+        m.record.version += 1;
+        m.key = Arc::new(key);
+        fx.audit.push(
+            AuditRecord::new(AuditKind::EpochChange, actor, reason)
+                .meeting(&m.record.id)
+                .epoch(epoch),
+        );
+        fx.changed.push(m.record.id.clone());
+        Ok(())
+    }
+
+    /// Ensures the meeting sits on a live relay; re-places it otherwise.
+    fn ensure_placement(&mut self, meeting: &MeetingId, now_ms: u64) -> Option<Placement> {
+        let current = self.meetings.get(meeting)?.record.relay.clone();
+        if let Some(id) = &current
+            && self.relays.is_live(id, now_ms)
+        {
+            self.relays.add_pending(id);
+            let r = self.relays.get(id)?;
+            return Some(Placement {
+                relay: r.id.clone(),
+                address: r.address.clone(),
+            });
+        }
+        let r = self.relays.place(self.config.zone.as_deref(), now_ms)?;
+        let placement = Placement {
+            relay: r.id.clone(),
+            address: r.address.clone(),
+        };
+        let m = self.meetings.get_mut(meeting)?;
+        m.record.relay = Some(placement.relay.clone());
+        if current.is_some() {
+            m.record.version += 1;
+        }
+        Some(placement)
+    }
+
+    pub fn join(
+        &mut self,
+        now_ms: u64,
+        meeting: &MeetingId,
+        joiner: Joiner,
+        public_key: [u8; 32],
+    ) -> (Result<JoinGrant, Denial>, Effects) {
+        let mut fx = Effects::default();
+        let r = self.join_inner(now_ms, meeting, joiner, public_key, &mut fx);
+        (r, fx)
+    }
+
+    fn join_inner(
+        &mut self,
+        now_ms: u64,
+        meeting: &MeetingId,
+        joiner: Joiner,
+        public_key: [u8; 32],
+        fx: &mut Effects,
+    ) -> Result<JoinGrant, Denial> {
+        let actor = match &joiner {
+            Joiner::Person(c) => c.actor(),
+            Joiner::Connector { identity, .. } => identity.clone(),
+        };
+        // Authorisation first, so a refused caller changes nothing.
+        match &joiner {
+            Joiner::Person(c) => {
+                if &c.meeting != meeting {
+                    return Err(fx.deny(
+                        &actor,
+                        Some(meeting),
+                        Denial::new(403, "wrong_meeting", "join token is for another meeting"),
+                    ));
+                }
+                if !matches!(c.role, Role::Host | Role::Participant) {
+                    return Err(fx.deny(
+                        &actor,
+                        Some(meeting),
+                        Denial::new(
+                            403,
+                            "connector_role_in_token",
+                            "connectors join with their certificate and an invitation",
+                        ),
+                    ));
+                }
+                if self.tokens.contains_key(&c.token_hash) {
+                    return Err(fx.deny(
+                        &actor,
+                        Some(meeting),
+                        Denial::new(401, "token_replayed", "join token was already used"),
+                    ));
+                }
+            }
+            Joiner::Connector {
+                kind, invitation, ..
+            } => {
+                let invited = self.meetings.get(meeting).is_some_and(|m| {
+                    m.record
+                        .invitations
+                        .iter()
+                        .any(|i| i.id == *invitation && i.kind == *kind && i.claimed_by.is_none())
+                });
+                if !invited {
+                    return Err(fx.deny(
+                        &actor,
+                        Some(meeting),
+                        Denial::new(
+                            403,
+                            "not_invited",
+                            "no open invitation for this connector in this meeting",
+                        ),
+                    ));
+                }
+            }
+        }
+        if let Some(m) = self.meetings.get(meeting)
+            && m.members.len() >= self.config.max_members
+        {
+            return Err(fx.deny(
+                &actor,
+                Some(meeting),
+                Denial::new(403, "meeting_full", "meeting has reached its member limit"),
+            ));
+        }
+        if !self.meetings.contains_key(meeting) {
+            // Check a relay exists before creating anything.
+            if self
+                .relays
+                .place(self.config.zone.as_deref(), now_ms)
+                .is_none()
+            {
+                return Err(Denial::new(503, "no_relay", "no live relay with capacity"));
+            }
+            let m = self.new_meeting(meeting, now_ms)?;
+            fx.audit.push(
+                AuditRecord::new(AuditKind::EpochChange, &actor, "meeting created")
+                    .meeting(meeting)
+                    .epoch(1),
+            );
+            self.meetings.insert(meeting.clone(), m);
+        }
+        let Some(placement) = self.ensure_placement(meeting, now_ms) else {
+            return Err(Denial::new(503, "no_relay", "no live relay with capacity"));
+        };
+        let session_bytes: [u8; 32] = self.keys.random_bytes().map_err(internal)?;
+        let session = Hex::encode(&session_bytes);
+        let hash = session_hash(&session);
+        let m = self.meetings.get_mut(meeting).expect("ensured above");
+        if m.record.next_sender == u16::MAX {
+            return Err(Denial::new(
+                409,
+                "sender_indexes_exhausted",
+                "meeting ran out of sender indexes",
+            ));
+        }
+        let participant = ParticipantId(m.record.next_participant);
+        let sender_index = m.record.next_sender;
+        m.record.next_participant += 1;
+        m.record.next_sender += 1;
+        let (role, name, subject) = match joiner {
+            Joiner::Person(c) => {
+                self.tokens.insert(c.token_hash, c.expires_s);
+                fx.writes.push(Write::Token(c.token_hash, c.expires_s));
+                (c.role, c.name, c.subject)
+            }
+            Joiner::Connector {
+                identity,
+                kind,
+                invitation,
+            } => {
+                if let Some(inv) = m.record.invitations.iter_mut().find(|i| i.id == invitation) {
+                    inv.claimed_by = Some(identity.clone());
+                    inv.participant = Some(participant);
+                }
+                self.open_invitations
+                    .remove(&(kind, meeting.clone(), invitation));
+                (Role::Connector(kind), kind.to_string(), identity)
+            }
+        };
+        let member = MemberRecord {
+            participant,
+            sender_index,
+            role: role.clone(),
+            name,
+            subject,
+            public_key: Hex(public_key.to_vec()),
+            session_hash: Hex(hash.to_vec()),
+            released_epoch: m.record.epoch,
+            joined_ms: now_ms,
+        };
+        fx.writes.push(Write::Member(
+            meeting.clone(),
+            participant,
+            Some(json(&member)),
+        ));
+        m.members.insert(participant, member);
+        m.sessions.insert(hash, participant);
+        m.record.version += 1;
+        let epoch = m.record.epoch;
+        let key = m.key.clone();
+        Self::save_meeting(m, now_ms, fx);
+        fx.audit.push(
+            AuditRecord::new(AuditKind::RosterChange, &actor, format!("joined as {role}"))
+                .meeting(meeting)
+                .participant(participant),
+        );
+        fx.audit.push(
+            AuditRecord::new(
+                AuditKind::KeyRelease,
+                &actor,
+                "meeting key sealed to participant",
+            )
+            .meeting(meeting)
+            .participant(participant)
+            .epoch(epoch),
+        );
+        fx.changed.push(meeting.clone());
+        let roster = self.signed_roster(meeting, now_ms);
+        Ok(JoinGrant {
+            participant,
+            sender_index,
+            session,
+            roster,
+            release: Release {
+                meeting: meeting.clone(),
+                epoch,
+                participant,
+                public_key,
+                key,
+            },
+            placement,
+        })
+    }
+
+    /// Resolves a session to its member, or a denial (audited).
+    fn member_of(
+        &self,
+        meeting: &MeetingId,
+        session: &[u8; 32],
+        fx: &mut Effects,
+    ) -> Result<ParticipantId, Denial> {
+        self.meetings
+            .get(meeting)
+            .and_then(|m| m.sessions.get(session).copied())
+            .ok_or_else(|| {
+                fx.deny(
+                    &format!("session:{}", Hex::encode(&session[..6])),
+                    Some(meeting),
+                    Denial::new(403, "not_member", "session is not a member of this meeting"),
+                )
+            })
+    }
+
+    /// What changed for this member since roster version `since`.
+    /// `Ok(None)`: nothing yet (wait and ask again).
+    pub fn events(
+        &mut self,
+        now_ms: u64,
+        meeting: &MeetingId,
+        session: &[u8; 32],
+        since: u64,
+    ) -> (Result<Option<EventsGrant>, Denial>, Effects) {
+        let mut fx = Effects::default();
+        let participant = match self.member_of(meeting, session, &mut fx) {
+            Ok(p) => p,
+            Err(d) => return (Err(d), fx),
+        };
+        // A dead relay is replaced on the next poll of any member.
+        let placement = self.ensure_placement(meeting, now_ms);
+        let m = self.meetings.get_mut(meeting).expect("member found");
+        let version = m.record.version;
+        let member = m
+            .members
+            .get_mut(&participant)
+            .expect("session maps to member");
+        let needs_key = member.released_epoch < m.record.epoch;
+        if version <= since && !needs_key {
+            return (Ok(None), fx);
+        }
+        let release = if needs_key {
+            member.released_epoch = m.record.epoch;
+            let actor = member.subject.clone();
+            let public_key = member.public_key.array().unwrap_or_default();
+            let sender = member.sender_index;
+            fx.writes.push(Write::Member(
+                meeting.clone(),
+                participant,
+                Some(json(&*member)),
+            ));
+            fx.audit.push(
+                AuditRecord::new(
+                    AuditKind::KeyRelease,
+                    actor,
+                    "meeting key sealed to participant",
+                )
+                .meeting(meeting)
+                .participant(participant)
+                .epoch(m.record.epoch),
+            );
+            let _ = sender;
+            Some(Release {
+                meeting: meeting.clone(),
+                epoch: m.record.epoch,
+                participant,
+                public_key,
+                key: m.key.clone(),
+            })
+        } else {
+            None
+        };
+        let sender = m.members[&participant].sender_index;
+        if m.record.version != version {
+            // Re-placement bumped the version: persist it.
+            Self::save_meeting(m, now_ms, &mut fx);
+            fx.changed.push(meeting.clone());
+        }
+        let version = m.record.version;
+        let roster = (version > since).then(|| self.signed_roster(meeting, now_ms));
+        let placement = if version > since {
+            placement.map(|p| (p, participant, sender))
+        } else {
+            None
+        };
+        (
+            Ok(Some(EventsGrant {
+                version,
+                roster,
+                release,
+                placement,
+            })),
+            fx,
+        )
+    }
+
+    fn remove_member(
+        &mut self,
+        now_ms: u64,
+        meeting: &MeetingId,
+        participant: ParticipantId,
+        actor: &str,
+        why: &str,
+        fx: &mut Effects,
+    ) -> Result<u64, Denial> {
+        let m = self.meetings.get_mut(meeting).expect("caller checked");
+        let Some(member) = m.members.remove(&participant) else {
+            return Err(Denial::new(
+                404,
+                "no_such_participant",
+                "participant is not in the meeting",
+            ));
+        };
+        if let Some(hash) = member.session_hash.array::<32>() {
+            m.sessions.remove(&hash);
+        }
+        fx.writes
+            .push(Write::Member(meeting.clone(), participant, None));
+        fx.audit.push(
+            AuditRecord::new(AuditKind::RosterChange, actor, why)
+                .meeting(meeting)
+                .participant(participant),
+        );
+        Self::rotate_meeting(
+            &self.keys,
+            m,
+            now_ms,
+            actor,
+            "member left: new epoch for the rest",
+            fx,
+        )?;
+        Self::save_meeting(m, now_ms, fx);
+        Ok(m.record.epoch)
+    }
+
+    pub fn leave(
+        &mut self,
+        now_ms: u64,
+        meeting: &MeetingId,
+        session: &[u8; 32],
+    ) -> (Result<u64, Denial>, Effects) {
+        let mut fx = Effects::default();
+        let r = self.member_of(meeting, session, &mut fx).and_then(|p| {
+            let actor = self.meetings[meeting].members[&p].subject.clone();
+            self.remove_member(now_ms, meeting, p, &actor, "left", &mut fx)
+        });
+        (r, fx)
+    }
+
+    fn host_of(
+        &self,
+        meeting: &MeetingId,
+        session: &[u8; 32],
+        fx: &mut Effects,
+    ) -> Result<(ParticipantId, String), Denial> {
+        let p = self.member_of(meeting, session, fx)?;
+        let member = &self.meetings[meeting].members[&p];
+        if !member.role.is_host() {
+            return Err(fx.deny(
+                &member.subject,
+                Some(meeting),
+                Denial::new(403, "not_host", "only the host may do this"),
+            ));
+        }
+        Ok((p, member.subject.clone()))
+    }
+
+    pub fn remove(
+        &mut self,
+        now_ms: u64,
+        meeting: &MeetingId,
+        session: &[u8; 32],
+        target: ParticipantId,
+    ) -> (Result<u64, Denial>, Effects) {
+        let mut fx = Effects::default();
+        let r = self
+            .host_of(meeting, session, &mut fx)
+            .and_then(|(_, actor)| {
+                self.remove_member(now_ms, meeting, target, &actor, "removed by host", &mut fx)
+            });
+        (r, fx)
+    }
+
+    pub fn invite(
+        &mut self,
+        now_ms: u64,
+        meeting: &MeetingId,
+        session: &[u8; 32],
+        kind: ConnectorKind,
+    ) -> (Result<(Invitation, Arc<SignedRoster>), Denial>, Effects) {
+        let mut fx = Effects::default();
+        let r = self
+            .host_of(meeting, session, &mut fx)
+            .map(|(host, actor)| {
+                let m = self.meetings.get_mut(meeting).expect("host found");
+                let invitation = Invitation {
+                    id: m.record.next_invitation,
+                    kind,
+                    invited_by: host,
+                    claimed_by: None,
+                    participant: None,
+                };
+                m.record.next_invitation += 1;
+                m.record.invitations.push(invitation.clone());
+                m.record.version += 1;
+                Self::save_meeting(m, now_ms, &mut fx);
+                self.open_invitations
+                    .insert((kind, meeting.clone(), invitation.id));
+                fx.audit.push(
+                    AuditRecord::new(
+                        AuditKind::Invitation,
+                        actor,
+                        format!("invited connector:{kind}"),
+                    )
+                    .meeting(meeting)
+                    .participant(host),
+                );
+                fx.changed.push(meeting.clone());
+                (invitation, self.signed_roster(meeting, now_ms))
+            });
+        (r, fx)
+    }
+
+    /// Open invitations a connector of `kind` may pick up.
+    pub fn assignments(&self, kind: ConnectorKind) -> Vec<Assignment> {
+        self.open_invitations
+            .range((kind, MeetingId::new("0").expect("valid"), 0)..)
+            .take_while(|(k, _, _)| *k == kind)
+            .map(|(k, m, i)| Assignment {
+                meeting: m.clone(),
+                invitation: *i,
+                kind: *k,
+            })
+            .collect()
+    }
+
+    /// Records a denial decided outside the core (authentication failures).
+    pub fn deny(&self, actor: &str, meeting: Option<&MeetingId>, d: Denial) -> (Denial, Effects) {
+        let mut fx = Effects::default();
+        let d = fx.deny(actor, meeting, d);
+        (d, fx)
+    }
+
+    pub fn register_relay(
+        &mut self,
+        now_ms: u64,
+        relay: String,
+        zone: String,
+        address: String,
+        capacity: u32,
+        actor: &str,
+    ) -> Effects {
+        let mut fx = Effects::default();
+        fx.audit.push(AuditRecord::new(
+            AuditKind::Relay,
+            actor,
+            format!("registered relay {relay} in zone {zone} at {address} capacity {capacity}"),
+        ));
+        self.relays.register(relay, zone, address, capacity, now_ms);
+        fx
+    }
+
+    /// Returns the number of meetings on the relay, or None if unknown.
+    pub fn heartbeat(&mut self, now_ms: u64, relay: &str, load: u32, ready: bool) -> Option<u32> {
+        if !self.relays.heartbeat(relay, load, ready, now_ms) {
+            return None;
+        }
+        Some(
+            self.meetings
+                .values()
+                .filter(|m| m.record.relay.as_deref() == Some(relay) && !m.members.is_empty())
+                .count() as u32,
+        )
+    }
+
+    pub fn create_recording_key(
+        &mut self,
+        now_ms: u64,
+        identity: &str,
+        meeting: &MeetingId,
+    ) -> (Result<(String, SecretKey), Denial>, Effects) {
+        let mut fx = Effects::default();
+        let is_recorder = self.meetings.get(meeting).is_some_and(|m| {
+            m.members.values().any(|x| {
+                x.subject == identity && x.role == Role::Connector(ConnectorKind::Recording)
+            })
+        });
+        if !is_recorder {
+            let d = fx.deny(
+                identity,
+                Some(meeting),
+                Denial::new(
+                    403,
+                    "not_recording_connector",
+                    "only a recording connector in the meeting may create recording keys",
+                ),
+            );
+            return (Err(d), fx);
+        }
+        let r = (|| {
+            let id = Hex::encode(&self.keys.random_bytes::<16>()?);
+            let key = self.keys.random_key()?;
+            let wrapped = self.keys.wrap(
+                &Purpose::RecordingKey {
+                    meeting,
+                    recording: &id,
+                },
+                &key,
+            )?;
+            Ok::<_, KeyError>((id, key, wrapped))
+        })();
+        let (id, key, wrapped) = match r {
+            Ok(v) => v,
+            Err(e) => return (Err(internal(e)), fx),
+        };
+        let record = RecordingRecord {
+            id: id.clone(),
+            meeting: meeting.clone(),
+            wrapped_key: Hex(wrapped),
+            creator: identity.to_owned(),
+            created_ms: now_ms,
+        };
+        fx.writes.push(Write::Recording(id.clone(), json(&record)));
+        fx.audit.push(
+            AuditRecord::new(
+                AuditKind::RecordingKey,
+                identity,
+                format!("created recording key {id}"),
+            )
+            .meeting(meeting),
+        );
+        self.recordings.insert(id.clone(), record);
+        (Ok((id, key)), fx)
+    }
+
+    pub fn recording_key(
+        &mut self,
+        recording: &str,
+        reader: &Reader,
+    ) -> (Result<(MeetingId, SecretKey), Denial>, Effects) {
+        let mut fx = Effects::default();
+        let actor = match reader {
+            Reader::Certificate(id) => id.clone(),
+            Reader::Token(c) => c.actor(),
+        };
+        let Some(record) = self.recordings.get(recording) else {
+            let d = fx.deny(
+                &actor,
+                None,
+                Denial::new(404, "no_such_recording", "unknown recording"),
+            );
+            return (Err(d), fx);
+        };
+        let allowed = match reader {
+            Reader::Certificate(id) => {
+                *id == record.creator || self.config.recording_key_readers.contains(id)
+            }
+            Reader::Token(c) => {
+                c.meeting == record.meeting && self.config.recording_key_readers.contains(&actor)
+            }
+        };
+        if !allowed {
+            let d = fx.deny(
+                &actor,
+                Some(&record.meeting),
+                Denial::new(
+                    403,
+                    "not_a_reader",
+                    "not allowed to read this recording's key",
+                ),
+            );
+            return (Err(d), fx);
+        }
+        let meeting = record.meeting.clone();
+        match self.keys.unwrap(
+            &Purpose::RecordingKey {
+                meeting: &meeting,
+                recording,
+            },
+            &record.wrapped_key.0,
+        ) {
+            Ok(key) => {
+                fx.audit.push(
+                    AuditRecord::new(
+                        AuditKind::RecordingKey,
+                        &actor,
+                        format!("released recording key {recording}"),
+                    )
+                    .meeting(&meeting),
+                );
+                (Ok((meeting, key)), fx)
+            }
+            Err(e) => (Err(internal(e)), fx),
+        }
+    }
+
+    pub fn rotate_kek(&mut self, now_ms: u64, actor: &str) -> (Result<u32, Denial>, Effects) {
+        let mut fx = Effects::default();
+        match self.keys.rotate(now_ms) {
+            Ok(stored) => {
+                fx.writes.extend(stored.into_iter().map(Write::Kek));
+                let v = self.keys.current_version().expect("just rotated");
+                fx.audit.push(AuditRecord::new(
+                    AuditKind::Admin,
+                    actor,
+                    format!("KEK rotated to version {v}"),
+                ));
+                (Ok(v), fx)
+            }
+            Err(e) => (Err(internal(e)), fx),
+        }
+    }
+
+    pub fn roster(&mut self, meeting: &MeetingId, now_ms: u64) -> Option<Arc<SignedRoster>> {
+        self.meetings
+            .contains_key(meeting)
+            .then(|| self.signed_roster(meeting, now_ms))
+    }
+
+    /// Time-driven work: interval rotation of meeting keys, KEK rotation and
+    /// retirement (re-wrapping what the retiring KEK still protects), expiry
+    /// of remembered tokens.
+    pub fn tick(&mut self, now_ms: u64) -> Effects {
+        let mut fx = Effects::default();
+        let interval = self.config.meeting_key_interval_ms;
+        if interval > 0 {
+            for m in self.meetings.values_mut() {
+                if !m.members.is_empty()
+                    && now_ms.saturating_sub(m.record.epoch_started_ms) >= interval
+                {
+                    if Self::rotate_meeting(
+                        &self.keys,
+                        m,
+                        now_ms,
+                        "kms",
+                        "interval rotation",
+                        &mut fx,
+                    )
+                    .is_ok()
+                    {
+                        Self::save_meeting(m, now_ms, &mut fx);
+                    }
+                }
+            }
+        }
+        let kek_due = self
+            .keys
+            .current_version()
+            .and_then(|v| self.keys.kek(v))
+            .is_none_or(|k| now_ms.saturating_sub(k.created_ms) >= self.config.kek_interval_ms);
+        if kek_due {
+            let (_, more) = self.rotate_kek(now_ms, "kms");
+            fx.writes.extend(more.writes);
+            fx.audit.extend(more.audit);
+        }
+        let cutoff = now_ms.saturating_sub(self.config.kek_retire_after_ms);
+        let retiring: Vec<u32> = self
+            .keys
+            .keks()
+            .filter(|k| k.superseded_ms.is_some_and(|t| t < cutoff))
+            .map(|k| k.version)
+            .collect();
+        if !retiring.is_empty() {
+            self.rewrap(&retiring, now_ms, &mut fx);
+            for v in self.keys.retire(cutoff) {
+                fx.audit.push(AuditRecord::new(
+                    AuditKind::Admin,
+                    "kms",
+                    format!("KEK version {v} retired"),
+                ));
+            }
+        }
+        let now_s = now_ms / 1000;
+        self.tokens.retain(|_, exp| *exp + 300 >= now_s);
+        fx
+    }
+
+    fn rewrap(&mut self, versions: &[u32], now_ms: u64, fx: &mut Effects) {
+        let under = |w: &[u8]| crate::keys::wrapped_version(w).is_ok_and(|v| versions.contains(&v));
+        for m in self.meetings.values_mut() {
+            if under(&m.record.wrapped_key.0) {
+                let purpose = Purpose::MeetingKey {
+                    meeting: &m.record.id,
+                    epoch: m.record.epoch,
+                };
+                if let Ok(w) = self.keys.wrap(&purpose, &m.key) {
+                    m.record.wrapped_key = Hex(w);
+                    Self::save_meeting(m, now_ms, fx);
+                }
+            }
+        }
+        for r in self.recordings.values_mut() {
+            if under(&r.wrapped_key.0) {
+                let purpose = Purpose::RecordingKey {
+                    meeting: &r.meeting,
+                    recording: &r.id,
+                };
+                if let Ok(key) = self.keys.unwrap(&purpose, &r.wrapped_key.0)
+                    && let Ok(w) = self.keys.wrap(&purpose, &key)
+                {
+                    r.wrapped_key = Hex(w);
+                    fx.writes.push(Write::Recording(r.id.clone(), json(&*r)));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::RootKey;
+
+    const MIN: u64 = 60_000;
+
+    fn core() -> Core {
+        let (mut keys, _) =
+            KeyRing::open(RootKey::from_bytes(&[1; 32]).unwrap(), None, vec![]).unwrap();
+        keys.rotate(0).unwrap();
+        let mut c = Core::new(
+            CoreConfig {
+                max_members: 4,
+                meeting_key_interval_ms: 60 * MIN,
+                kek_interval_ms: 30 * 24 * 60 * MIN,
+                kek_retire_after_ms: 365 * 24 * 60 * MIN,
+                relay_timeout_ms: 15_000,
+                zone: None,
+                recording_key_readers: vec!["token:portal:auditor".into()],
+            },
+            keys,
+            SigningKey::from_bytes(&[3; 32]),
+            Loaded::default(),
+        )
+        .unwrap();
+        c.register_relay(
+            0,
+            "z/r0".into(),
+            "z".into(),
+            "127.0.0.1:4000".into(),
+            100,
+            "relay",
+        );
+        c
+    }
+
+    fn m() -> MeetingId {
+        MeetingId::new("m1").unwrap()
+    }
+
+    fn claims(sub: &str, role: Role, nonce: u8) -> Claims {
+        Claims {
+            issuer: "portal".into(),
+            subject: sub.into(),
+            name: sub.to_uppercase(),
+            meeting: m(),
+            role,
+            expires_s: 10_000,
+            token_hash: [nonce; 32],
+        }
+    }
+
+    fn join(c: &mut Core, sub: &str, role: Role, nonce: u8) -> JoinGrant {
+        let (r, fx) = c.join(
+            1000,
+            &m(),
+            Joiner::Person(claims(sub, role, nonce)),
+            [nonce; 32],
+        );
+        let g = r.unwrap();
+        assert!(fx.audit.iter().any(|a| a.kind == AuditKind::KeyRelease));
+        g
+    }
+
+    fn session(g: &JoinGrant) -> [u8; 32] {
+        session_hash(&g.session)
+    }
+
+    #[test]
+    fn three_members_join_and_share_one_epoch() {
+        let mut c = core();
+        let a = join(&mut c, "ada", Role::Host, 1);
+        let b = join(&mut c, "bob", Role::Participant, 2);
+        let d = join(&mut c, "dan", Role::Participant, 3);
+        assert_eq!(a.release.epoch, 1);
+        assert_eq!(d.release.epoch, 1);
+        assert_eq!(a.release.key.expose(), d.release.key.expose());
+        assert_ne!(a.sender_index, b.sender_index);
+        let roster = d.roster.verify(&c.signing_key().verifying_key()).unwrap();
+        assert_eq!(roster.members.len(), 3);
+        assert_eq!(a.placement.relay, "z/r0");
+    }
+
+    #[test]
+    fn leave_rotates_and_only_the_rest_get_the_new_key() {
+        let mut c = core();
+        let a = join(&mut c, "ada", Role::Host, 1);
+        let b = join(&mut c, "bob", Role::Participant, 2);
+        let (r, fx) = c.leave(2000, &m(), &session(&b));
+        assert_eq!(r.unwrap(), 2);
+        assert!(
+            fx.writes
+                .iter()
+                .any(|w| matches!(w, Write::Member(_, _, None)))
+        );
+        // The one who stayed gets epoch 2 sealed to their key.
+        let (r, fx) = c.events(2001, &m(), &session(&a), 0);
+        let g = r.unwrap().unwrap();
+        let rel = g.release.unwrap();
+        assert_eq!((rel.epoch, rel.public_key), (2, [1; 32]));
+        assert_ne!(rel.key.expose(), a.release.key.expose());
+        assert_eq!(fx.audit[0].kind, AuditKind::KeyRelease);
+        // Asking again: nothing new, nothing written.
+        let (r, fx) = c.events(2002, &m(), &session(&a), g.version);
+        assert!(r.unwrap().is_none());
+        assert!(fx.writes.is_empty() && fx.audit.is_empty());
+        // The leaver is refused, audited, and nothing else is written.
+        let (r, fx) = c.events(2003, &m(), &session(&b), 0);
+        assert_eq!(r.unwrap_err().code, "not_member");
+        assert_eq!(fx.audit.len(), 1);
+        assert_eq!(fx.audit[0].kind, AuditKind::Denial);
+        assert!(fx.writes.is_empty());
+    }
+
+    #[test]
+    fn replayed_foreign_or_connector_tokens_are_refused_and_audited() {
+        let mut c = core();
+        join(&mut c, "ada", Role::Host, 1);
+        for (claims, code) in [
+            (claims("ada", Role::Host, 1), "token_replayed"),
+            (
+                Claims {
+                    meeting: MeetingId::new("other").unwrap(),
+                    ..claims("eve", Role::Host, 9)
+                },
+                "wrong_meeting",
+            ),
+            (
+                claims("eve", Role::Connector(ConnectorKind::Recording), 8),
+                "connector_role_in_token",
+            ),
+        ] {
+            let (r, fx) = c.join(1000, &m(), Joiner::Person(claims), [5; 32]);
+            assert_eq!(r.unwrap_err().code, code);
+            assert!(fx.writes.is_empty());
+            assert_eq!(fx.audit.len(), 1);
+        }
+    }
+
+    #[test]
+    fn host_only_actions() {
+        let mut c = core();
+        let host = join(&mut c, "ada", Role::Host, 1);
+        let p = join(&mut c, "bob", Role::Participant, 2);
+        let (r, fx) = c.invite(1000, &m(), &session(&p), ConnectorKind::Recording);
+        assert_eq!(r.unwrap_err().code, "not_host");
+        assert!(fx.writes.is_empty());
+        let (r, fx) = c.remove(1000, &m(), &session(&p), host.participant);
+        assert_eq!(r.unwrap_err().code, "not_host");
+        assert!(fx.writes.is_empty());
+        let (r, _) = c.remove(1000, &m(), &session(&host), p.participant);
+        assert_eq!(r.unwrap(), 2);
+    }
+
+    #[test]
+    fn invitation_is_in_the_roster_at_once_and_only_the_invited_kind_joins_once() {
+        let mut c = core();
+        let host = join(&mut c, "ada", Role::Host, 1);
+        let (r, _) = c.invite(1000, &m(), &session(&host), ConnectorKind::Recording);
+        let (inv, roster) = r.unwrap();
+        let roster = roster.verify(&c.signing_key().verifying_key()).unwrap();
+        assert_eq!(roster.invitations, vec![inv.clone()]);
+        assert_eq!(c.assignments(ConnectorKind::Recording).len(), 1);
+        assert!(c.assignments(ConnectorKind::Telephony).is_empty());
+        let connector = |kind, invitation| Joiner::Connector {
+            identity: "conclave://ns/connector/rec/rec-0".into(),
+            kind,
+            invitation,
+        };
+        // Wrong kind, wrong invitation: refused and audited.
+        for j in [
+            connector(ConnectorKind::Telephony, inv.id),
+            connector(ConnectorKind::Recording, 99),
+        ] {
+            let (r, fx) = c.join(1000, &m(), j, [7; 32]);
+            assert_eq!(r.unwrap_err().code, "not_invited");
+            assert!(fx.writes.is_empty());
+            assert_eq!(fx.audit[0].kind, AuditKind::Denial);
+        }
+        let (r, _) = c.join(
+            1000,
+            &m(),
+            connector(ConnectorKind::Recording, inv.id),
+            [7; 32],
+        );
+        let g = r.unwrap();
+        let roster = g.roster.verify(&c.signing_key().verifying_key()).unwrap();
+        let member = roster
+            .members
+            .iter()
+            .find(|x| x.participant == g.participant)
+            .unwrap();
+        assert_eq!(member.role.to_string(), "connector:recording");
+        assert_eq!(roster.invitations[0].participant, Some(g.participant));
+        assert!(c.assignments(ConnectorKind::Recording).is_empty());
+        // The same invitation cannot be used twice.
+        let (r, _) = c.join(
+            1000,
+            &m(),
+            connector(ConnectorKind::Recording, inv.id),
+            [8; 32],
+        );
+        assert_eq!(r.unwrap_err().code, "not_invited");
+        // The recorder can create a recording key; the host cannot; readers can unwrap.
+        let (r, _) = c.create_recording_key(1000, "conclave://ns/connector/rec/rec-0", &m());
+        let (id, key) = r.unwrap();
+        let (r, _) = c.create_recording_key(1000, "token:portal:ada", &m());
+        assert_eq!(r.unwrap_err().code, "not_recording_connector");
+        let (r, _) = c.recording_key(
+            &id,
+            &Reader::Token(claims("auditor", Role::Participant, 40)),
+        );
+        assert_eq!(r.unwrap().1.expose(), key.expose());
+        let (r, fx) = c.recording_key(&id, &Reader::Token(claims("bob", Role::Participant, 41)));
+        assert_eq!(r.unwrap_err().code, "not_a_reader");
+        assert_eq!(fx.audit[0].kind, AuditKind::Denial);
+    }
+
+    #[test]
+    fn interval_rotation_and_relay_failover() {
+        let mut c = core();
+        let a = join(&mut c, "ada", Role::Host, 1);
+        let fx = c.tick(30 * MIN);
+        assert!(fx.audit.iter().all(|x| x.kind != AuditKind::EpochChange));
+        let fx = c.tick(61 * MIN);
+        assert!(fx.audit.iter().any(|x| x.kind == AuditKind::EpochChange));
+        // The relay went silent long ago; a new one registers; the next poll re-places.
+        c.register_relay(
+            61 * MIN,
+            "z/r1".into(),
+            "z".into(),
+            "127.0.0.1:4001".into(),
+            100,
+            "relay",
+        );
+        let (r, _) = c.events(61 * MIN + 1, &m(), &session(&a), 0);
+        let g = r.unwrap().unwrap();
+        assert_eq!(g.placement.unwrap().0.relay, "z/r1");
+        assert_eq!(g.release.unwrap().epoch, 2);
+    }
+
+    #[test]
+    fn no_relay_means_nothing_is_created() {
+        let mut c = core();
+        let (r, fx) = c.join(
+            60 * MIN,
+            &m(),
+            Joiner::Person(claims("ada", Role::Host, 1)),
+            [1; 32],
+        );
+        assert_eq!(r.unwrap_err().code, "no_relay");
+        assert!(fx.writes.is_empty());
+        assert_eq!(c.active_meetings(), 0);
+    }
+}

@@ -1,0 +1,619 @@
+//! The key hierarchy: root key -> versioned KEKs -> meeting keys (one per
+//! epoch) and recording data keys, plus the KMS's Ed25519 signing key.
+//!
+//! Only wrapped keys leave this module towards the store. Every wrap is
+//! AES-256-GCM with a random nonce and associated data naming exactly what
+//! the key is for ([`Purpose`]) and the KEK version, so a wrapped key copied
+//! to another meeting, epoch or KEK slot fails to unwrap.
+
+use ed25519_dalek::SigningKey;
+use hpke::aead::ChaCha20Poly1305;
+use hpke::kdf::HkdfSha256;
+use hpke::kem::X25519HkdfSha256;
+use hpke::{Deserializable, Kem, OpModeS, Serializable};
+use meeting_proto::ids::MeetingId;
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use ring::rand::{SecureRandom, SystemRandom};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use zeroize::Zeroizing;
+
+pub const KEY_LEN: usize = 32;
+const TAG_LEN: usize = 16;
+/// Version (u32) | nonce | ciphertext+tag of a 32-byte key.
+pub const WRAPPED_LEN: usize = 4 + NONCE_LEN + KEY_LEN + TAG_LEN;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum KeyError {
+    #[error("root key file {0} is missing (set rootKey.generateIfMissing for dev)")]
+    RootMissing(String),
+    #[error("root key file must hold 32 raw bytes or 64 hex characters")]
+    RootMalformed,
+    #[error("root key file {path}: {error}")]
+    RootIo { path: String, error: String },
+    #[error("wrapped key is malformed")]
+    Malformed,
+    #[error("KEK version {0} is unknown or retired")]
+    UnknownKek(u32),
+    #[error("unwrap failed: wrong key or associated data (tampered, moved, or wrong root key)")]
+    Unwrap,
+    #[error("random number generator failed")]
+    Rng,
+    #[error("HPKE seal failed: recipient public key is invalid")]
+    BadRecipient,
+}
+
+/// What a wrapped key is for. Its encoding is the AEAD associated data.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Purpose<'a> {
+    Kek {
+        version: u32,
+    },
+    SigningKey,
+    RootCheck,
+    MeetingKey {
+        meeting: &'a MeetingId,
+        epoch: u64,
+    },
+    RecordingKey {
+        meeting: &'a MeetingId,
+        recording: &'a str,
+    },
+}
+
+impl Purpose<'_> {
+    fn aad(&self, kek_version: u32) -> Vec<u8> {
+        let mut out = b"conclave wrap v1\0".to_vec();
+        out.extend_from_slice(&kek_version.to_be_bytes());
+        match self {
+            Purpose::Kek { version } => {
+                out.push(1);
+                out.extend_from_slice(&version.to_be_bytes());
+            }
+            Purpose::SigningKey => out.push(2),
+            Purpose::RootCheck => out.push(3),
+            Purpose::MeetingKey { meeting, epoch } => {
+                out.push(4);
+                push_str(&mut out, meeting.as_str());
+                out.extend_from_slice(&epoch.to_be_bytes());
+            }
+            Purpose::RecordingKey { meeting, recording } => {
+                out.push(5);
+                push_str(&mut out, meeting.as_str());
+                push_str(&mut out, recording);
+            }
+        }
+        out
+    }
+}
+
+fn push_str(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u32).to_be_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// 32 secret bytes. Zeroized on drop; Debug never shows them.
+#[derive(Clone)]
+pub struct SecretKey(Zeroizing<[u8; KEY_LEN]>);
+
+impl fmt::Debug for SecretKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SecretKey(<redacted>)")
+    }
+}
+
+impl SecretKey {
+    pub fn random(rng: &SystemRandom) -> Result<Self, KeyError> {
+        let mut key = Zeroizing::new([0u8; KEY_LEN]);
+        rng.fill(key.as_mut()).map_err(|_| KeyError::Rng)?;
+        Ok(Self(key))
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, KeyError> {
+        let mut key = Zeroizing::new([0u8; KEY_LEN]);
+        if bytes.len() != KEY_LEN {
+            return Err(KeyError::Malformed);
+        }
+        key.copy_from_slice(bytes);
+        Ok(Self(key))
+    }
+
+    pub fn expose(&self) -> &[u8; KEY_LEN] {
+        &self.0
+    }
+
+    // ring's key schedule does not zeroize; it lives only for one call.
+    fn aead(&self) -> LessSafeKey {
+        LessSafeKey::new(UnboundKey::new(&AES_256_GCM, self.0.as_ref()).expect("32-byte key"))
+    }
+
+    /// Wraps `plain` under this key for `purpose`, recording `version` (the
+    /// version of this key) in front so unwrapping finds the right key.
+    fn wrap(
+        &self,
+        version: u32,
+        purpose: &Purpose<'_>,
+        plain: &[u8],
+        rng: &SystemRandom,
+    ) -> Result<Vec<u8>, KeyError> {
+        let mut nonce = [0u8; NONCE_LEN];
+        rng.fill(&mut nonce).map_err(|_| KeyError::Rng)?;
+        let mut buf = plain.to_vec();
+        self.aead()
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(purpose.aad(version)),
+                &mut buf,
+            )
+            .map_err(|_| KeyError::Rng)?;
+        let mut out = Vec::with_capacity(4 + NONCE_LEN + buf.len());
+        out.extend_from_slice(&version.to_be_bytes());
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&buf);
+        Ok(out)
+    }
+
+    fn unwrap(&self, wrapped: &[u8], purpose: &Purpose<'_>) -> Result<SecretKey, KeyError> {
+        let (version, nonce, ct) = split_wrapped(wrapped)?;
+        let mut buf = Zeroizing::new(ct.to_vec());
+        let plain = self
+            .aead()
+            .open_in_place(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(purpose.aad(version)),
+                &mut buf,
+            )
+            .map_err(|_| KeyError::Unwrap)?;
+        SecretKey::from_bytes(plain)
+    }
+}
+
+fn split_wrapped(wrapped: &[u8]) -> Result<(u32, [u8; NONCE_LEN], &[u8]), KeyError> {
+    if wrapped.len() != WRAPPED_LEN {
+        return Err(KeyError::Malformed);
+    }
+    let version = u32::from_be_bytes(wrapped[..4].try_into().expect("4 bytes"));
+    let nonce = wrapped[4..4 + NONCE_LEN].try_into().expect("12 bytes");
+    Ok((version, nonce, &wrapped[4 + NONCE_LEN..]))
+}
+
+/// The KEK version a wrapped key was made with.
+pub fn wrapped_version(wrapped: &[u8]) -> Result<u32, KeyError> {
+    split_wrapped(wrapped).map(|(v, _, _)| v)
+}
+
+/// The root key: the one secret from outside (a Kubernetes Secret). It only
+/// wraps KEKs and the signing key.
+pub struct RootKey(SecretKey);
+
+impl fmt::Debug for RootKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("RootKey(<redacted>)")
+    }
+}
+
+impl RootKey {
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, KeyError> {
+        SecretKey::from_bytes(bytes).map(Self)
+    }
+
+    /// Reads the root key file (32 raw bytes, or 64 hex characters with
+    /// optional surrounding whitespace). With `generate`, a missing file is
+    /// created with a fresh random key (mode 0600).
+    pub fn load(path: &Path, generate: bool) -> Result<Self, KeyError> {
+        let io = |e: std::io::Error| KeyError::RootIo {
+            path: path.display().to_string(),
+            error: e.kind().to_string(),
+        };
+        match std::fs::read(path) {
+            Ok(bytes) => {
+                let bytes = Zeroizing::new(bytes);
+                if bytes.len() == KEY_LEN {
+                    return Self::from_bytes(&bytes);
+                }
+                let text = std::str::from_utf8(&bytes).map_err(|_| KeyError::RootMalformed)?;
+                let decoded = Zeroizing::new(
+                    meeting_proto::kms_api::Hex::decode(text.trim())
+                        .map_err(|_| KeyError::RootMalformed)?,
+                );
+                Self::from_bytes(&decoded).map_err(|_| KeyError::RootMalformed)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && generate => {
+                let key = SecretKey::random(&SystemRandom::new())?;
+                let hex = Zeroizing::new(meeting_proto::kms_api::Hex::encode(key.expose()));
+                write_private(path, hex.as_bytes()).map_err(io)?;
+                Ok(Self(key))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(KeyError::RootMissing(path.display().to_string()))
+            }
+            Err(e) => Err(io(e)),
+        }
+    }
+}
+
+fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(contents)?;
+    f.sync_all()
+}
+
+/// A KEK as stored: wrapped by the root key, with its life times.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StoredKek {
+    pub version: u32,
+    pub wrapped: meeting_proto::kms_api::Hex,
+    pub created_ms: u64,
+    /// When it stopped being current (None while current).
+    #[serde(default)]
+    pub superseded_ms: Option<u64>,
+}
+
+/// All usable KEKs, unwrapped in memory, and the signing key.
+pub struct KeyRing {
+    root: RootKey,
+    keks: BTreeMap<u32, (SecretKey, StoredKek)>,
+    current: u32,
+    rng: SystemRandom,
+}
+
+impl fmt::Debug for KeyRing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyRing")
+            .field("kek_versions", &self.keks.keys().collect::<Vec<_>>())
+            .field("current", &self.current)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KeyRing {
+    /// Opens the ring from stored KEKs, checking the root key against the
+    /// stored root check first so a wrong root key fails closed with a clear
+    /// error instead of failing later on some meeting.
+    pub fn open(
+        root: RootKey,
+        root_check: Option<&[u8]>,
+        stored: Vec<StoredKek>,
+    ) -> Result<(Self, Option<Vec<u8>>), KeyError> {
+        let rng = SystemRandom::new();
+        let new_check = match root_check {
+            Some(check) => {
+                root.0.unwrap(check, &Purpose::RootCheck)?;
+                None
+            }
+            None => Some(root.0.wrap(0, &Purpose::RootCheck, &[0u8; KEY_LEN], &rng)?),
+        };
+        let mut keks = BTreeMap::new();
+        for kek in stored {
+            let key = root.0.unwrap(
+                &kek.wrapped.0,
+                &Purpose::Kek {
+                    version: kek.version,
+                },
+            )?;
+            keks.insert(kek.version, (key, kek));
+        }
+        let current = keks
+            .values()
+            .filter(|(_, k)| k.superseded_ms.is_none())
+            .map(|(_, k)| k.version)
+            .max()
+            .or_else(|| keks.keys().max().copied())
+            .unwrap_or(0);
+        Ok((
+            Self {
+                root,
+                keks,
+                current,
+                rng,
+            },
+            new_check,
+        ))
+    }
+
+    pub fn current_version(&self) -> Option<u32> {
+        self.keks
+            .contains_key(&self.current)
+            .then_some(self.current)
+    }
+
+    pub fn kek(&self, version: u32) -> Option<&StoredKek> {
+        self.keks.get(&version).map(|(_, s)| s)
+    }
+
+    pub fn keks(&self) -> impl Iterator<Item = &StoredKek> {
+        self.keks.values().map(|(_, s)| s)
+    }
+
+    /// Makes a new current KEK. Returns the records to store (the new KEK
+    /// and the superseded one with its end time).
+    pub fn rotate(&mut self, now_ms: u64) -> Result<Vec<StoredKek>, KeyError> {
+        let version = self.keks.keys().max().map_or(1, |v| v + 1);
+        let key = SecretKey::random(&self.rng)?;
+        let wrapped = self
+            .root
+            .0
+            .wrap(0, &Purpose::Kek { version }, key.expose(), &self.rng)?;
+        let stored = StoredKek {
+            version,
+            wrapped: meeting_proto::kms_api::Hex(wrapped),
+            created_ms: now_ms,
+            superseded_ms: None,
+        };
+        let mut changed = Vec::new();
+        if let Some((_, old)) = self.keks.get_mut(&self.current) {
+            old.superseded_ms = Some(now_ms);
+            changed.push(old.clone());
+        }
+        self.keks.insert(version, (key, stored.clone()));
+        self.current = version;
+        changed.push(stored);
+        Ok(changed)
+    }
+
+    /// Forgets KEKs superseded before `before_ms`. Keys still wrapped under
+    /// them become unreadable: callers re-wrap what they need first.
+    pub fn retire(&mut self, before_ms: u64) -> Vec<u32> {
+        let gone: Vec<u32> = self
+            .keks
+            .values()
+            .filter(|(_, k)| k.superseded_ms.is_some_and(|t| t < before_ms))
+            .map(|(_, k)| k.version)
+            .collect();
+        for v in &gone {
+            self.keks.remove(v);
+        }
+        gone
+    }
+
+    pub fn wrap(&self, purpose: &Purpose<'_>, key: &SecretKey) -> Result<Vec<u8>, KeyError> {
+        let (kek, _) = self
+            .keks
+            .get(&self.current)
+            .ok_or(KeyError::UnknownKek(self.current))?;
+        kek.wrap(self.current, purpose, key.expose(), &self.rng)
+    }
+
+    pub fn unwrap(&self, purpose: &Purpose<'_>, wrapped: &[u8]) -> Result<SecretKey, KeyError> {
+        let version = wrapped_version(wrapped)?;
+        let (kek, _) = self
+            .keks
+            .get(&version)
+            .ok_or(KeyError::UnknownKek(version))?;
+        kek.unwrap(wrapped, purpose)
+    }
+
+    pub fn random_key(&self) -> Result<SecretKey, KeyError> {
+        SecretKey::random(&self.rng)
+    }
+
+    pub fn random_bytes<const N: usize>(&self) -> Result<[u8; N], KeyError> {
+        let mut out = [0u8; N];
+        self.rng.fill(&mut out).map_err(|_| KeyError::Rng)?;
+        Ok(out)
+    }
+
+    /// The signing key, wrapped by the root key (it outlives KEK versions).
+    pub fn wrap_signing_key(&self, key: &SigningKey) -> Result<Vec<u8>, KeyError> {
+        let bytes = Zeroizing::new(key.to_bytes());
+        self.root
+            .0
+            .wrap(0, &Purpose::SigningKey, bytes.as_ref(), &self.rng)
+    }
+
+    pub fn unwrap_signing_key(&self, wrapped: &[u8]) -> Result<SigningKey, KeyError> {
+        let secret = self.root.0.unwrap(wrapped, &Purpose::SigningKey)?;
+        Ok(SigningKey::from_bytes(secret.expose()))
+    }
+}
+
+/// Seals `key` to an X25519 public key with HPKE (the suite in
+/// [`meeting_proto::kms_api::SealedKey`]). Returns (enc, ciphertext).
+pub fn seal(
+    recipient: &[u8; 32],
+    info: &[u8],
+    key: &SecretKey,
+) -> Result<(Vec<u8>, Vec<u8>), KeyError> {
+    let pk = <X25519HkdfSha256 as Kem>::PublicKey::from_bytes(recipient)
+        .map_err(|_| KeyError::BadRecipient)?;
+    let (enc, ct) = hpke::single_shot_seal::<ChaCha20Poly1305, HkdfSha256, X25519HkdfSha256, _>(
+        &OpModeS::Base,
+        &pk,
+        info,
+        key.expose(),
+        &[],
+        &mut rand_core::OsRng,
+    )
+    .map_err(|_| KeyError::BadRecipient)?;
+    Ok((enc.to_bytes().to_vec(), ct))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ring() -> KeyRing {
+        let root = RootKey::from_bytes(&[1; 32]).unwrap();
+        let (mut ring, check) = KeyRing::open(root, None, vec![]).unwrap();
+        assert!(check.is_some());
+        ring.rotate(0).unwrap();
+        ring
+    }
+
+    fn m(s: &str) -> MeetingId {
+        MeetingId::new(s).unwrap()
+    }
+
+    #[test]
+    fn wrap_unwrap_round_trip_across_kek_rotation() {
+        let mut ring = ring();
+        let key = ring.random_key().unwrap();
+        let meeting = m("m1");
+        let purpose = Purpose::MeetingKey {
+            meeting: &meeting,
+            epoch: 3,
+        };
+        let wrapped = ring.wrap(&purpose, &key).unwrap();
+        assert_eq!(wrapped.len(), WRAPPED_LEN);
+        ring.rotate(10).unwrap();
+        assert_eq!(ring.current_version(), Some(2));
+        // Old versions stay readable until retired.
+        assert_eq!(
+            ring.unwrap(&purpose, &wrapped).unwrap().expose(),
+            key.expose()
+        );
+        let rewrapped = ring.wrap(&purpose, &key).unwrap();
+        assert_eq!(wrapped_version(&rewrapped).unwrap(), 2);
+        assert_eq!(ring.retire(11), vec![1]);
+        assert_eq!(
+            ring.unwrap(&purpose, &wrapped).unwrap_err(),
+            KeyError::UnknownKek(1)
+        );
+        assert!(ring.unwrap(&purpose, &rewrapped).is_ok());
+    }
+
+    #[test]
+    fn changing_any_aad_field_fails_to_unwrap() {
+        let ring = ring();
+        let key = ring.random_key().unwrap();
+        let (m1, m2) = (m("m1"), m("m2"));
+        let wrapped = ring
+            .wrap(
+                &Purpose::MeetingKey {
+                    meeting: &m1,
+                    epoch: 1,
+                },
+                &key,
+            )
+            .unwrap();
+        for other in [
+            Purpose::MeetingKey {
+                meeting: &m2,
+                epoch: 1,
+            },
+            Purpose::MeetingKey {
+                meeting: &m1,
+                epoch: 2,
+            },
+            Purpose::RecordingKey {
+                meeting: &m1,
+                recording: "r",
+            },
+            Purpose::SigningKey,
+        ] {
+            assert_eq!(ring.unwrap(&other, &wrapped).unwrap_err(), KeyError::Unwrap);
+        }
+        // The KEK version is bound too: relabelling the version byte fails
+        // even when that version exists.
+        let mut ring2 = ring;
+        ring2.rotate(5).unwrap();
+        let mut relabelled = wrapped.clone();
+        relabelled[3] = 2;
+        assert_eq!(
+            ring2
+                .unwrap(
+                    &Purpose::MeetingKey {
+                        meeting: &m1,
+                        epoch: 1
+                    },
+                    &relabelled
+                )
+                .unwrap_err(),
+            KeyError::Unwrap
+        );
+        // Every flipped bit is refused.
+        for i in 4 * 8..wrapped.len() * 8 {
+            let mut t = wrapped.clone();
+            t[i / 8] ^= 1 << (i % 8);
+            assert!(
+                ring2
+                    .unwrap(
+                        &Purpose::MeetingKey {
+                            meeting: &m1,
+                            epoch: 1
+                        },
+                        &t
+                    )
+                    .is_err()
+            );
+        }
+        assert_eq!(
+            ring2
+                .unwrap(
+                    &Purpose::MeetingKey {
+                        meeting: &m1,
+                        epoch: 1
+                    },
+                    &wrapped[..10]
+                )
+                .unwrap_err(),
+            KeyError::Malformed
+        );
+    }
+
+    #[test]
+    fn wrong_root_key_fails_closed() {
+        let (mut ring, check) =
+            KeyRing::open(RootKey::from_bytes(&[1; 32]).unwrap(), None, vec![]).unwrap();
+        let stored = ring.rotate(0).unwrap();
+        let check = check.unwrap();
+        assert!(
+            KeyRing::open(
+                RootKey::from_bytes(&[1; 32]).unwrap(),
+                Some(&check),
+                stored.clone()
+            )
+            .is_ok()
+        );
+        assert_eq!(
+            KeyRing::open(RootKey::from_bytes(&[2; 32]).unwrap(), Some(&check), stored)
+                .unwrap_err(),
+            KeyError::Unwrap
+        );
+    }
+
+    #[test]
+    fn root_key_file_formats_and_generation() {
+        let dir = std::env::temp_dir().join(format!("kms-root-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("root.key");
+        assert!(matches!(
+            RootKey::load(&path, false),
+            Err(KeyError::RootMissing(_))
+        ));
+        RootKey::load(&path, true).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.len(), 64);
+        RootKey::load(&path, false).unwrap();
+        std::fs::write(&path, b"short").unwrap();
+        assert_eq!(
+            RootKey::load(&path, false).unwrap_err(),
+            KeyError::RootMalformed
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn signing_key_round_trips_and_nothing_secret_in_debug() {
+        let ring = ring();
+        let sk = SigningKey::from_bytes(&[9; 32]);
+        let wrapped = ring.wrap_signing_key(&sk).unwrap();
+        assert_eq!(
+            ring.unwrap_signing_key(&wrapped).unwrap().to_bytes(),
+            [9; 32]
+        );
+        let key = SecretKey::from_bytes(&[0xab; 32]).unwrap();
+        assert!(!format!("{key:?}{ring:?}").contains("171"));
+        assert!(!format!("{key:?}").to_lowercase().contains("abab"));
+    }
+}
