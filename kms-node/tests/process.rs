@@ -1,0 +1,574 @@
+//! Process-level tests: the real kms-node binary on 127.0.0.1, real TLS
+//! (DevPki), real join tokens, driven through kms-client.
+
+mod support;
+
+use conclave_pki::{DevPki, Identity, Kind};
+use ed25519_dalek::VerifyingKey;
+use meeting_proto::ids::MeetingId;
+use meeting_proto::key_release::EphemeralKey;
+use meeting_proto::kms_api::{self as api, AuditKind, ConnectorKind, Hex};
+use meeting_proto::ticket::Ticket;
+use meeting_proto::token::{DevIssuerKey, Role};
+use std::ffi::OsStr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use support::*;
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+async fn vk(kms: &Kms) -> VerifyingKey {
+    let info = kms.anonymous().info().await.unwrap();
+    VerifyingKey::from_bytes(&info.signing_public_key.array().unwrap()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_members_join_open_keys_and_leave_rotates() {
+    tokio::time::timeout(LIMIT, async {
+        let kms = Kms::start("join", "");
+        let relay = kms.register_relay().await;
+        assert_eq!(relay.relay, "zone-a/relay-0");
+        let vk = vk(&kms).await;
+        assert_eq!(relay.ticket_public_key.0, vk.to_bytes());
+        let c = kms.anonymous();
+        let ada = join_with_token(&c, "m1", kms.token("ada", "m1", Role::Host))
+            .await
+            .unwrap();
+        let bob = join_with_token(&c, "m1", kms.token("bob", "m1", Role::Participant))
+            .await
+            .unwrap();
+        let cat = join_with_token(&c, "m1", kms.token("cat", "m1", Role::Participant))
+            .await
+            .unwrap();
+        // Everyone opens the same epoch-1 key with their own ephemeral key.
+        let k1 = ada.open(&ada.joined.key);
+        assert_eq!(bob.open(&bob.joined.key), k1);
+        assert_eq!(cat.open(&cat.joined.key), k1);
+        assert_eq!(cat.joined.key.epoch, 1);
+        // Someone else's sealed key does not open with my key.
+        assert!(
+            ada.key
+                .open_meeting_key(&bob.joined.key, &bob.meeting, bob.joined.participant)
+                .is_err()
+        );
+        // The signed roster lists all three; the ticket is for our relay.
+        let roster = cat.joined.roster.verify(&vk).unwrap();
+        assert_eq!(roster.members.len(), 3);
+        let t = Ticket::verify(&cat.joined.relay.ticket.0, &vk, &relay.relay, now_s()).unwrap();
+        assert_eq!(
+            (t.participant, t.sender_index),
+            (cat.joined.participant, cat.joined.sender_index)
+        );
+        assert_eq!(cat.joined.relay.address, "127.0.0.1:40000");
+
+        // bob leaves: a new epoch for ada and cat, nothing for bob.
+        let since = roster.version;
+        let left = c.leave(&bob.meeting, &bob.session()).await.unwrap();
+        assert_eq!(left.epoch, 2);
+        let ev = c
+            .events(&ada.meeting, &ada.session(), since, 5000)
+            .await
+            .unwrap();
+        let sealed = ev.key.expect("new epoch key for ada");
+        assert_eq!(sealed.epoch, 2);
+        let k2 = ada.open(&sealed);
+        assert_ne!(k2, k1);
+        let ev_cat = c
+            .events(&cat.meeting, &cat.session(), since, 5000)
+            .await
+            .unwrap();
+        assert_eq!(cat.open(&ev_cat.key.unwrap()), k2);
+        let roster = ev.roster.unwrap().verify(&vk).unwrap();
+        assert!(
+            roster
+                .members
+                .iter()
+                .all(|m| m.participant != bob.joined.participant)
+        );
+        let err = c
+            .events(&bob.meeting, &bob.session(), 0, 0)
+            .await
+            .unwrap_err();
+        assert_eq!((err.status(), err.code()), (Some(403), Some("not_member")));
+        // Every release and the refusal are in a chain that verifies.
+        let admin = kms.admin();
+        assert!(
+            audit_has(&admin, |e| e.kind == AuditKind::KeyRelease
+                && e.epoch == Some(2)
+                && e.participant == Some(cat.joined.participant))
+            .await
+        );
+        assert!(
+            audit_has(&admin, |e| e.kind == AuditKind::Denial
+                && e.detail.starts_with("not_member"))
+            .await
+        );
+        assert!(admin.verify_audit().await.unwrap().ok);
+        // A long poll with nothing new returns the same version, no key.
+        let idle = c
+            .events(
+                &ada.meeting,
+                &ada.session(),
+                ev.version.max(ev_cat.version),
+                200,
+            )
+            .await
+            .unwrap();
+        assert!(idle.key.is_none() && idle.roster.is_none());
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_matrix_refuses_and_audits() {
+    tokio::time::timeout(LIMIT, async {
+        let kms = Kms::start("access", "");
+        kms.register_relay().await;
+        let c = kms.anonymous();
+        let admin = kms.admin();
+        let host = join_with_token(&c, "m1", kms.token("ada", "m1", Role::Host))
+            .await
+            .unwrap();
+        let bob = join_with_token(&c, "m1", kms.token("bob", "m1", Role::Participant))
+            .await
+            .unwrap();
+
+        let mut expired = kms.claims("eve", "m1", Role::Participant);
+        expired.exp = now_s() - 3600;
+        let mut wrong_aud = kms.claims("eve", "m1", Role::Participant);
+        wrong_aud.aud = vec!["someone-else".into()];
+        let foreign = DevIssuerKey::from_seed("k1", &[9; 32]).unwrap();
+        let replay = kms.token("dan", "m1", Role::Participant);
+        join_with_token(&c, "m1", replay.clone()).await.unwrap();
+        let cases: Vec<(&str, Option<String>, u16, &str)> = vec![
+            ("no token", None, 401, "no_credentials"),
+            (
+                "expired",
+                Some(kms.issuer.mint(&expired)),
+                401,
+                "token_expired",
+            ),
+            (
+                "wrong audience",
+                Some(kms.issuer.mint(&wrong_aud)),
+                401,
+                "wrong_audience",
+            ),
+            (
+                "wrong issuer key",
+                Some(foreign.mint(&kms.claims("eve", "m1", Role::Host))),
+                401,
+                "bad_signature",
+            ),
+            (
+                "another meeting",
+                Some(kms.token("eve", "m2", Role::Host)),
+                403,
+                "wrong_meeting",
+            ),
+            ("replayed join", Some(replay), 401, "token_replayed"),
+        ];
+        for (what, token, status, code) in cases {
+            let err = c
+                .join(
+                    &MeetingId::new("m1").unwrap(),
+                    &api::JoinRequest {
+                        token,
+                        invitation: None,
+                        public_key: Hex(vec![1; 32]),
+                    },
+                )
+                .await
+                .unwrap_err();
+            assert_eq!(
+                (err.status(), err.code()),
+                (Some(status), Some(code)),
+                "{what}: {err}"
+            );
+            assert!(
+                audit_has(&admin, |e| e.kind == AuditKind::Denial
+                    && e.detail.starts_with(code))
+                .await,
+                "{what}: no audit entry"
+            );
+        }
+        // Participant acting as host.
+        let err = c
+            .invite(&bob.meeting, &bob.session(), ConnectorKind::Recording)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Some("not_host"));
+        let err = c
+            .remove(&bob.meeting, &bob.session(), host.joined.participant)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Some("not_host"));
+        // Uninvited connector (right certificate, no invitation).
+        let join_as_connector = |client: kms_client::KmsClient| async move {
+            client
+                .join(
+                    &MeetingId::new("m1").unwrap(),
+                    &api::JoinRequest {
+                        token: None,
+                        invitation: Some(1),
+                        public_key: Hex(vec![2; 32]),
+                    },
+                )
+                .await
+                .unwrap_err()
+        };
+        let err = join_as_connector(kms.recorder()).await;
+        assert_eq!((err.status(), err.code()), (Some(403), Some("not_invited")));
+        assert!(
+            audit_has(&admin, |e| e.kind == AuditKind::Denial
+                && e.detail.starts_with("not_invited"))
+            .await
+        );
+        // A relay certificate used as a connector.
+        let err = join_as_connector(kms.relay()).await;
+        assert_eq!(err.code(), Some("not_a_connector"));
+        let err = kms.relay().assignments(0).await.unwrap_err();
+        assert_eq!(err.code(), Some("not_a_connector"));
+        // A participant (no certificate) or a relay reading the audit log.
+        assert_eq!(
+            kms.relay().audit(0, 10).await.unwrap_err().code(),
+            Some("not_admin")
+        );
+        assert_eq!(
+            c.verify_audit().await.unwrap_err().code(),
+            Some("not_admin")
+        );
+        // A certificate from another CA never gets past TLS.
+        let other = DevPki::create(kms.dir.join("other-pki"), NS).unwrap();
+        let files = other
+            .client("admin", &Identity::new(NS, Kind::Admin, "auditor").unwrap())
+            .unwrap();
+        let mut tls_files = files.clone();
+        tls_files.ca = kms.pki.ca_path();
+        let rogue = kms_client::KmsClient::new(
+            &kms.url(),
+            conclave_pki::tls::client_config(&tls_files).unwrap(),
+        )
+        .unwrap();
+        let err = rogue.audit(0, 10).await.unwrap_err();
+        assert!(matches!(err, kms_client::Error::Transport(_)), "{err}");
+        // None of the refusals changed the roster: still ada, bob, dan.
+        let roster = admin
+            .export_roster(&MeetingId::new("m1").unwrap())
+            .await
+            .unwrap();
+        let roster = roster.verify(&vk(&kms).await).unwrap();
+        assert_eq!(roster.members.len(), 3);
+        assert!(roster.invitations.is_empty());
+        assert!(admin.verify_audit().await.unwrap().ok);
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invited_connector_joins_and_records() {
+    tokio::time::timeout(LIMIT, async {
+        let kms = Kms::start("connector", "");
+        kms.register_relay().await;
+        let c = kms.anonymous();
+        let host = join_with_token(&c, "m1", kms.token("ada", "m1", Role::Host))
+            .await
+            .unwrap();
+        let rec = kms.recorder();
+        assert!(rec.assignments(0).await.unwrap().assignments.is_empty());
+        // Long-poll for an assignment while the host invites.
+        let waiting = tokio::spawn({
+            let rec = rec.clone();
+            async move { rec.assignments(10_000).await }
+        });
+        let inv = c
+            .invite(&host.meeting, &host.session(), ConnectorKind::Recording)
+            .await
+            .unwrap();
+        let vk = vk(&kms).await;
+        assert_eq!(
+            inv.roster.verify(&vk).unwrap().invitations,
+            vec![inv.invitation.clone()]
+        );
+        let got = waiting.await.unwrap().unwrap();
+        assert_eq!(got.assignments[0].invitation, inv.invitation.id);
+        // The host sees the invitation in events at once.
+        let ev = c
+            .events(
+                &host.meeting,
+                &host.session(),
+                host.joined.roster.verify(&vk).unwrap().version,
+                1000,
+            )
+            .await
+            .unwrap();
+        assert_eq!(ev.roster.unwrap().verify(&vk).unwrap().invitations.len(), 1);
+        // The connector joins with the invitation and opens the same key.
+        let key = EphemeralKey::generate();
+        let joined = rec
+            .join(
+                &host.meeting,
+                &api::JoinRequest {
+                    token: None,
+                    invitation: Some(inv.invitation.id),
+                    public_key: Hex(key.public_key().to_vec()),
+                },
+            )
+            .await
+            .unwrap();
+        let opened = key
+            .open_meeting_key(&joined.key, &host.meeting, joined.participant)
+            .unwrap();
+        assert_eq!(*opened.as_bytes(), host.open(&host.joined.key));
+        let roster = joined.roster.verify(&vk).unwrap();
+        assert!(
+            roster
+                .members
+                .iter()
+                .any(|m| m.role.to_string() == "connector:recording")
+        );
+        // Recording data key: created by the recorder, readable by the configured reader.
+        let dk_key = EphemeralKey::generate();
+        let created = rec
+            .create_recording_key(&api::CreateRecordingKeyRequest {
+                meeting: host.meeting.clone(),
+                public_key: Hex(dk_key.public_key().to_vec()),
+            })
+            .await
+            .unwrap();
+        let dk = dk_key.open_data_key(&created.key).unwrap();
+        let reader_key = EphemeralKey::generate();
+        let again = c
+            .recording_key(
+                &created.key.recording,
+                &api::RecordingKeyRequest {
+                    public_key: Hex(reader_key.public_key().to_vec()),
+                    token: Some(kms.token("auditor", "m1", Role::Participant)),
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            reader_key.open_data_key(&again.key).unwrap().as_bytes(),
+            dk.as_bytes()
+        );
+        let refused = c
+            .recording_key(
+                &created.key.recording,
+                &api::RecordingKeyRequest {
+                    public_key: Hex(reader_key.public_key().to_vec()),
+                    token: Some(kms.token("mallory", "m1", Role::Participant)),
+                },
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Some("not_a_reader"));
+        // The invitation is used up.
+        let err = rec
+            .join(
+                &host.meeting,
+                &api::JoinRequest {
+                    token: None,
+                    invitation: Some(inv.invitation.id),
+                    public_key: Hex(key.public_key().to_vec()),
+                },
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Some("not_invited"));
+        // KEK rotation keeps old recordings readable.
+        assert_eq!(kms.admin().rotate_kek().await.unwrap().version, 2);
+        let again = c
+            .recording_key(
+                &created.key.recording,
+                &api::RecordingKeyRequest {
+                    public_key: Hex(reader_key.public_key().to_vec()),
+                    token: Some(kms.token("auditor", "m1", Role::Participant)),
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            reader_key.open_data_key(&again.key).unwrap().as_bytes(),
+            dk.as_bytes()
+        );
+    })
+    .await
+    .unwrap();
+}
+
+/// kill -9 while joins run concurrently, three times: every acknowledged
+/// join survives (its session still works) and its key release is in an
+/// audit chain that verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_joins_survive_kill_9() {
+    tokio::time::timeout(Duration::from_secs(300), async {
+        let mut kms = Kms::start("kill9", "");
+        let acked: Arc<Mutex<Vec<(MeetingId, api::JoinResponse)>>> = Arc::default();
+        for round in 0..3u32 {
+            kms.register_relay().await;
+            let c = kms.anonymous();
+            let before = acked.lock().unwrap().len();
+            let (enough_tx, mut enough_rx) = tokio::sync::mpsc::channel::<()>(1);
+            let mut tasks = Vec::new();
+            for i in 0..200u32 {
+                let (c, acked, enough_tx) = (c.clone(), acked.clone(), enough_tx.clone());
+                let meeting = format!("r{round}-m{}", i % 20);
+                let token = kms.token(&format!("u{round}-{i}"), &meeting, Role::Participant);
+                tasks.push(tokio::spawn(async move {
+                    if let Ok(m) = join_with_token(&c, &meeting, token).await {
+                        let mut a = acked.lock().unwrap();
+                        a.push((m.meeting, m.joined));
+                        if a.len() >= before + 60 {
+                            let _ = enough_tx.try_send(());
+                        }
+                    }
+                }));
+            }
+            drop(enough_tx);
+            // Kill while joins are still in flight.
+            let _ = enough_rx.recv().await;
+            kms.kill9();
+            for t in tasks {
+                t.await.unwrap();
+            }
+            kms.restart();
+            let acked_now = acked.lock().unwrap().clone();
+            assert!(
+                acked_now.len() >= before + 60,
+                "round {round}: too few joins acknowledged"
+            );
+            let admin = kms.admin();
+            let mut releases = std::collections::HashSet::new();
+            let mut from = 0;
+            loop {
+                let page = admin.audit(from, 1000).await.unwrap();
+                for e in &page.entries {
+                    if e.kind == AuditKind::KeyRelease {
+                        releases.insert((e.meeting.clone().unwrap(), e.participant.unwrap()));
+                    }
+                }
+                match page.entries.last() {
+                    Some(l) => from = l.seq + 1,
+                    None => break,
+                }
+            }
+            let c = kms.anonymous();
+            for (meeting, joined) in &acked_now {
+                assert!(
+                    releases.contains(&(meeting.clone(), joined.participant)),
+                    "round {round}: acknowledged release of {meeting}/{} missing from audit",
+                    joined.participant
+                );
+            }
+            // Sessions of acknowledged joins still work after the crash.
+            for (meeting, joined) in acked_now.iter().rev().take(20) {
+                c.events(meeting, &kms_client::Session(joined.session.clone()), 0, 0)
+                    .await
+                    .unwrap();
+            }
+            let v = admin.verify_audit().await.unwrap();
+            assert!(v.ok, "round {round}: {v:?}");
+        }
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_tampering_is_detected_offline_and_online() {
+    tokio::time::timeout(LIMIT, async {
+        let mut kms = Kms::start("tamper", "");
+        kms.register_relay().await;
+        let c = kms.anonymous();
+        for who in ["ada", "bob", "cat"] {
+            join_with_token(&c, "m1", kms.token(who, "m1", Role::Participant))
+                .await
+                .unwrap();
+        }
+        let page = kms.admin().audit(0, 100).await.unwrap();
+        assert!(page.entries.len() >= 4);
+        let data = kms.data_dir();
+        let verify = |data: &std::path::Path| {
+            run_cli(&[
+                OsStr::new("audit-verify"),
+                OsStr::new("--data-dir"),
+                data.as_os_str(),
+            ])
+        };
+        let store = kms.stop_and_open_store();
+        drop(store);
+        let ok = verify(&data);
+        assert!(
+            ok.status.success(),
+            "{}",
+            String::from_utf8_lossy(&ok.stdout)
+        );
+        // Backup, then flip one field of entry 2 in the live store.
+        let backup = kms.dir.join("backup.redb");
+        let out = run_cli(&[
+            OsStr::new("backup"),
+            OsStr::new("--data-dir"),
+            data.as_os_str(),
+            OsStr::new("--out"),
+            backup.as_os_str(),
+        ]);
+        assert!(out.status.success());
+        let store = kms_node::store::Store::open(&data).unwrap();
+        let mut e = page.entries[2].clone();
+        e.detail.push('!');
+        store
+            .overwrite_audit_raw(2, &serde_json::to_vec(&e).unwrap())
+            .unwrap();
+        drop(store);
+        let bad = verify(&data);
+        assert_eq!(bad.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&bad.stdout).contains("entry 2"));
+        kms.restart();
+        let online = kms.admin().verify_audit().await.unwrap();
+        assert!(!online.ok);
+        // Restore fails closed without the right root key.
+        kms.kill9();
+        let cfg = std::fs::read_to_string(kms.config_path()).unwrap();
+        let restore_dir = kms.dir.join("restored");
+        let wrong = cfg
+            .replace(
+                &format!("{}/data", kms.dir.display()),
+                &restore_dir.display().to_string(),
+            )
+            .replace(
+                &format!("{}/root.key", kms.dir.display()),
+                &kms.dir.join("other.key").display().to_string(),
+            );
+        std::fs::write(kms.dir.join("other.key"), "11".repeat(32)).unwrap();
+        std::fs::write(kms.dir.join("restore.yaml"), &wrong).unwrap();
+        let restore = |cfg: &std::path::Path| {
+            run_cli(&[
+                OsStr::new("restore"),
+                OsStr::new("--config"),
+                cfg.as_os_str(),
+                OsStr::new("--from"),
+                backup.as_os_str(),
+            ])
+        };
+        let refused = restore(&kms.dir.join("restore.yaml"));
+        assert!(!refused.status.success());
+        assert!(!restore_dir.join(kms_node::store::FILE_NAME).exists());
+        let right = cfg.replace(
+            &format!("{}/data", kms.dir.display()),
+            &restore_dir.display().to_string(),
+        );
+        std::fs::write(kms.dir.join("restore.yaml"), &right).unwrap();
+        let restored = restore(&kms.dir.join("restore.yaml"));
+        assert!(
+            restored.status.success(),
+            "{}",
+            String::from_utf8_lossy(&restored.stderr)
+        );
+        assert!(verify(&restore_dir).status.success());
+    })
+    .await
+    .unwrap();
+}
