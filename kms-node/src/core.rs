@@ -1078,10 +1078,10 @@ impl Core {
         let interval = self.config.meeting_key_interval_ms;
         if interval > 0 {
             for m in self.meetings.values_mut() {
-                if !m.members.is_empty()
-                    && now_ms.saturating_sub(m.record.epoch_started_ms) >= interval
-                {
-                    if Self::rotate_meeting(
+                let due = !m.members.is_empty()
+                    && now_ms.saturating_sub(m.record.epoch_started_ms) >= interval;
+                if due
+                    && Self::rotate_meeting(
                         &self.keys,
                         m,
                         now_ms,
@@ -1090,9 +1090,8 @@ impl Core {
                         &mut fx,
                     )
                     .is_ok()
-                    {
-                        Self::save_meeting(m, now_ms, &mut fx);
-                    }
+                {
+                    Self::save_meeting(m, now_ms, &mut fx);
                 }
             }
         }

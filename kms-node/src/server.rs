@@ -1029,7 +1029,7 @@ async fn ticker(s: Arc<Shared>) {
             s.submit(fx)
         };
         let _ = rx.await;
-        if seconds % 10 == 0 {
+        if seconds.is_multiple_of(10) {
             match load_verifier(&s.config) {
                 Ok(v) => *s.tokens.write().unwrap_or_else(|p| p.into_inner()) = v,
                 Err(e) => {
@@ -1037,7 +1037,7 @@ async fn ticker(s: Arc<Shared>) {
                 }
             }
         }
-        if seconds % 3600 == 0 && s.config.audit.retention_days > 0 {
+        if seconds.is_multiple_of(3600) && s.config.audit.retention_days > 0 {
             let before = now.saturating_sub(s.config.audit.retention_days * 86_400_000);
             let store = s.store.clone();
             if let Ok(Err(e)) = tokio::task::spawn_blocking(move || store.prune_audit(before)).await

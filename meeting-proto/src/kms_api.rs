@@ -104,7 +104,7 @@ impl Hex {
             }
         }
         let s = s.as_bytes();
-        if s.len() % 2 != 0 {
+        if !s.len().is_multiple_of(2) {
             return Err(HexError);
         }
         s.chunks_exact(2)
