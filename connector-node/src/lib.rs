@@ -2,7 +2,9 @@
 //! systems. Protocol cores are sans-IO (bytes and time in, bytes and events
 //! out); the tokio shells around them own sockets, files and child processes.
 
+pub mod bridge;
 pub mod media;
+pub mod meeting;
 pub mod metrics;
 pub mod recording;
 pub mod service;

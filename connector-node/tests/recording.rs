@@ -122,36 +122,6 @@ fn decode(file: &Path, dir: &Path) -> Vec<i16> {
     common::read_wav(&wav).1
 }
 
-/// Best normalised cross-correlation within ±50 ms, at 8 kHz.
-fn correlation(a: &[i16], b: &[i16]) -> f64 {
-    let down = |x: &[i16]| {
-        x.iter()
-            .step_by(6)
-            .map(|&s| f64::from(s))
-            .collect::<Vec<_>>()
-    };
-    let (a, b) = (down(a), down(b));
-    let n = a.len().min(b.len());
-    let mut best = 0f64;
-    for lag in -400i64..=400 {
-        let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
-        for (i, &x) in a.iter().enumerate().take(n) {
-            let j = i as i64 + lag;
-            if j < 0 || j as usize >= b.len() {
-                continue;
-            }
-            let y = b[j as usize];
-            ab += x * y;
-            aa += x * x;
-            bb += y * y;
-        }
-        if aa > 0.0 && bb > 0.0 {
-            best = best.max(ab / (aa * bb).sqrt());
-        }
-    }
-    best
-}
-
 #[test]
 fn recorded_speech_decrypts_to_valid_ogg_opus_matching_the_source() {
     let dir = TempDir::new("rec");
@@ -201,13 +171,13 @@ fn recorded_speech_decrypts_to_valid_ogg_opus_matching_the_source() {
         );
     }
     let decoded = decode(&out.join("participant-1.opus"), &dir.0);
-    let c = correlation(&source, &decoded);
+    let c = common::correlation(&source, &decoded);
     assert!(
         c > 0.8,
         "decoded speech does not match the source (correlation {c:.2})"
     );
     let mixed = decode(&out.join("mixed.opus"), &dir.0);
-    let c = correlation(&source, &mixed);
+    let c = common::correlation(&source, &mixed);
     assert!(
         c > 0.7,
         "mixed track does not match the source (correlation {c:.2})"
@@ -310,7 +280,7 @@ fn kill_9_mid_recording_leaves_a_decryptable_partial_recording() {
     assert!((3.0..20.0).contains(&secs), "partial duration {secs}");
     let decoded = decode(&out.join("participant-1.opus"), &dir.0);
     assert!(decoded.len() >= 48000 * 3);
-    let c = correlation(&long[..48000 * 2], &decoded[..48000 * 2]);
+    let c = common::correlation(&long[..48000 * 2], &decoded[..48000 * 2]);
     assert!(
         c > 0.8,
         "partial recording does not match the source (correlation {c:.2})"

@@ -3,5 +3,6 @@
 
 pub mod container;
 pub mod decrypt;
+pub mod live;
 pub mod ogg;
 pub mod recorder;

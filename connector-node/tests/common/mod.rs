@@ -87,6 +87,36 @@ pub fn read_wav(path: &Path) -> (u32, Vec<i16>) {
     panic!("no data chunk in {}", path.display());
 }
 
+/// Best normalised cross-correlation within ±50 ms, at 8 kHz.
+pub fn correlation(a: &[i16], b: &[i16]) -> f64 {
+    let down = |x: &[i16]| {
+        x.iter()
+            .step_by(6)
+            .map(|&s| f64::from(s))
+            .collect::<Vec<_>>()
+    };
+    let (a, b) = (down(a), down(b));
+    let n = a.len().min(b.len());
+    let mut best = 0f64;
+    for lag in -400i64..=400 {
+        let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
+        for (i, &x) in a.iter().enumerate().take(n) {
+            let j = i as i64 + lag;
+            if j < 0 || j as usize >= b.len() {
+                continue;
+            }
+            let y = b[j as usize];
+            ab += x * y;
+            aa += x * x;
+            bb += y * y;
+        }
+        if aa > 0.0 && bb > 0.0 {
+            best = best.max(ab / (aa * bb).sqrt());
+        }
+    }
+    best
+}
+
 pub fn free_port() -> u16 {
     std::net::UdpSocket::bind("127.0.0.1:0")
         .unwrap()

@@ -1,0 +1,64 @@
+//! Record a meeting the connector has joined: every sender's audio, the mix,
+//! chat with sender and time, until stopped or the link ends.
+
+use crate::meeting::{MeetingEvent, MeetingLink};
+use crate::metrics::Metrics;
+use crate::recording::recorder::{ChatLine, Manifest, Recorder};
+use std::collections::HashSet;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::watch;
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Run until `stop` becomes true or the meeting link ends; returns the final manifest.
+pub async fn record(
+    mut link: MeetingLink,
+    mut rec: Recorder,
+    mut stop: watch::Receiver<bool>,
+    metrics: &Metrics,
+) -> std::io::Result<Manifest> {
+    let mut seen = HashSet::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut flush = tokio::time::interval(Duration::from_secs(1));
+    let mut written = 0u64;
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => break,
+            _ = tick.tick() => rec.tick()?,
+            _ = flush.tick() => {
+                let total = rec.flush()?;
+                metrics.recording_written(total.saturating_sub(written));
+                written = total;
+            }
+            ev = link.events.recv() => match ev {
+                None | Some(MeetingEvent::Left(_)) => break,
+                Some(MeetingEvent::Joined) => tracing::info!("recorder joined the meeting"),
+                Some(MeetingEvent::Audio { sender, seq, packet }) => {
+                    let id = u64::from(sender);
+                    if seen.insert(id) {
+                        rec.participant_joined(id, &format!("participant {sender}"), now_ms())?;
+                    }
+                    // The recorder tracks 16-bit sequence numbers for loss concealment.
+                    rec.audio(id, seq as u16, &packet)?;
+                }
+                Some(MeetingEvent::Chat { sender, text }) => {
+                    let id = u64::from(sender);
+                    rec.chat(&ChatLine {
+                        at_ms: now_ms(),
+                        participant: id,
+                        name: format!("participant {sender}"),
+                        text,
+                    })?;
+                }
+            }
+        }
+    }
+    link.leave();
+    rec.finish(now_ms())
+}
