@@ -1,1 +1,184 @@
-fn main() {}
+//! KMS benchmarks. Prints `BENCH {...}` lines (see the repo's bench rules).
+//!
+//! 1. Audit commit throughput and latency with group commit (one fsync per
+//!    batch) against the baseline of one fsync per request, same store code.
+//! 2. Key releases (joins: token check, state change, durable audit, HPKE
+//!    seal, ticket) per second over TLS through kms-client against the real
+//!    binary, with p50/p99 latency; baseline: unauthenticated `/v1/info`
+//!    requests over the same client (HTTP + TLS stack alone).
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use kms_node::audit::AuditRecord;
+use kms_node::core::Write;
+use kms_node::store::{Committer, Store};
+use meeting_proto::ids::MeetingId;
+use meeting_proto::kms_api::AuditKind;
+use meeting_proto::token::Role;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn bench(name: &str, value: f64, unit: &str, baseline: Option<f64>) {
+    let baseline = baseline.map_or("null".to_owned(), |b| format!("{b:.3}"));
+    println!(
+        r#"BENCH {{"name": "{name}", "value": {value:.3}, "unit": "{unit}", "baseline": {baseline}}}"#
+    );
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// (entries per second, p99 latency ms) for `jobs` one-entry commits
+/// submitted by `concurrency` tasks.
+async fn audit_run(max_batch: usize, jobs: usize, concurrency: usize) -> (f64, f64) {
+    let dir = std::env::temp_dir().join(format!(
+        "kms-bench-audit-{max_batch}-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    let store = Arc::new(Store::open(&dir).unwrap());
+    let committer = Committer::start(store, max_batch, || 0, Box::new(|_, _, _| {})).unwrap();
+    let meeting = MeetingId::new("bench").unwrap();
+    let started = Instant::now();
+    let per_task = jobs / concurrency;
+    let mut tasks = Vec::new();
+    for t in 0..concurrency {
+        let (committer, meeting) = (committer.clone(), meeting.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(per_task);
+            for i in 0..per_task {
+                let t0 = Instant::now();
+                let rx = committer.submit(
+                    vec![Write::Meeting(meeting.clone(), vec![b'x'; 200])],
+                    vec![AuditRecord::new(
+                        AuditKind::KeyRelease,
+                        "bench",
+                        format!("{t}/{i}"),
+                    )],
+                );
+                rx.await.unwrap().unwrap();
+                lat.push(t0.elapsed().as_secs_f64() * 1000.0);
+            }
+            lat
+        }));
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.unwrap());
+    }
+    let rate = (per_task * concurrency) as f64 / started.elapsed().as_secs_f64();
+    lat.sort_by(f64::total_cmp);
+    drop(committer);
+    let _ = std::fs::remove_dir_all(&dir);
+    (rate, percentile(&lat, 0.99))
+}
+
+async fn releases(
+    kms: &support::Kms,
+    prefix: &str,
+    total: usize,
+    concurrency: usize,
+) -> (f64, Vec<f64>) {
+    let c = kms.anonymous();
+    let tokens: Vec<(String, String)> = (0..total)
+        .map(|i| {
+            let meeting = format!("b{}", i % 200);
+            let token = kms.token(&format!("{prefix}{i}"), &meeting, Role::Participant);
+            (meeting, token)
+        })
+        .collect();
+    let queue = Arc::new(std::sync::Mutex::new(tokens));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (c, queue) = (c.clone(), queue.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            loop {
+                let Some((meeting, token)) = queue.lock().unwrap().pop() else {
+                    break;
+                };
+                let t0 = Instant::now();
+                support::join_with_token(&c, &meeting, token).await.unwrap();
+                lat.push(t0.elapsed().as_secs_f64() * 1000.0);
+            }
+            lat
+        }));
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.unwrap());
+    }
+    let rate = lat.len() as f64 / started.elapsed().as_secs_f64();
+    lat.sort_by(f64::total_cmp);
+    (rate, lat)
+}
+
+async fn info_rate(kms: &support::Kms, total: usize, concurrency: usize) -> f64 {
+    let c = kms.anonymous();
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..total / concurrency {
+                c.info().await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    (total / concurrency * concurrency) as f64 / started.elapsed().as_secs_f64()
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(50);
+        let (group_rate, group_p99) = audit_run(512, 4000, 64).await;
+        let (single_rate, single_p99) = audit_run(1, 600, 64).await;
+        bench(
+            "kms_audit_commits_per_s",
+            group_rate,
+            "entries/s",
+            Some(single_rate),
+        );
+        bench(
+            "kms_audit_commit_latency_p99_ms",
+            group_p99,
+            "ms",
+            Some(single_p99),
+        );
+
+        let kms = support::Kms::start("bench", "audit: {groupCommitMax: 512}\n");
+        kms.register_relay().await;
+        let baseline = info_rate(&kms, 2000, 64).await;
+        // Warm up the connection pool, then measure.
+        let _ = releases(&kms, "warm", 200, 64).await;
+        let total = if Instant::now() < deadline { 3000 } else { 500 };
+        let (rate, lat) = releases(&kms, "u", total, 64).await;
+        bench("kms_key_releases_per_s", rate, "releases/s", Some(baseline));
+        bench(
+            "kms_release_latency_p50_ms",
+            percentile(&lat, 0.5),
+            "ms",
+            None,
+        );
+        bench(
+            "kms_release_latency_p99_ms",
+            percentile(&lat, 0.99),
+            "ms",
+            None,
+        );
+    });
+}
