@@ -356,6 +356,30 @@ impl KmsClient {
     pub async fn info(&self) -> Result<api::InfoResponse, Error> {
         self.get(paths::INFO.into(), None, 0).await
     }
+
+    /// The Prometheus text exposition from `/metrics`.
+    pub async fn metrics_text(&self) -> Result<String, Error> {
+        let req = Request::builder()
+            .uri(format!("{}{}", self.base, paths::METRICS))
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| Error::BadUrl(e.to_string()))?;
+        let fut = async {
+            let resp = self
+                .http
+                .request(req)
+                .await
+                .map_err(|e| Error::Transport(error_chain(&e)))?;
+            let bytes = Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
+                .collect()
+                .await
+                .map_err(|e| Error::Transport(e.to_string()))?
+                .to_bytes();
+            String::from_utf8(bytes.to_vec()).map_err(|e| Error::Decode(e.to_string()))
+        };
+        tokio::time::timeout(REQUEST_TIMEOUT, fut)
+            .await
+            .map_err(|_| Error::Timeout)?
+    }
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

@@ -572,3 +572,60 @@ async fn audit_tampering_is_detected_offline_and_online() {
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_and_bad_input_get_clear_errors_and_metrics_count_them() {
+    tokio::time::timeout(LIMIT, async {
+        let kms = Kms::start(
+            "limits",
+            "limits: {perIdentityRps: 1, perIdentityBurst: 3, perMeetingRps: 1000, perMeetingBurst: 1000}\n",
+        );
+        kms.register_relay().await;
+        let c = kms.anonymous();
+        let ada = join_with_token(&c, "m1", kms.token("ada", "m1", Role::Host)).await.unwrap();
+        let mut limited = None;
+        for _ in 0..6 {
+            if let Err(e) = c.events(&ada.meeting, &ada.session(), 0, 0).await {
+                limited = Some(e);
+                break;
+            }
+        }
+        match limited {
+            Some(kms_client::Error::Api { status: 429, retry_after: Some(s), .. }) => assert!(s >= 1),
+            other => panic!("expected 429 with Retry-After, got {other:?}"),
+        }
+        // Oversized body: refused before parsing.
+        let err = c
+            .join(&MeetingId::new("m1").unwrap(), &api::JoinRequest {
+                token: Some("x".repeat(64 * 1024)),
+                invitation: None,
+                public_key: Hex(vec![1; 32]),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.status(), Some(413));
+        // Malformed key and meeting id: 400 with a reason.
+        let err = c
+            .join(&MeetingId::new("m1").unwrap(), &api::JoinRequest {
+                token: Some(kms.token("bob", "m1", Role::Participant)),
+                invitation: None,
+                public_key: Hex(vec![1; 5]),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!((err.status(), err.code()), (Some(400), Some("bad_public_key")));
+        // The server is still up, and its metrics saw all of it.
+        let text = c.metrics_text().await.unwrap();
+        for needle in [
+            "conclave_kms_requests_total{route=\"/v1/meetings/{meeting}/events\",status=\"429\"}",
+            "conclave_kms_key_releases_total 1",
+            "conclave_kms_audit_commit_seconds_bucket",
+            "conclave_kms_store_size_bytes",
+            "conclave_kms_active_meetings 1",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from metrics:\n{text}");
+        }
+    })
+    .await
+    .unwrap();
+}

@@ -75,9 +75,13 @@ admins: [\"conclave://{NS}/admin/auditor\"]
 connectorPools:
   - {{identity: \"conclave://{NS}/connector/rec\", kind: recording}}
 recordingKeyReaders: [\"token:portal:auditor\"]
-limits: {{perIdentityRps: 1000, perIdentityBurst: 2000, perMeetingRps: 5000, perMeetingBurst: 10000}}
-{extra}",
-            d = dir.display()
+{limits}{extra}",
+            d = dir.display(),
+            limits = if extra.contains("limits:") {
+                ""
+            } else {
+                "limits: {perIdentityRps: 1000, perIdentityBurst: 2000, perMeetingRps: 5000, perMeetingBurst: 10000}\n"
+            },
         );
         std::fs::write(dir.join("kms.yaml"), config).unwrap();
         let mut kms = Kms {
