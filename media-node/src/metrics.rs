@@ -175,6 +175,10 @@ impl RelayMetrics {
     pub fn sent(&self, kind: Kind, bytes: usize) {
         self.sent.add(kind, bytes);
     }
+    /// Datagrams sent so far of one kind.
+    pub fn sent_packets(&self, kind: Kind) -> u64 {
+        self.sent.packets[kind.index()].get()
+    }
     pub fn dropped(&self, reason: DropReason) {
         self.drops[reason as usize].inc();
     }

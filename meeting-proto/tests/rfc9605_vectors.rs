@@ -1,17 +1,18 @@
 //! RFC 9605 Appendix C test vectors against the SFrame implementation the
-//! clients use (the `sframe` crate, ring backend). The vectors are in
-//! `tests/data/rfc9605-test-vectors.json` (the RFC's JSON form).
+//! clients use (the `sframe` crate's framing with meeting-proto's ring
+//! backend). The vectors are in `tests/data/rfc9605-test-vectors.json` (the
+//! RFC's JSON form).
 //!
-//! The ring backend implements the AES-GCM suites (0x0004, 0x0005); Conclave
-//! uses 0x0004. The AES-CTR+HMAC suites (0x0001-0x0003) need another backend
-//! and are not used, so their vectors are not run here.
+//! The backend implements the AES-GCM suites (0x0004, 0x0005); Conclave uses
+//! 0x0004. The AES-CTR+HMAC suites (0x0001-0x0003) are not used, so their
+//! vectors are not run here.
 #![cfg(feature = "keys")]
 
+use meeting_proto::media_crypto::{DecryptionKey, EncryptionKey};
 use serde_json::Value;
 use sframe::CipherSuite;
 use sframe::frame::{EncryptedFrameView, MediaFrameView, SingleUseCounter};
 use sframe::header::SframeHeader;
-use sframe::key::{DecryptionKey, EncryptionKey};
 
 fn vectors() -> Value {
     serde_json::from_str(include_str!("data/rfc9605-test-vectors.json")).unwrap()
