@@ -366,15 +366,38 @@ fn crds_have_short_names_categories_columns_and_descriptions() {
 #[test]
 fn committed_crds_match_the_code() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    for dir in ["crds", "charts/conclave/crds"] {
+    for dir in ["crds", "charts/conclave/files/crds"] {
         for crd in crate::crds() {
-            let file = root.join(dir).join(crate::crd_file_name(&crd));
-            let committed = std::fs::read_to_string(&file).unwrap_or_default();
-            assert!(
-                committed == crate::crd_yaml(&crd).unwrap(),
-                "{} differs from the code: run `cargo run -p operator --bin crdgen -- crds charts/conclave/crds`",
-                file.display()
-            );
+            for (with_cel, sub) in [(true, ""), (false, crate::PRE_CEL_DIR)] {
+                let file = root.join(dir).join(sub).join(crate::crd_file_name(&crd));
+                let committed = std::fs::read_to_string(&file).unwrap_or_default();
+                assert!(
+                    committed == crate::crd_yaml(&crd, with_cel).unwrap(),
+                    "{} differs from the code: run `cargo run -p operator --bin crdgen -- crds charts/conclave/files/crds`",
+                    file.display()
+                );
+            }
         }
+    }
+}
+
+#[test]
+fn pre_cel_crds_have_no_cel_rules_and_the_others_do() {
+    for crd in crate::crds() {
+        assert!(
+            crate::crd_yaml(&crd, true)
+                .unwrap()
+                .contains("x-kubernetes-validations")
+        );
+        assert!(
+            !crate::crd_yaml(&crd, false)
+                .unwrap()
+                .contains("x-kubernetes-validations")
+        );
+        assert!(
+            crate::crd_yaml(&crd, false)
+                .unwrap()
+                .contains("helm.sh/resource-policy: keep")
+        );
     }
 }

@@ -1,18 +1,21 @@
-//! Prints the CRDs as YAML, or writes one file per CRD into the directories given.
-//! `make crds` runs `crdgen crds charts/conclave/crds`.
+//! Prints the CRDs as YAML, or writes them into each directory given: `<dir>/<name>.yaml` with
+//! CEL validation rules and `<dir>/pre-1.25/<name>.yaml` without them (older API servers refuse
+//! them in server-side apply). `make crds` runs `crdgen crds charts/conclave/files/crds`.
 
 use std::path::Path;
 
 fn main() -> anyhow::Result<()> {
     let dirs: Vec<String> = std::env::args().skip(1).collect();
     for crd in operator::crds() {
-        let yaml = operator::crd_yaml(&crd)?;
         if dirs.is_empty() {
-            print!("---\n{yaml}");
+            print!("---\n{}", operator::crd_yaml(&crd, true)?);
         }
         for dir in &dirs {
-            std::fs::create_dir_all(dir)?;
-            std::fs::write(Path::new(dir).join(operator::crd_file_name(&crd)), &yaml)?;
+            let old = Path::new(dir).join(operator::PRE_CEL_DIR);
+            std::fs::create_dir_all(&old)?;
+            let file = operator::crd_file_name(&crd);
+            std::fs::write(Path::new(dir).join(&file), operator::crd_yaml(&crd, true)?)?;
+            std::fs::write(old.join(&file), operator::crd_yaml(&crd, false)?)?;
         }
     }
     Ok(())

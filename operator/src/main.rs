@@ -117,7 +117,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Crds => {
             for crd in operator::crds() {
-                print!("---\n{}", operator::crd_yaml(&crd)?);
+                print!("---\n{}", operator::crd_yaml(&crd, true)?);
             }
             Ok(())
         }

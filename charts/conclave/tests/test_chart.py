@@ -128,9 +128,21 @@ def test_notes_and_network_policy():
 
 
 def test_chart_crds_are_the_generated_ones():
-    for f in sorted((REPO / "crds").glob("*.yaml")):
-        assert (CHART / "crds" / f.name).read_text() == f.read_text(), f.name
-    assert len(list((CHART / "crds").glob("*.yaml"))) == 3
+    for sub in ("", "pre-1.25"):
+        files = sorted((REPO / "crds" / sub).glob("*.yaml"))
+        assert len(files) == 3
+        for f in files:
+            assert (CHART / "files" / "crds" / sub / f.name).read_text() == f.read_text(), f.name
+
+
+def test_crds_render_once_each_kept_on_uninstall_and_can_be_left_out():
+    docs, _ = render()
+    crds = by_kind(docs, "CustomResourceDefinition")
+    assert sorted(c["metadata"]["name"] for c in crds) == [
+        "connectorpools.conclave.dev", "keymanagementservers.conclave.dev", "meetingzones.conclave.dev"]
+    assert all(c["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep" for c in crds)
+    docs, _ = render({"crds": {"install": False}})
+    assert by_kind(docs, "CustomResourceDefinition") == []
 
 
 def test_every_values_key_is_documented():
@@ -144,7 +156,7 @@ def test_every_values_key_is_documented():
         if not prev.startswith("#"):
             undocumented.append(m.group(2))
     # Groups (keys whose children are documented) may go without their own comment.
-    groups = {"image", "nodeImages", "leaderElection", "certificates", "serviceAccount", "metrics",
+    groups = {"crds", "image", "nodeImages", "leaderElection", "certificates", "serviceAccount", "metrics",
               "serviceMonitor", "networkPolicy", "podDisruptionBudget", "requests", "limits", "cpu", "memory"}
     assert [k for k in undocumented if k not in groups] == []
 
