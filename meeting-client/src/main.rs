@@ -30,6 +30,9 @@ enum Command {
     Join(JoinArgs),
     /// N participants in each of M meetings at realistic rates.
     Load(LoadArgs),
+    /// Mint a development join token (EdDSA JWT) from a dev issuer seed, or
+    /// print that issuer's JWKS for the KMS (`--jwks`).
+    Token(TokenArgs),
     /// Print the ticket-verification public key (hex) of a dev ticket seed,
     /// for a relay's `ticketPublicKey`.
     DevTicketKey {
@@ -91,6 +94,39 @@ struct JoinArgs {
 }
 
 #[derive(Args, Debug)]
+struct TokenArgs {
+    /// 32-byte Ed25519 seed of the dev issuer key, hex.
+    #[arg(long, env = "CONCLAVE_DEV_ISSUER_SEED")]
+    issuer_seed: String,
+    /// Key id (`kid`) the KMS's JWKS knows the key by.
+    #[arg(long, default_value = "dev")]
+    kid: String,
+    /// Print the issuer's JWKS instead of a token.
+    #[arg(long)]
+    jwks: bool,
+    #[arg(long, required_unless_present = "jwks")]
+    meeting: Option<String>,
+    /// Subject (stable user id).
+    #[arg(long, default_value = "dev-user")]
+    sub: String,
+    /// Display name.
+    #[arg(long, default_value = "Dev User")]
+    name: String,
+    /// host or participant.
+    #[arg(long, default_value = "participant")]
+    role: String,
+    /// Audience the KMS expects.
+    #[arg(long, default_value = "conclave")]
+    aud: String,
+    /// Issuer (`iss`), if the KMS checks it.
+    #[arg(long)]
+    iss: Option<String>,
+    /// Lifetime in seconds.
+    #[arg(long, default_value_t = 3600)]
+    ttl: u64,
+}
+
+#[derive(Args, Debug)]
 struct LoadArgs {
     #[command(flatten)]
     dev: DevCreds,
@@ -126,6 +162,33 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     match Cli::parse().command {
+        Command::Token(t) => {
+            use meeting_proto::token::{Claims, DevIssuerKey, Role};
+            let seed: [u8; 32] = hex_array("--issuer-seed", &t.issuer_seed)?;
+            let key = DevIssuerKey::from_seed(t.kid.clone(), &seed)?;
+            if t.jwks {
+                println!("{}", key.jwks_json());
+                return Ok(());
+            }
+            let role = match t.role.as_str() {
+                "host" => Role::Host,
+                "participant" => Role::Participant,
+                other => anyhow::bail!("--role must be host or participant, not {other:?}"),
+            };
+            let now = meeting_client::dev::unix_now();
+            let claims = Claims {
+                sub: t.sub,
+                name: t.name,
+                mid: MeetingId::new(t.meeting.unwrap_or_default()).context("--meeting")?,
+                role,
+                aud: vec![t.aud],
+                exp: now + t.ttl,
+                nbf: None,
+                iat: Some(now),
+                iss: t.iss,
+            };
+            println!("{}", key.mint(&claims));
+        }
         Command::DevTicketKey { seed } => {
             let i = DevIssuer::new(hex_array("--seed", &seed)?, "");
             println!("{}", i.public_key_hex());
