@@ -44,6 +44,8 @@ pub enum Write {
     Meeting(MeetingId, Vec<u8>),
     Member(MeetingId, ParticipantId, Option<Vec<u8>>),
     Token([u8; 32], u64),
+    /// A remembered join token expired: it can no longer be replayed anyway.
+    ForgetToken([u8; 32]),
     Recording(String, Vec<u8>),
     Kek(StoredKek),
 }
@@ -1123,7 +1125,18 @@ impl Core {
             }
         }
         let now_s = now_ms / 1000;
-        self.tokens.retain(|_, exp| *exp + 300 >= now_s);
+        // Tokens are remembered until they expire (plus clock skew), so a
+        // replay is refused for as long as the token itself would be accepted.
+        let expired: Vec<[u8; 32]> = self
+            .tokens
+            .iter()
+            .filter(|(_, exp)| **exp + 300 < now_s)
+            .map(|(h, _)| *h)
+            .collect();
+        for h in expired {
+            self.tokens.remove(&h);
+            fx.writes.push(Write::ForgetToken(h));
+        }
         fx
     }
 
@@ -1271,6 +1284,17 @@ mod tests {
         assert_eq!(fx.audit.len(), 1);
         assert_eq!(fx.audit[0].kind, AuditKind::Denial);
         assert!(fx.writes.is_empty());
+    }
+
+    #[test]
+    fn remembered_tokens_are_forgotten_after_expiry() {
+        let mut c = core();
+        join(&mut c, "ada", Role::Host, 1);
+        let forgot = |fx: &Effects| fx.writes.contains(&Write::ForgetToken([1; 32]));
+        assert!(!forgot(&c.tick(1_000_000)));
+        assert!(forgot(&c.tick(10_301_000)));
+        // Once forgotten the token is expired anyway: the verifier refuses it.
+        assert!(!forgot(&c.tick(10_302_000)));
     }
 
     #[test]

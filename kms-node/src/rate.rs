@@ -43,6 +43,22 @@ impl RateLimiter {
         }
     }
 
+    /// Whether `key` has a token left, without taking it.
+    pub fn has_budget(&mut self, key: &str, now_ms: u64) -> Result<(), u64> {
+        match self.buckets.get(key) {
+            None => Ok(()),
+            Some((tokens, last)) => {
+                let elapsed = now_ms.saturating_sub(*last) as f64 / 1000.0;
+                let tokens = (tokens + elapsed * self.rate_per_s).min(self.burst);
+                if tokens >= 1.0 {
+                    Ok(())
+                } else {
+                    Err((((1.0 - tokens) / self.rate_per_s) * 1000.0).ceil() as u64)
+                }
+            }
+        }
+    }
+
     fn evict(&mut self, now_ms: u64) {
         let (rate, burst) = (self.rate_per_s, self.burst);
         self.buckets.retain(|_, (tokens, last)| {
@@ -70,6 +86,10 @@ mod tests {
         assert!(r.check("b", 0).is_ok(), "other keys are independent");
         assert!(r.check("a", 499).is_err());
         assert!(r.check("a", 1000).is_ok());
+        assert!(r.check("a", 1000).is_ok());
+        assert!(r.has_budget("a", 1000).is_err());
+        assert!(r.has_budget("a", 1500).is_ok());
+        assert!(r.has_budget("never-seen", 0).is_ok());
     }
 
     #[test]

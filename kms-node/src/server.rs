@@ -46,6 +46,10 @@ pub struct Shared {
     metrics: Metrics,
     per_identity: Mutex<RateLimiter>,
     per_meeting: Mutex<RateLimiter>,
+    /// Refusals (401/403) per source address: past the budget, requests get
+    /// 429 before reaching the core, so a flood of bad credentials cannot
+    /// flood the audit log.
+    failures: Mutex<RateLimiter>,
     in_flight: Semaphore,
     changed: watch::Sender<u64>,
 }
@@ -91,9 +95,10 @@ fn bad_request(code: &'static str, msg: impl Into<String>) -> ApiError {
     Denial::new(400, code, msg).into()
 }
 
-/// The client certificate identity of the connection, if any.
+/// The client certificate identity of the connection, if any, and its
+/// source address.
 #[derive(Clone, Debug)]
-pub struct Peer(pub Option<Identity>);
+pub struct Peer(pub Option<Identity>, pub std::net::IpAddr);
 
 /// Loads the issuers' JWKS files into a verifier.
 fn load_verifier(config: &KmsConfig) -> anyhow::Result<TokenVerifier> {
@@ -177,6 +182,10 @@ impl Shared {
             per_meeting: Mutex::new(RateLimiter::new(
                 config.limits.per_meeting_rps,
                 config.limits.per_meeting_burst,
+            )),
+            failures: Mutex::new(RateLimiter::new(
+                config.limits.per_identity_rps,
+                config.limits.per_identity_burst,
             )),
             in_flight: Semaphore::new(config.limits.max_in_flight),
             changed: watch::channel(0).0,
@@ -963,14 +972,33 @@ async fn track(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Respon
         .get::<MatchedPath>()
         .map_or("unmatched".to_owned(), |m| m.as_str().to_owned());
     let started = Instant::now();
-    let response = match s.in_flight.try_acquire() {
-        Ok(_permit) => next.run(req).await,
-        Err(_) => ApiError(
+    let source = req.extensions().get::<Peer>().map(|p| p.1.to_string());
+    let failures = || s.failures.lock().unwrap_or_else(|p| p.into_inner());
+    let budget = source
+        .as_ref()
+        .map_or(Ok(()), |ip| failures().has_budget(ip, now_ms()));
+    let response = match (budget, s.in_flight.try_acquire()) {
+        (Err(ms), _) => ApiError(
+            Denial::new(
+                429,
+                "too_many_failures",
+                "too many refused requests from this address",
+            ),
+            Some(ms),
+        )
+        .into_response(),
+        (Ok(()), Ok(_permit)) => next.run(req).await,
+        (Ok(()), Err(_)) => ApiError(
             Denial::new(429, "overloaded", "too many requests in flight"),
             Some(1000),
         )
         .into_response(),
     };
+    if matches!(response.status().as_u16(), 401 | 403)
+        && let Some(ip) = &source
+    {
+        let _ = failures().check(ip, now_ms());
+    }
     s.metrics
         .requests
         .get_or_create(&RequestLabels {
@@ -1106,7 +1134,7 @@ pub async fn serve(config: KmsConfig) -> anyhow::Result<()> {
             let identity = conclave_pki::peer_identity(tls.get_ref().1.peer_certificates())
                 .ok()
                 .flatten();
-            let svc = app.layer(Extension(Peer(identity)));
+            let svc = app.layer(Extension(Peer(identity, remote.ip())));
             let svc = hyper_util::service::TowerToHyperService::new(svc);
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())

@@ -243,6 +243,9 @@ impl Store {
                     Write::Token(hash, exp) => {
                         tokens.insert(hash.as_slice(), *exp).map_err(dbe)?;
                     }
+                    Write::ForgetToken(hash) => {
+                        tokens.remove(hash.as_slice()).map_err(dbe)?;
+                    }
                     Write::Recording(id, rec) => {
                         recordings
                             .insert(id.as_str(), rec.as_slice())

@@ -625,6 +625,22 @@ async fn overload_and_bad_input_get_clear_errors_and_metrics_count_them() {
         ] {
             assert!(text.contains(needle), "{needle} missing from metrics:\n{text}");
         }
+        // A flood of bad credentials from one address: the first few are
+        // refused and audited, then refused with 429 before reaching the core.
+        let mut codes = Vec::new();
+        for _ in 0..5 {
+            let err = c
+                .join(&MeetingId::new("m1").unwrap(), &api::JoinRequest {
+                    token: Some("e30.e30.AAAA".into()),
+                    invitation: None,
+                    public_key: Hex(vec![1; 32]),
+                })
+                .await
+                .unwrap_err();
+            codes.push(err.code().unwrap_or_default().to_owned());
+        }
+        assert_eq!(codes[0], "bad_token");
+        assert_eq!(codes.last().unwrap(), "too_many_failures", "{codes:?}");
     })
     .await
     .unwrap();
