@@ -242,6 +242,44 @@ def test_chart_pod_monitor_labels_targets_like_the_plain_prometheus_config():
     assert everywhere["spec"]["namespaceSelector"] == {"any": True}
 
 
+def pod(name, ns, labels, phase="Running", ip="198.18.0.9", port=9090):
+    return {"metadata": {"name": name, "namespace": ns, "labels": labels},
+            "spec": {"containers": [{"ports": [{"name": "http", "containerPort": port}, {"name": "media", "containerPort": 7000}]}]},
+            "status": {"phase": phase, **({"podIP": ip} if ip else {})}}
+
+
+def test_file_sd_targets_carry_the_pod_monitor_labels():
+    c = {"app.kubernetes.io/name": "conclave"}
+    pods = {"items": [
+        pod("zone-a-0", "meet", {**c, "app.kubernetes.io/component": "relay", "app.kubernetes.io/instance": "zone-a"}, ip="198.18.0.5"),
+        pod("kms-0", "meet", {**c, "app.kubernetes.io/component": "kms", "app.kubernetes.io/instance": "kms"}, ip="198.18.0.6"),
+        pod("phones-x", "meet", {**c, "app.kubernetes.io/component": "connector", "conclave.dev/zone": "zone-a"}, ip="198.18.0.7"),
+        pod("conclave-op", "conclave-system", {**c, "app.kubernetes.io/component": "operator"}, ip="198.18.0.8", port=8080),
+        pod("done", "meet", {**c, "app.kubernetes.io/component": "relay"}, phase="Succeeded"),
+        pod("starting", "meet", {**c, "app.kubernetes.io/component": "relay"}, phase="Pending", ip=None),
+        pod("other", "meet", {"app.kubernetes.io/name": "grafana"}),
+    ]}
+    assert prometheus_config.pod_targets(pods) == [
+        {"targets": ["198.18.0.8:8080"], "labels": {"namespace": "conclave-system", "pod": "conclave-op", "component": "operator"}},
+        {"targets": ["198.18.0.6:9090"], "labels": {"namespace": "meet", "pod": "kms-0", "component": "kms"}},
+        {"targets": ["198.18.0.7:9090"], "labels": {"namespace": "meet", "pod": "phones-x", "component": "connector", "zone": "zone-a"}},
+        {"targets": ["198.18.0.5:9090"], "labels": {"namespace": "meet", "pod": "zone-a-0", "component": "relay", "zone": "zone-a"}},
+    ]
+
+
+@needs_promtool
+def test_generated_prometheus_configs_are_valid(tmp_path):
+    targets = tmp_path / "targets.json"
+    targets.write_text("[]")
+    for args in (["--file-sd", str(targets)], ["--static", "relay=127.0.0.1:9090,namespace=dev,zone=a,pod=r-0"]):
+        r = run(sys.executable, str(OBS / "prometheus_config.py"), "config", *args)
+        assert r.returncode == 0, r.stderr
+        (tmp_path / "prometheus.yml").write_text(r.stdout)
+        c = run(PROMTOOL, "check", "config", str(tmp_path / "prometheus.yml"))
+        assert c.returncode == 0, c.stdout + c.stderr
+        assert "SUCCESS: 1 rule files found" in c.stdout
+
+
 @needs_helm
 def test_chart_refuses_unknown_monitoring_values():
     with pytest.raises(Exception):
