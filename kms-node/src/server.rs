@@ -1081,11 +1081,7 @@ pub async fn serve(config: KmsConfig) -> anyhow::Result<()> {
     let tls_files = conclave_pki::TlsFiles {
         cert: config.tls.cert_file.clone(),
         key: config.tls.key_file.clone(),
-        ca: config
-            .tls
-            .client_ca_file
-            .clone()
-            .unwrap_or_else(|| config.tls.cert_file.clone()),
+        ca: config.tls.client_ca_file.clone(),
     };
     let mut tls = conclave_pki::tls::server_config(&tls_files, conclave_pki::ClientAuth::Optional)?;
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];

@@ -4,6 +4,29 @@
 //! the few that have no safe one (TLS files, root key file, issuers are
 //! optional but then no participant can join). [`KmsConfig::validate`]
 //! returns every problem found, each naming the field.
+//!
+//! ```yaml
+//! listen: 0.0.0.0:8443                 # HTTPS API (default)
+//! opsListen: 0.0.0.0:9090              # plain /healthz /readyz /metrics (default; null = off)
+//! dataDir: /var/lib/conclave-kms       # redb store on the PVC (default)
+//! tls:
+//!   certFile: /etc/conclave/tls/tls.crt
+//!   keyFile: /etc/conclave/tls/tls.key
+//!   clientCaFile: /etc/conclave/tls/ca.crt
+//! rootKey: {file: /etc/conclave/root/root.key, generateIfMissing: false}
+//! issuers:
+//!   - {issuer: portal, jwksFile: /etc/conclave/issuers/0/jwks.json, audience: conclave}
+//! rotation: {meetingKeyIntervalS: 3600, kekIntervalS: 2592000, kekRetireAfterS: 31536000}
+//! audit: {retentionDays: 400, groupCommitMax: 512}
+//! limits: {perIdentityRps: 20, perIdentityBurst: 40, perMeetingRps: 200, perMeetingBurst: 400,
+//!          maxInFlight: 2048, maxBodyBytes: 16384, maxMembers: 1000}
+//! relays: {heartbeatIntervalMs: 5000, heartbeatTimeoutMs: 15000, zone: null}
+//! connectorPools:
+//!   - {identity: "conclave://ns/connector/rec", kind: recording}
+//! admins: ["conclave://ns/operator/conclave"]
+//! recordingKeyReaders: ["token:portal:auditor", "conclave://ns/recording-reader/legal"]
+//! ticketLifetimeS: 900
+//! ```
 
 use crate::kms_api::ConnectorKind;
 use serde::{Deserialize, Serialize};
@@ -69,10 +92,9 @@ pub struct TlsFiles {
     pub cert_file: PathBuf,
     /// PEM private key of the KMS server.
     pub key_file: PathBuf,
-    /// PEM CA bundle client certificates must chain to. `null`: no client
-    /// certificates are accepted (participants only; no services).
-    #[serde(default)]
-    pub client_ca_file: Option<PathBuf>,
+    /// PEM CA bundle that client certificates (relays, connectors, the
+    /// operator, admins) must chain to: the operator's CA. Reloaded when it changes.
+    pub client_ca_file: PathBuf,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -328,6 +350,10 @@ impl KmsConfig {
             "tls.certFile and tls.keyFile must be set",
         );
         check(
+            !self.tls.client_ca_file.as_os_str().is_empty(),
+            "tls.clientCaFile must be set",
+        );
+        check(
             !self.root_key.file.as_os_str().is_empty(),
             "rootKey.file must be set",
         );
@@ -431,7 +457,7 @@ mod tests {
     use super::*;
 
     const MINIMAL: &str = "
-tls: {certFile: /tls/tls.crt, keyFile: /tls/tls.key}
+tls: {certFile: /tls/tls.crt, keyFile: /tls/tls.key, clientCaFile: /tls/ca.crt}
 rootKey: {file: /root/key}
 ";
 
@@ -444,6 +470,22 @@ rootKey: {file: /root/key}
         assert_eq!(c.limits.max_body_bytes, 16384);
         assert!(!c.root_key.generate_if_missing);
         assert!(c.issuers.is_empty());
+    }
+
+    #[test]
+    fn the_documented_example_is_valid() {
+        let doc: String = include_str!("kms.rs")
+            .lines()
+            .filter_map(|l| l.strip_prefix("//!"))
+            .map(|l| l.strip_prefix(' ').unwrap_or(l))
+            .skip_while(|l| !l.starts_with("```yaml"))
+            .skip(1)
+            .take_while(|l| !l.starts_with("```"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c = KmsConfig::from_yaml(&doc).unwrap();
+        assert_eq!(c.connector_pools[0].kind, ConnectorKind::Recording);
+        assert_eq!(c.recording_key_readers.len(), 2);
     }
 
     #[test]
