@@ -3,6 +3,7 @@
 //! out); the tokio shells around them own sockets, files and child processes.
 
 pub mod bridge;
+pub mod kms;
 pub mod media;
 pub mod meeting;
 pub mod metrics;

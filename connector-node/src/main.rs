@@ -44,9 +44,23 @@ enum RecordingCmd {
         dir: PathBuf,
         #[arg(long)]
         out: PathBuf,
-        /// Local key-encryption key file (32 bytes hex) for pools without a KMS data-key API.
+        /// Local key-encryption key file (32 bytes hex), for recordings made with one.
+        #[arg(long, conflicts_with = "kms")]
+        local_kek: Option<PathBuf>,
+        /// KMS URL: the KMS releases the data key to authorized readers only.
+        #[arg(long, requires = "ca")]
+        kms: Option<String>,
+        /// CA bundle that signs the KMS's certificate.
         #[arg(long)]
-        local_kek: PathBuf,
+        ca: Option<PathBuf>,
+        /// A join token for the recording's meeting naming an authorized reader.
+        #[arg(long, env = "CONCLAVE_TOKEN")]
+        token: Option<String>,
+        /// Client certificate + key (PEM) of an authorized reader identity.
+        #[arg(long, requires = "key")]
+        cert: Option<PathBuf>,
+        #[arg(long)]
+        key: Option<PathBuf>,
     },
     /// Record a 48 kHz mono 16-bit WAV as one participant, in real time
     /// (exercises the recorder end to end; used by crash tests).
@@ -160,13 +174,43 @@ fn main() -> anyhow::Result<()> {
                 dir,
                 out,
                 local_kek,
+                kms,
+                ca,
+                token,
+                cert,
+                key,
             } => {
-                let kek = read_kek(&local_kek)?;
-                let reports = decrypt_dir(&dir, &out, |w| {
-                    kek.unwrap_key(w).ok_or_else(|| {
-                        "the local KEK does not open this recording's data key".to_string()
-                    })
-                })?;
+                let reports = match (local_kek, kms) {
+                    (Some(k), _) => {
+                        let kek = read_kek(&k)?;
+                        decrypt_dir(&dir, &out, |w| {
+                            kek.unwrap_key(w).ok_or_else(|| {
+                                "the local KEK does not open this recording's data key".to_string()
+                            })
+                        })?
+                    }
+                    (None, Some(url)) => {
+                        let ca = ca.context("--ca is required with --kms")?;
+                        let tls =
+                            match (cert, key) {
+                                (Some(cert), Some(key)) => conclave_pki::tls::client_config(
+                                    &conclave_pki::tls::TlsFiles { cert, key, ca },
+                                )?,
+                                _ => conclave_pki::tls::anonymous_client_config(&ca)?,
+                            };
+                        let client = kms_client::KmsClient::new(&url, tls)?;
+                        let rt = tokio::runtime::Runtime::new()?;
+                        decrypt_dir(&dir, &out, |w| {
+                            rt.block_on(connector_node::kms::fetch_recording_key(
+                                &client,
+                                w,
+                                token.clone(),
+                            ))
+                            .map_err(|e| e.to_string())
+                        })?
+                    }
+                    (None, None) => bail!("give --local-kek or --kms"),
+                };
                 for r in &reports {
                     println!(
                         "{}",

@@ -8,6 +8,7 @@
 
 use meeting_client::join::{Credentials, flush, relay_socket};
 use meeting_client::session::{Event, Session};
+use meeting_proto::media_keys::EpochKey;
 use meeting_proto::wire::{StreamKind, flags};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -36,6 +37,8 @@ pub struct MeetingLink {
     pub events: mpsc::Receiver<MeetingEvent>,
     /// Opus packets (20 ms) this connector sends into the meeting.
     pub audio: mpsc::Sender<Vec<u8>>,
+    /// New epoch keys from the KMS (after a leave, the meeting rotates).
+    pub keys: mpsc::Sender<EpochKey>,
     leave: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -54,6 +57,7 @@ pub async fn join(creds: Credentials, join_timeout: Duration) -> std::io::Result
     let (ev_tx, events) = mpsc::channel(512);
     let (audio_tx, mut audio_rx) = mpsc::channel::<Vec<u8>>(100);
     let (leave_tx, mut leave_rx) = tokio::sync::oneshot::channel::<()>();
+    let (keys_tx, mut keys_rx) = mpsc::channel::<EpochKey>(4);
     let sender_index = creds.sender_index;
     tokio::spawn(async move {
         let start = Instant::now();
@@ -84,6 +88,7 @@ pub async fn join(creds: Credentials, join_timeout: Duration) -> std::io::Result
                         session.handle_datagram(&buf[..n], Instant::now());
                     }
                 }
+                Some(k) = keys_rx.recv() => session.set_epoch(k, Instant::now()),
                 p = audio_rx.recv() => {
                     let Some(p) = p else { break "left".to_string() };
                     if session.is_joined() {
@@ -127,6 +132,7 @@ pub async fn join(creds: Credentials, join_timeout: Duration) -> std::io::Result
         sender_index,
         events,
         audio: audio_tx,
+        keys: keys_tx,
         leave: Some(leave_tx),
     })
 }

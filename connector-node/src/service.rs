@@ -106,11 +106,59 @@ pub async fn run(cfg: ConnectorConfig, metrics: Arc<Metrics>) -> anyhow::Result<
             }
             Ok(())
         }
-        ConnectorKind::Recording | ConnectorKind::LiveStreaming => bail!(
-            "type {}: joining meetings from KMS assignments is not implemented in this build \
-             (recording files, decryption and the ffmpeg streaming supervisor are available as libraries and \
-             the `recording` subcommands)",
-            cfg.kind.as_str()
+        ConnectorKind::Recording => {
+            let rs = cfg.recording.as_ref().context("recording section")?;
+            let client = kms_client(&cfg)?;
+            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+            tokio::spawn(async move {
+                // SIGTERM (pod deletion) closes every recording cleanly.
+                if let Ok(mut term) =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                {
+                    term.recv().await;
+                    let _ = stop_tx.send(true);
+                }
+            });
+            tracing::info!(pool = %cfg.pool, dir = %rs.dir.display(), "recording connector waiting for assignments");
+            let mut stop = stop_rx.clone();
+            loop {
+                tokio::select! {
+                    _ = stop.wait_for(|s| *s) => return Ok(()),
+                    r = client.assignments(25_000) => match r {
+                        Ok(r) => {
+                            for a in r.assignments {
+                                let (client, base, stop, metrics) =
+                                    (client.clone(), rs.dir.clone(), stop_rx.clone(), metrics.clone());
+                                tokio::spawn(async move {
+                                    let meeting = a.meeting.clone();
+                                    if let Err(e) = crate::recording::live::record_assignment(client, a, &base, stop, &metrics).await {
+                                        tracing::warn!(meeting = %meeting, error = %format!("{e:#}"), "recording failed");
+                                    }
+                                });
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "fetching assignments failed");
+                            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                        }
+                    }
+                }
+            }
+        }
+        ConnectorKind::LiveStreaming => bail!(
+            "type liveStreaming: joining meetings for streaming is not wired in this build \
+             (the ffmpeg supervisor and allow-list are available as a library)"
         ),
     }
+}
+
+fn kms_client(cfg: &ConnectorConfig) -> anyhow::Result<kms_client::KmsClient> {
+    let files = conclave_pki::tls::TlsFiles {
+        cert: cfg.kms.cert_file.clone(),
+        key: cfg.kms.key_file.clone(),
+        ca: cfg.kms.ca_file.clone(),
+    };
+    let tls =
+        conclave_pki::tls::client_config(&files).context("loading the KMS client certificate")?;
+    Ok(kms_client::KmsClient::new(&cfg.kms.url, tls)?)
 }

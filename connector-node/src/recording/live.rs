@@ -62,3 +62,42 @@ pub async fn record(
     link.leave();
     rec.finish(now_ms())
 }
+
+/// Serve one KMS assignment: join with the invitation (the connector is in
+/// the roster as `connector:recording`), follow epochs, record under a fresh
+/// KMS data key into `base/<meeting>-<invitation>`, and leave when stopped or
+/// when the meeting link ends. Returns the recording directory.
+pub async fn record_assignment(
+    client: kms_client::KmsClient,
+    assignment: meeting_proto::kms_api::Assignment,
+    base: &std::path::Path,
+    stop: watch::Receiver<bool>,
+    metrics: &Metrics,
+) -> anyhow::Result<std::path::PathBuf> {
+    use anyhow::Context;
+    let (membership, creds) = crate::kms::join_assignment(&client, &assignment)
+        .await
+        .context("joining with the invitation")?;
+    let meeting = membership.meeting.clone();
+    let session = membership.session.clone();
+    let link = crate::meeting::join(creds, Duration::from_secs(10))
+        .await
+        .context("reaching the relay")?;
+    tokio::spawn(crate::kms::follow_epochs(
+        client.clone(),
+        membership,
+        link.keys.clone(),
+    ));
+    let (key, blob) = crate::kms::create_recording_key(&client, &meeting)
+        .await
+        .context("creating the recording data key")?;
+    let dir = base.join(format!("{}-{}", meeting.as_str(), assignment.invitation));
+    let rec = Recorder::create(&dir, meeting.as_str(), key, blob, now_ms())?;
+    tracing::info!(meeting = %meeting, dir = %dir.display(), "recording");
+    let manifest = record(link, rec, stop, metrics).await?;
+    if let Err(e) = client.leave(&meeting, &session).await {
+        tracing::warn!(error = %e, "KMS leave failed");
+    }
+    tracing::info!(meeting = %meeting, participants = manifest.participants.len(), "recording finished");
+    Ok(dir)
+}

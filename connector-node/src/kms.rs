@@ -1,0 +1,182 @@
+//! The connector's dealings with the KMS: pick up assignments (invitations)
+//! with the pod's client certificate, join with the invitation (so the
+//! connector is in the roster as `connector:<type>`), follow epoch changes,
+//! and create or fetch recording data keys.
+
+use crate::recording::container::DataKey;
+use kms_client::{KmsClient, Session};
+use meeting_client::join::Credentials;
+use meeting_proto::ids::{MeetingId, ParticipantId};
+use meeting_proto::key_release::EphemeralKey;
+use meeting_proto::kms_api::{self as api, Hex};
+use meeting_proto::media_keys::EpochKey;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Prefix of the wrapped-key blob in recording headers: the KMS keeps the
+/// wrapped data key; files carry only the recording id.
+const KMS_BLOB: &[u8] = b"KMS1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum KmsError {
+    #[error("KMS: {0}")]
+    Api(#[from] kms_client::Error),
+    #[error("cannot open the key the KMS released: {0}")]
+    Open(String),
+    #[error("relay address {0:?} from the KMS is not host:port")]
+    RelayAddress(String),
+    #[error("recording file does not name a KMS recording key")]
+    NotKmsKey,
+}
+
+/// A connector's membership in one meeting, as the KMS sees it.
+pub struct Membership {
+    pub meeting: MeetingId,
+    pub participant: ParticipantId,
+    pub session: Session,
+    pub version: u64,
+    key: EphemeralKey,
+}
+
+impl std::fmt::Debug for Membership {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Membership")
+            .field("meeting", &self.meeting)
+            .field("participant", &self.participant)
+            .finish_non_exhaustive()
+    }
+}
+
+fn epoch_key(
+    key: &EphemeralKey,
+    sealed: &api::SealedKey,
+    m: &Membership,
+) -> Result<EpochKey, KmsError> {
+    let opened = key
+        .open_meeting_key(sealed, &m.meeting, m.participant)
+        .map_err(|e| KmsError::Open(e.to_string()))?;
+    EpochKey::new(m.meeting.clone(), opened.epoch, opened.as_bytes())
+        .map_err(|e| KmsError::Open(e.to_string()))
+}
+
+/// Join the meeting of an assignment with its invitation.
+pub async fn join_assignment(
+    client: &KmsClient,
+    a: &api::Assignment,
+) -> Result<(Membership, Credentials), KmsError> {
+    let key = EphemeralKey::generate();
+    let joined = client
+        .join(
+            &a.meeting,
+            &api::JoinRequest {
+                token: None,
+                invitation: Some(a.invitation),
+                public_key: Hex(key.public_key().to_vec()),
+            },
+        )
+        .await?;
+    let relay: SocketAddr = joined
+        .relay
+        .address
+        .parse()
+        .map_err(|_| KmsError::RelayAddress(joined.relay.address.clone()))?;
+    let m = Membership {
+        meeting: a.meeting.clone(),
+        participant: joined.participant,
+        session: Session(joined.session.clone()),
+        version: 0,
+        key,
+    };
+    let epoch = epoch_key(&m.key, &joined.key, &m)?;
+    let creds = Credentials {
+        meeting: a.meeting.clone(),
+        sender_index: joined.sender_index,
+        relay,
+        ticket: joined.relay.ticket.0.clone(),
+        key: epoch,
+    };
+    Ok((m, creds))
+}
+
+/// Follow roster versions and hand new epoch keys to the meeting link until
+/// it closes. Errors are logged and retried with a pause.
+pub async fn follow_epochs(
+    client: KmsClient,
+    mut m: Membership,
+    link_keys: tokio::sync::mpsc::Sender<EpochKey>,
+) {
+    while !link_keys.is_closed() {
+        match client
+            .events(&m.meeting, &m.session, m.version, 20_000)
+            .await
+        {
+            Ok(ev) => {
+                m.version = ev.version;
+                if let Some(sealed) = ev.key {
+                    match epoch_key(&m.key, &sealed, &m) {
+                        Ok(k) => {
+                            if link_keys.send(k).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "could not open a new epoch key"),
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, meeting = %m.meeting, "KMS events failed");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
+    }
+}
+
+/// A fresh data key for a recording of `meeting` and the blob files carry.
+pub async fn create_recording_key(
+    client: &KmsClient,
+    meeting: &MeetingId,
+) -> Result<(DataKey, Vec<u8>), KmsError> {
+    let key = EphemeralKey::generate();
+    let created = client
+        .create_recording_key(&api::CreateRecordingKeyRequest {
+            meeting: meeting.clone(),
+            public_key: Hex(key.public_key().to_vec()),
+        })
+        .await?;
+    let dk = key
+        .open_data_key(&created.key)
+        .map_err(|e| KmsError::Open(e.to_string()))?;
+    let data_key = DataKey::from_bytes(dk.as_bytes())
+        .ok_or_else(|| KmsError::Open("data key is not 32 bytes".into()))?;
+    let mut blob = KMS_BLOB.to_vec();
+    blob.extend_from_slice(created.key.recording.as_bytes());
+    Ok((data_key, blob))
+}
+
+/// Ask the KMS for a recording's data key as an authorized reader (a join
+/// token for the meeting, or the client certificate in `client`).
+pub async fn fetch_recording_key(
+    client: &KmsClient,
+    blob: &[u8],
+    token: Option<String>,
+) -> Result<DataKey, KmsError> {
+    let id = blob
+        .strip_prefix(KMS_BLOB)
+        .and_then(|r| std::str::from_utf8(r).ok())
+        .ok_or(KmsError::NotKmsKey)?;
+    let key = EphemeralKey::generate();
+    let got = client
+        .recording_key(
+            id,
+            &api::RecordingKeyRequest {
+                public_key: Hex(key.public_key().to_vec()),
+                token,
+            },
+        )
+        .await?;
+    let dk = key
+        .open_data_key(&got.key)
+        .map_err(|e| KmsError::Open(e.to_string()))?;
+    DataKey::from_bytes(dk.as_bytes())
+        .ok_or_else(|| KmsError::Open("data key is not 32 bytes".into()))
+}

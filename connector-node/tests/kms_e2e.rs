@@ -1,0 +1,309 @@
+//! The recording connector with the real KMS and relay (processes on
+//! 127.0.0.1): the host invites it, it picks the assignment up with its
+//! client certificate, joins with the invitation (visible in the roster as
+//! `connector:recording`), records under a KMS data key; an authorized reader
+//! decrypts, anyone else is refused by the KMS; an uninvited connector gets
+//! no key and the audit log shows the denial.
+
+mod common;
+
+use common::{TempDir, require};
+use conclave_pki::{DevPki, Identity, Kind};
+use connector_node::metrics::Metrics;
+use connector_node::recording::{decrypt, live};
+use connector_node::{kms, meeting};
+use kms_client::KmsClient;
+use meeting_client::audio::Encoder;
+use meeting_client::join::Credentials;
+use meeting_proto::ids::MeetingId;
+use meeting_proto::key_release::EphemeralKey;
+use meeting_proto::kms_api::{self as api, AuditKind, ConnectorKind, Hex};
+use meeting_proto::media_keys::EpochKey;
+use meeting_proto::token::{Claims, DevIssuerKey, Role};
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::watch;
+
+const NS: &str = "ns";
+const AUD: &str = "conclave-kms";
+
+fn bin(name: &str) -> PathBuf {
+    let mut p = std::env::current_exe().unwrap();
+    p.pop();
+    if p.ends_with("deps") {
+        p.pop();
+    }
+    let p = p.join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first",
+        p.display()
+    );
+    p
+}
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn now_s() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct World {
+    _dir: TempDir,
+    _kms: Proc,
+    url: String,
+    pki: DevPki,
+    issuer: DevIssuerKey,
+}
+
+impl World {
+    fn start(dir: TempDir) -> Self {
+        let d = dir.0.clone();
+        let pki = DevPki::create(d.join("pki"), NS).unwrap();
+        pki.server("kms", &Identity::new(NS, Kind::Kms, "kms").unwrap())
+            .unwrap();
+        let issuer = DevIssuerKey::from_seed("k1", &[7; 32]).unwrap();
+        std::fs::write(d.join("jwks.json"), issuer.jwks_json()).unwrap();
+        let port = free_port();
+        std::fs::write(
+            d.join("kms.yaml"),
+            format!(
+                "listen: 127.0.0.1:{port}\nopsListen: null\ndataDir: {d}/data\n\
+                 tls: {{certFile: {d}/pki/kms.crt, keyFile: {d}/pki/kms.key, clientCaFile: {d}/pki/ca.crt}}\n\
+                 rootKey: {{file: {d}/root.key, generateIfMissing: true}}\n\
+                 issuers:\n  - {{issuer: portal, jwksFile: {d}/jwks.json, audience: {AUD}}}\n\
+                 admins: [\"conclave://{NS}/admin/auditor\"]\n\
+                 connectorPools:\n  - {{identity: \"conclave://{NS}/connector/rec\", kind: recording}}\n\
+                 recordingKeyReaders: [\"token:portal:auditor\"]\n",
+                d = d.display()
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new(bin("kms-node"))
+            .arg("serve")
+            .arg("--config")
+            .arg(d.join("kms.yaml"))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let kms = Proc(child);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("kms listening (https)") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(60))
+            .expect("kms-node listening");
+        World {
+            _dir: dir,
+            _kms: kms,
+            url: format!("https://127.0.0.1:{port}"),
+            pki,
+            issuer,
+        }
+    }
+
+    fn client(&self, file: &str, id: Option<Identity>) -> KmsClient {
+        let tls = match id {
+            Some(id) => {
+                conclave_pki::tls::client_config(&self.pki.client(file, &id).unwrap()).unwrap()
+            }
+            None => conclave_pki::tls::anonymous_client_config(&self.pki.ca_path()).unwrap(),
+        };
+        KmsClient::new(&self.url, tls).unwrap()
+    }
+
+    fn token(&self, sub: &str, meeting: &str, role: Role) -> String {
+        self.issuer.mint(&Claims {
+            sub: sub.into(),
+            name: sub.to_uppercase(),
+            mid: MeetingId::new(meeting).unwrap(),
+            role,
+            aud: vec![AUD.into()],
+            exp: now_s() + 600,
+            nbf: None,
+            iat: Some(now_s()),
+            iss: Some("portal".into()),
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invited_recorder_records_under_a_kms_key_only_readers_decrypt() {
+    require("ffprobe");
+    tokio::time::timeout(Duration::from_secs(120), async {
+        let w = World::start(TempDir::new("kms-rec"));
+        // A relay registered with the KMS, verifying the KMS's tickets.
+        let relay_port = common::free_port();
+        let relay_client = w.client("relay", Some(Identity::new(NS, Kind::Relay, "zone-a").unwrap().with_pod("relay-0").unwrap()));
+        let reg = relay_client
+            .register_relay(&api::RelayRegisterRequest {
+                zone: "zone-a".into(),
+                address: format!("127.0.0.1:{relay_port}"),
+                capacity: 1000,
+            })
+            .await
+            .unwrap();
+        let relay_cfg = w._dir.0.join("relay.yaml");
+        std::fs::write(
+            &relay_cfg,
+            format!(
+                "relayId: {}\nzone: zone-a\nlisten: 127.0.0.1:{relay_port}\nadvertise: 127.0.0.1:{relay_port}\nhttpListen: 127.0.0.1:0\nticketPublicKey: {}\n",
+                reg.relay,
+                hex::encode(&reg.ticket_public_key.0)
+            ),
+        )
+        .unwrap();
+        let mut relay = Command::new(bin("media-node")).arg("--config").arg(&relay_cfg)
+            .stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+        let mut line = String::new();
+        BufReader::new(relay.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let _relay = Proc(relay);
+        let hb = tokio::spawn(async move {
+            loop {
+                let _ = relay_client.heartbeat(&api::RelayHeartbeatRequest { load: 0, ready: true }).await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+
+        // The host joins with a token and invites the recording connector.
+        let people = w.client("anon", None);
+        let host_key = EphemeralKey::generate();
+        let meeting = MeetingId::new("board").unwrap();
+        let host = people
+            .join(&meeting, &api::JoinRequest {
+                token: Some(w.token("ada", "board", Role::Host)),
+                invitation: None,
+                public_key: Hex(host_key.public_key().to_vec()),
+            })
+            .await
+            .unwrap();
+        let session = kms_client::Session(host.session.clone());
+        let recorder = w.client("rec0", Some(Identity::new(NS, Kind::Connector, "rec").unwrap().with_pod("rec-0").unwrap()));
+        let inv = people.invite(&meeting, &session, ConnectorKind::Recording).await.unwrap();
+        let got = recorder.assignments(5000).await.unwrap();
+        assert_eq!(got.assignments.len(), 1);
+        assert_eq!(got.assignments[0].invitation, inv.invitation.id);
+
+        let base = w._dir.0.join("recordings");
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let assignment = got.assignments[0].clone();
+        let rec_task = tokio::spawn({
+            let recorder = recorder.clone();
+            let base = base.clone();
+            async move { live::record_assignment(recorder, assignment, &base, stop_rx, &Metrics::new()).await }
+        });
+
+        // The connector is in the roster, visibly, once it has joined.
+        let vk = ed25519_dalek::VerifyingKey::from_bytes(
+            &people.info().await.unwrap().signing_public_key.array().unwrap(),
+        )
+        .unwrap();
+        let mut since = host.roster.verify(&vk).unwrap().version;
+        loop {
+            let ev = people.events(&meeting, &session, since, 5000).await.unwrap();
+            since = ev.version;
+            if let Some(r) = ev.roster
+                && r.verify(&vk).unwrap().members.iter().any(|m| m.role.to_string() == "connector:recording")
+            {
+                break;
+            }
+        }
+
+        // The host speaks a 440 Hz tone for 3 s through the relay (E2EE).
+        let opened = host_key.open_meeting_key(&host.key, &meeting, host.participant).unwrap();
+        let creds = Credentials {
+            meeting: meeting.clone(),
+            sender_index: host.sender_index,
+            relay: host.relay.address.parse().unwrap(),
+            ticket: host.relay.ticket.0.clone(),
+            key: EpochKey::new(meeting.clone(), opened.epoch, opened.as_bytes()).unwrap(),
+        };
+        let mut link = meeting::join(creds, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(link.events.recv().await, Some(meeting::MeetingEvent::Joined));
+        let mut enc = Encoder::new().unwrap();
+        let pcm = meeting_client::audio::tone(440.0, 3.0);
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        for f in pcm.chunks(960) {
+            tick.tick().await;
+            link.audio.send(enc.encode(f).unwrap()).await.unwrap();
+        }
+        // Let the last packets arrive, then stop the recording.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop_tx.send(true).unwrap();
+        let dir = rec_task.await.unwrap().unwrap();
+        hb.abort();
+
+        // The auditor (a configured reader) decrypts through the KMS.
+        let out = w._dir.0.join("plain");
+        let handle = tokio::runtime::Handle::current();
+        let reader_token = w.token("auditor", "board", Role::Participant);
+        let reports = tokio::task::block_in_place(|| {
+            decrypt::decrypt_dir(&dir, &out, |blob| {
+                handle
+                    .block_on(kms::fetch_recording_key(&people, blob, Some(reader_token.clone())))
+                    .map_err(|e| e.to_string())
+            })
+        })
+        .unwrap();
+        assert!(reports.iter().all(|r| r.complete), "{reports:?}");
+        let file = out.join(format!("participant-{}.opus", host.sender_index));
+        let probe = Command::new("ffprobe")
+            .args(["-v", "error", "-show_entries", "format=duration:stream=codec_name", "-of", "json"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(probe.status.success(), "{}", String::from_utf8_lossy(&probe.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&probe.stdout).unwrap();
+        assert_eq!(v["streams"][0]["codec_name"], "opus");
+        let dur: f64 = v["format"]["duration"].as_str().unwrap().parse().unwrap();
+        assert!((2.7..3.3).contains(&dur), "recorded {dur} s of 3 s");
+
+        // Anyone else is refused by the KMS.
+        let mallory = w.token("mallory", "board", Role::Participant);
+        let err = tokio::task::block_in_place(|| {
+            decrypt::decrypt_dir(&dir, &w._dir.0.join("nope"), |blob| {
+                handle
+                    .block_on(kms::fetch_recording_key(&people, blob, Some(mallory.clone())))
+                    .map_err(|e| e.to_string())
+            })
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("not_a_reader"), "{err}");
+
+        // An uninvited connector (right certificate, used invitation) gets no key; the audit shows it.
+        let e = kms::join_assignment(&recorder, &got.assignments[0]).await.unwrap_err();
+        assert!(e.to_string().contains("not_invited"), "{e}");
+        let admin = w.client("admin", Some(Identity::new(NS, Kind::Admin, "auditor").unwrap()));
+        let page = admin.audit(0, 1000).await.unwrap();
+        assert!(page.entries.iter().any(|e| e.kind == AuditKind::Denial && e.detail.starts_with("not_invited")));
+        assert!(page.entries.iter().any(|e| e.kind == AuditKind::RecordingKey));
+    })
+    .await
+    .expect("test timed out");
+}
