@@ -645,3 +645,113 @@ async fn overload_and_bad_input_get_clear_errors_and_metrics_count_them() {
     .await
     .unwrap();
 }
+
+/// Unmounts the small tmpfs when the test ends, however it ends.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(path: &std::path::Path, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(path).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            ok,
+            "this test needs root to mount a small tmpfs at {}",
+            path.display()
+        );
+        SmallDisk(path.to_owned())
+    }
+    fn grow(&self, size: &str) {
+        let ok = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "remount failed");
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// A full disk returns errors to callers and corrupts nothing: after the
+/// disk grows and the KMS restarts, every acknowledged join is there and
+/// the audit chain verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_disk_returns_errors_and_corrupts_nothing() {
+    tokio::time::timeout(Duration::from_secs(240), async {
+        let dir = std::env::temp_dir().join(format!("kms-full-disk-{}", std::process::id()));
+        let disk = SmallDisk::mount(&dir, "3m");
+        let mut kms = Kms::start("fulldisk", "");
+        // Point the store at the small disk (the config's dataDir is replaced).
+        let cfg = std::fs::read_to_string(kms.config_path()).unwrap();
+        let cfg = cfg.replace(
+            &format!("dataDir: {}/data", kms.dir.display()),
+            &format!("dataDir: {}", dir.display()),
+        );
+        std::fs::write(kms.config_path(), cfg).unwrap();
+        kms.restart();
+        kms.register_relay().await;
+        let c = kms.anonymous();
+        let mut acked = Vec::new();
+        let mut refused = None;
+        for i in 0..20_000u32 {
+            let meeting = format!("m{}", i % 50);
+            match join_with_token(
+                &c,
+                &meeting,
+                kms.token(&format!("u{i}"), &meeting, Role::Participant),
+            )
+            .await
+            {
+                Ok(m) => acked.push((m.meeting, m.joined.participant)),
+                Err(e) => {
+                    refused = Some(e);
+                    break;
+                }
+            }
+        }
+        let refused = refused.expect("the 3 MiB disk filled up");
+        assert_eq!(refused.status(), Some(503), "{refused}");
+        assert!(acked.len() > 10);
+        // Later requests are refused too (no half-applied state), and the
+        // process is still alive to say so.
+        let err = join_with_token(&c, "m0", kms.token("late", "m0", Role::Participant))
+            .await
+            .unwrap_err();
+        assert_eq!(err.status(), Some(503));
+        disk.grow("64m");
+        kms.restart();
+        let admin = kms.admin();
+        let v = admin.verify_audit().await.unwrap();
+        assert!(v.ok, "{v:?}");
+        let mut releases = std::collections::HashSet::new();
+        let mut from = 0;
+        loop {
+            let page = admin.audit(from, 1000).await.unwrap();
+            for e in &page.entries {
+                if e.kind == AuditKind::KeyRelease {
+                    releases.insert((e.meeting.clone().unwrap(), e.participant.unwrap()));
+                }
+            }
+            match page.entries.last() {
+                Some(l) => from = l.seq + 1,
+                None => break,
+            }
+        }
+        for a in &acked {
+            assert!(releases.contains(a), "acknowledged release {a:?} lost");
+        }
+        kms.kill9();
+        drop(disk);
+    })
+    .await
+    .unwrap();
+}

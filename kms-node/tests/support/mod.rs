@@ -224,6 +224,7 @@ recordingKeyReaders: [\"token:portal:auditor\"]
 }
 
 /// A participant: its ephemeral key and what join returned.
+#[derive(Debug)]
 pub struct Member {
     pub key: EphemeralKey,
     pub joined: api::JoinResponse,
