@@ -145,10 +145,52 @@ pub async fn run(cfg: ConnectorConfig, metrics: Arc<Metrics>) -> anyhow::Result<
                 }
             }
         }
-        ConnectorKind::LiveStreaming => bail!(
-            "type liveStreaming: joining meetings for streaming is not wired in this build \
-             (the ffmpeg supervisor and allow-list are available as a library)"
-        ),
+        ConnectorKind::LiveStreaming => {
+            let ss = cfg.streaming.clone().context("streaming section")?;
+            let client = kms_client(&cfg)?;
+            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+            tokio::spawn(async move {
+                if let Ok(mut term) =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                {
+                    term.recv().await;
+                    let _ = stop_tx.send(true);
+                }
+            });
+            let base = ss
+                .allowed_targets
+                .first()
+                .cloned()
+                .context("streaming.allowedTargets")?;
+            tracing::info!(pool = %cfg.pool, "streaming connector waiting for assignments");
+            let mut stop = stop_rx.clone();
+            loop {
+                tokio::select! {
+                    _ = stop.wait_for(|s| *s) => return Ok(()),
+                    r = client.assignments(25_000) => match r {
+                        Ok(r) => {
+                            for a in r.assignments {
+                                // Until invitations carry a host-chosen target: one
+                                // stream per meeting under the pool's first target.
+                                let target = format!("{}/{}", base.trim_end_matches('/'), a.meeting.as_str());
+                                let (client, ss, stop, metrics) =
+                                    (client.clone(), ss.clone(), stop_rx.clone(), metrics.clone());
+                                tokio::spawn(async move {
+                                    let meeting = a.meeting.clone();
+                                    if let Err(e) = crate::streaming::stream_assignment(client, a, &ss, &target, stop, metrics).await {
+                                        tracing::warn!(meeting = %meeting, error = %format!("{e:#}"), "streaming failed");
+                                    }
+                                });
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "fetching assignments failed");
+                            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 

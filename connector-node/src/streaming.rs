@@ -260,3 +260,93 @@ async fn wait_or_stop(
         }
     }
 }
+
+/// Serve one KMS assignment for a liveStreaming pool: join with the
+/// invitation (in the roster as `connector:liveStreaming`), mix everyone's
+/// audio and push it to `target` through a supervised ffmpeg until stopped
+/// or the meeting link ends.
+///
+/// The KMS invitation does not carry a host-chosen target yet, so the
+/// caller derives it (the service uses the pool's first allowed target plus
+/// the meeting id); the allow-list check still applies.
+pub async fn stream_assignment(
+    client: kms_client::KmsClient,
+    assignment: meeting_proto::kms_api::Assignment,
+    settings: &StreamingSettings,
+    target: &str,
+    mut stop: watch::Receiver<bool>,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<StreamStatus> {
+    use crate::meeting::MeetingEvent;
+    use anyhow::Context;
+    let url = resolve_target(settings, target, &metrics)?;
+    let (membership, creds) = crate::kms::join_assignment(&client, &assignment)
+        .await
+        .context("joining with the invitation")?;
+    let (meeting, session) = (membership.meeting.clone(), membership.session.clone());
+    let mut link = crate::meeting::join(creds, Duration::from_secs(10))
+        .await
+        .context("reaching the relay")?;
+    tokio::spawn(crate::kms::follow_epochs(
+        client.clone(),
+        membership,
+        link.keys.clone(),
+    ));
+    let (audio_tx, audio_rx) = mpsc::channel(100);
+    let sup = start(settings.ffmpeg.clone(), url, audio_rx, metrics.clone());
+    let mut decoders: std::collections::BTreeMap<u16, meeting_client::audio::Decoder> =
+        Default::default();
+    let mut queues: std::collections::BTreeMap<u16, std::collections::VecDeque<Vec<i16>>> =
+        Default::default();
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => break,
+            _ = tick.tick() => {
+                let mut mix = vec![0i32; 960];
+                for q in queues.values_mut() {
+                    if let Some(f) = q.pop_front() {
+                        for (m, s) in mix.iter_mut().zip(f) {
+                            *m += i32::from(s);
+                        }
+                    }
+                }
+                let mix: Vec<i16> = mix.into_iter().map(|s| s.clamp(-32768, 32767) as i16).collect();
+                let _ = audio_tx.try_send(mix);
+            }
+            ev = link.events.recv() => match ev {
+                None | Some(MeetingEvent::Left(_)) => break,
+                Some(MeetingEvent::Audio { sender, packet, .. }) => {
+                    if let std::collections::btree_map::Entry::Vacant(v) = decoders.entry(sender)
+                        && let Ok(d) = meeting_client::audio::Decoder::new()
+                    {
+                        v.insert(d);
+                    }
+                    if let Some(d) = decoders.get_mut(&sender)
+                        && let Ok(pcm) = d.decode(&packet)
+                    {
+                        let q = queues.entry(sender).or_default();
+                        for f in pcm.chunks(960) {
+                            if q.len() >= 10 {
+                                q.pop_front();
+                            }
+                            let mut f = f.to_vec();
+                            f.resize(960, 0);
+                            q.push_back(f);
+                        }
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    link.leave();
+    let status = sup.status.borrow().clone();
+    drop(audio_tx);
+    sup.stop().await;
+    if let Err(e) = client.leave(&meeting, &session).await {
+        tracing::warn!(error = %e, "KMS leave failed");
+    }
+    Ok(status)
+}

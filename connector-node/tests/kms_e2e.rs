@@ -92,7 +92,7 @@ impl World {
                  rootKey: {{file: {d}/root.key, generateIfMissing: true}}\n\
                  issuers:\n  - {{issuer: portal, jwksFile: {d}/jwks.json, audience: {AUD}}}\n\
                  admins: [\"conclave://{NS}/admin/auditor\"]\n\
-                 connectorPools:\n  - {{identity: \"conclave://{NS}/connector/rec\", kind: recording}}\n\
+                 connectorPools:\n  - {{identity: \"conclave://{NS}/connector/rec\", kind: recording}}\n  - {{identity: \"conclave://{NS}/connector/live\", kind: liveStreaming}}\n\
                  recordingKeyReaders: [\"token:portal:auditor\"]\n",
                 d = d.display()
             ),
@@ -153,24 +153,28 @@ impl World {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn invited_recorder_records_under_a_kms_key_only_readers_decrypt() {
-    require("ffprobe");
-    tokio::time::timeout(Duration::from_secs(120), async {
-        let w = World::start(TempDir::new("kms-rec"));
-        // A relay registered with the KMS, verifying the KMS's tickets.
-        let relay_port = common::free_port();
-        let relay_client = w.client("relay", Some(Identity::new(NS, Kind::Relay, "zone-a").unwrap().with_pod("relay-0").unwrap()));
-        let reg = relay_client
-            .register_relay(&api::RelayRegisterRequest {
-                zone: "zone-a".into(),
-                address: format!("127.0.0.1:{relay_port}"),
-                capacity: 1000,
-            })
-            .await
-            .unwrap();
-        let relay_cfg = w._dir.0.join("relay.yaml");
-        std::fs::write(
+/// A relay registered with the KMS (heartbeating), verifying the KMS's tickets.
+async fn start_relay(w: &World) -> (Proc, tokio::task::JoinHandle<()>) {
+    let relay_port = common::free_port();
+    let relay_client = w.client(
+        "relay",
+        Some(
+            Identity::new(NS, Kind::Relay, "zone-a")
+                .unwrap()
+                .with_pod("relay-0")
+                .unwrap(),
+        ),
+    );
+    let reg = relay_client
+        .register_relay(&api::RelayRegisterRequest {
+            zone: "zone-a".into(),
+            address: format!("127.0.0.1:{relay_port}"),
+            capacity: 1000,
+        })
+        .await
+        .unwrap();
+    let relay_cfg = w._dir.0.join("relay.yaml");
+    std::fs::write(
             &relay_cfg,
             format!(
                 "relayId: {}\nzone: zone-a\nlisten: 127.0.0.1:{relay_port}\nadvertise: 127.0.0.1:{relay_port}\nhttpListen: 127.0.0.1:0\nticketPublicKey: {}\n",
@@ -179,33 +183,100 @@ async fn invited_recorder_records_under_a_kms_key_only_readers_decrypt() {
             ),
         )
         .unwrap();
-        let mut relay = Command::new(bin("media-node")).arg("--config").arg(&relay_cfg)
-            .stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
-        let mut line = String::new();
-        BufReader::new(relay.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let _relay = Proc(relay);
-        let hb = tokio::spawn(async move {
-            loop {
-                let _ = relay_client.heartbeat(&api::RelayHeartbeatRequest { load: 0, ready: true }).await;
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        });
+    let mut relay = Command::new(bin("media-node"))
+        .arg("--config")
+        .arg(&relay_cfg)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(relay.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let relay = Proc(relay);
+    let hb = tokio::spawn(async move {
+        loop {
+            let _ = relay_client
+                .heartbeat(&api::RelayHeartbeatRequest {
+                    load: 0,
+                    ready: true,
+                })
+                .await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+
+    (relay, hb)
+}
+
+/// The host's credentials to join the relay (E2EE with the KMS's epoch key).
+fn host_creds(host: &api::JoinResponse, key: &EphemeralKey, meeting: &MeetingId) -> Credentials {
+    let opened = key
+        .open_meeting_key(&host.key, meeting, host.participant)
+        .unwrap();
+    Credentials {
+        meeting: meeting.clone(),
+        sender_index: host.sender_index,
+        relay: host.relay.address.parse().unwrap(),
+        ticket: host.relay.ticket.0.clone(),
+        key: EpochKey::new(meeting.clone(), opened.epoch, opened.as_bytes()).unwrap(),
+    }
+}
+
+/// Join and send a 440 Hz tone for `secs`, paced in real time.
+async fn speak(creds: Credentials, secs: f64) -> meeting::MeetingLink {
+    let mut link = meeting::join(creds, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(
+        link.events.recv().await,
+        Some(meeting::MeetingEvent::Joined)
+    );
+    let mut enc = Encoder::new().unwrap();
+    let pcm = meeting_client::audio::tone(440.0, secs);
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    for f in pcm.chunks(960) {
+        tick.tick().await;
+        link.audio.send(enc.encode(f).unwrap()).await.unwrap();
+    }
+    link
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invited_recorder_records_under_a_kms_key_only_readers_decrypt() {
+    require("ffprobe");
+    tokio::time::timeout(Duration::from_secs(120), async {
+        let w = World::start(TempDir::new("kms-rec"));
+        let (_relay, hb) = start_relay(&w).await;
 
         // The host joins with a token and invites the recording connector.
         let people = w.client("anon", None);
         let host_key = EphemeralKey::generate();
         let meeting = MeetingId::new("board").unwrap();
         let host = people
-            .join(&meeting, &api::JoinRequest {
-                token: Some(w.token("ada", "board", Role::Host)),
-                invitation: None,
-                public_key: Hex(host_key.public_key().to_vec()),
-            })
+            .join(
+                &meeting,
+                &api::JoinRequest {
+                    token: Some(w.token("ada", "board", Role::Host)),
+                    invitation: None,
+                    public_key: Hex(host_key.public_key().to_vec()),
+                },
+            )
             .await
             .unwrap();
         let session = kms_client::Session(host.session.clone());
-        let recorder = w.client("rec0", Some(Identity::new(NS, Kind::Connector, "rec").unwrap().with_pod("rec-0").unwrap()));
-        let inv = people.invite(&meeting, &session, ConnectorKind::Recording).await.unwrap();
+        let recorder = w.client(
+            "rec0",
+            Some(
+                Identity::new(NS, Kind::Connector, "rec")
+                    .unwrap()
+                    .with_pod("rec-0")
+                    .unwrap(),
+            ),
+        );
+        let inv = people
+            .invite(&meeting, &session, ConnectorKind::Recording)
+            .await
+            .unwrap();
         let got = recorder.assignments(5000).await.unwrap();
         assert_eq!(got.assignments.len(), 1);
         assert_eq!(got.assignments[0].invitation, inv.invitation.id);
@@ -216,43 +287,42 @@ async fn invited_recorder_records_under_a_kms_key_only_readers_decrypt() {
         let rec_task = tokio::spawn({
             let recorder = recorder.clone();
             let base = base.clone();
-            async move { live::record_assignment(recorder, assignment, &base, stop_rx, &Metrics::new()).await }
+            async move {
+                live::record_assignment(recorder, assignment, &base, stop_rx, &Metrics::new()).await
+            }
         });
 
         // The connector is in the roster, visibly, once it has joined.
         let vk = ed25519_dalek::VerifyingKey::from_bytes(
-            &people.info().await.unwrap().signing_public_key.array().unwrap(),
+            &people
+                .info()
+                .await
+                .unwrap()
+                .signing_public_key
+                .array()
+                .unwrap(),
         )
         .unwrap();
         let mut since = host.roster.verify(&vk).unwrap().version;
         loop {
-            let ev = people.events(&meeting, &session, since, 5000).await.unwrap();
+            let ev = people
+                .events(&meeting, &session, since, 5000)
+                .await
+                .unwrap();
             since = ev.version;
             if let Some(r) = ev.roster
-                && r.verify(&vk).unwrap().members.iter().any(|m| m.role.to_string() == "connector:recording")
+                && r.verify(&vk)
+                    .unwrap()
+                    .members
+                    .iter()
+                    .any(|m| m.role.to_string() == "connector:recording")
             {
                 break;
             }
         }
 
         // The host speaks a 440 Hz tone for 3 s through the relay (E2EE).
-        let opened = host_key.open_meeting_key(&host.key, &meeting, host.participant).unwrap();
-        let creds = Credentials {
-            meeting: meeting.clone(),
-            sender_index: host.sender_index,
-            relay: host.relay.address.parse().unwrap(),
-            ticket: host.relay.ticket.0.clone(),
-            key: EpochKey::new(meeting.clone(), opened.epoch, opened.as_bytes()).unwrap(),
-        };
-        let mut link = meeting::join(creds, Duration::from_secs(5)).await.unwrap();
-        assert_eq!(link.events.recv().await, Some(meeting::MeetingEvent::Joined));
-        let mut enc = Encoder::new().unwrap();
-        let pcm = meeting_client::audio::tone(440.0, 3.0);
-        let mut tick = tokio::time::interval(Duration::from_millis(20));
-        for f in pcm.chunks(960) {
-            tick.tick().await;
-            link.audio.send(enc.encode(f).unwrap()).await.unwrap();
-        }
+        let _link = speak(host_creds(&host, &host_key, &meeting), 3.0).await;
         // Let the last packets arrive, then stop the recording.
         tokio::time::sleep(Duration::from_millis(300)).await;
         stop_tx.send(true).unwrap();
@@ -266,7 +336,11 @@ async fn invited_recorder_records_under_a_kms_key_only_readers_decrypt() {
         let reports = tokio::task::block_in_place(|| {
             decrypt::decrypt_dir(&dir, &out, |blob| {
                 handle
-                    .block_on(kms::fetch_recording_key(&people, blob, Some(reader_token.clone())))
+                    .block_on(kms::fetch_recording_key(
+                        &people,
+                        blob,
+                        Some(reader_token.clone()),
+                    ))
                     .map_err(|e| e.to_string())
             })
         })
@@ -274,11 +348,22 @@ async fn invited_recorder_records_under_a_kms_key_only_readers_decrypt() {
         assert!(reports.iter().all(|r| r.complete), "{reports:?}");
         let file = out.join(format!("participant-{}.opus", host.sender_index));
         let probe = Command::new("ffprobe")
-            .args(["-v", "error", "-show_entries", "format=duration:stream=codec_name", "-of", "json"])
+            .args([
+                "-v",
+                "error",
+                "-show_entries",
+                "format=duration:stream=codec_name",
+                "-of",
+                "json",
+            ])
             .arg(&file)
             .output()
             .unwrap();
-        assert!(probe.status.success(), "{}", String::from_utf8_lossy(&probe.stderr));
+        assert!(
+            probe.status.success(),
+            "{}",
+            String::from_utf8_lossy(&probe.stderr)
+        );
         let v: serde_json::Value = serde_json::from_slice(&probe.stdout).unwrap();
         assert_eq!(v["streams"][0]["codec_name"], "opus");
         let dur: f64 = v["format"]["duration"].as_str().unwrap().parse().unwrap();
@@ -289,7 +374,11 @@ async fn invited_recorder_records_under_a_kms_key_only_readers_decrypt() {
         let err = tokio::task::block_in_place(|| {
             decrypt::decrypt_dir(&dir, &w._dir.0.join("nope"), |blob| {
                 handle
-                    .block_on(kms::fetch_recording_key(&people, blob, Some(mallory.clone())))
+                    .block_on(kms::fetch_recording_key(
+                        &people,
+                        blob,
+                        Some(mallory.clone()),
+                    ))
                     .map_err(|e| e.to_string())
             })
         })
@@ -297,12 +386,145 @@ async fn invited_recorder_records_under_a_kms_key_only_readers_decrypt() {
         assert!(err.to_string().contains("not_a_reader"), "{err}");
 
         // An uninvited connector (right certificate, used invitation) gets no key; the audit shows it.
-        let e = kms::join_assignment(&recorder, &got.assignments[0]).await.unwrap_err();
+        let e = kms::join_assignment(&recorder, &got.assignments[0])
+            .await
+            .unwrap_err();
         assert!(e.to_string().contains("not_invited"), "{e}");
-        let admin = w.client("admin", Some(Identity::new(NS, Kind::Admin, "auditor").unwrap()));
+        let admin = w.client(
+            "admin",
+            Some(Identity::new(NS, Kind::Admin, "auditor").unwrap()),
+        );
         let page = admin.audit(0, 1000).await.unwrap();
-        assert!(page.entries.iter().any(|e| e.kind == AuditKind::Denial && e.detail.starts_with("not_invited")));
-        assert!(page.entries.iter().any(|e| e.kind == AuditKind::RecordingKey));
+        assert!(
+            page.entries
+                .iter()
+                .any(|e| e.kind == AuditKind::Denial && e.detail.starts_with("not_invited"))
+        );
+        assert!(
+            page.entries
+                .iter()
+                .any(|e| e.kind == AuditKind::RecordingKey)
+        );
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invited_streamer_pushes_the_meeting_to_nginx_rtmp() {
+    require("ffmpeg");
+    require("ffprobe");
+    require("nginx");
+    tokio::time::timeout(Duration::from_secs(120), async {
+        let w = World::start(TempDir::new("kms-live"));
+        let (_relay, hb) = start_relay(&w).await;
+        // nginx with the RTMP module records what it receives.
+        let ndir = w._dir.0.join("nginx");
+        std::fs::create_dir_all(ndir.join("rec")).unwrap();
+        let rtmp_port = free_port();
+        std::fs::write(
+            ndir.join("nginx.conf"),
+            format!(
+                "load_module /usr/lib/nginx/modules/ngx_rtmp_module.so;\ndaemon off;\nmaster_process off;\n\
+                 pid {d}/nginx.pid;\nerror_log {d}/error.log info;\nevents {{ worker_connections 64; }}\n\
+                 rtmp {{ server {{ listen 127.0.0.1:{rtmp_port};\n\
+                   application live {{ live on; record audio; record_path {d}/rec; record_unique off; }} }} }}\n",
+                d = ndir.display()
+            ),
+        )
+        .unwrap();
+        let _nginx = Proc(
+            Command::new("nginx")
+                .arg("-p").arg(&ndir).arg("-e").arg(ndir.join("error.log")).arg("-c").arg(ndir.join("nginx.conf"))
+                .stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap(),
+        );
+        let mut up = false;
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", rtmp_port)).is_ok() {
+                up = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(up, "nginx did not listen");
+
+        let people = w.client("anon", None);
+        let host_key = EphemeralKey::generate();
+        let meeting = MeetingId::new("townhall").unwrap();
+        let host = people
+            .join(&meeting, &api::JoinRequest {
+                token: Some(w.token("ada", "townhall", Role::Host)),
+                invitation: None,
+                public_key: Hex(host_key.public_key().to_vec()),
+            })
+            .await
+            .unwrap();
+        let session = kms_client::Session(host.session.clone());
+        people.invite(&meeting, &session, ConnectorKind::LiveStreaming).await.unwrap();
+        let streamer = w.client("live0", Some(Identity::new(NS, Kind::Connector, "live").unwrap().with_pod("live-0").unwrap()));
+        let a = streamer.assignments(5000).await.unwrap().assignments.remove(0);
+        assert_eq!(a.kind, ConnectorKind::LiveStreaming);
+        let settings = meeting_proto::config::connector::StreamingSettings {
+            allowed_targets: vec![format!("rtmp://127.0.0.1:{rtmp_port}/live")],
+            credentials_file: None,
+            ffmpeg: "ffmpeg".into(),
+        };
+        let metrics = std::sync::Arc::new(Metrics::new());
+        // A target outside the allow-list is refused before anything starts.
+        let refused = connector_node::streaming::stream_assignment(
+            streamer.clone(), a.clone(), &settings, "rtmp://203.0.113.9/live/x", watch::channel(false).1, metrics.clone(),
+        )
+        .await
+        .unwrap_err();
+        assert!(refused.to_string().contains("not in this pool's allow-list"), "{refused}");
+
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let target = format!("rtmp://127.0.0.1:{rtmp_port}/live/townhall");
+        let task = tokio::spawn({
+            let (streamer, settings, metrics) = (streamer.clone(), settings.clone(), metrics.clone());
+            async move {
+                connector_node::streaming::stream_assignment(streamer, a, &settings, &target, stop_rx, metrics).await
+            }
+        });
+        // Wait until the streamer is in the roster, then speak for 4 s.
+        let vk = ed25519_dalek::VerifyingKey::from_bytes(
+            &people.info().await.unwrap().signing_public_key.array().unwrap(),
+        )
+        .unwrap();
+        let mut since = host.roster.verify(&vk).unwrap().version;
+        loop {
+            let ev = people.events(&meeting, &session, since, 5000).await.unwrap();
+            since = ev.version;
+            if let Some(r) = ev.roster
+                && r.verify(&vk).unwrap().members.iter().any(|m| m.role.to_string() == "connector:liveStreaming")
+            {
+                break;
+            }
+        }
+        let _link = speak(host_creds(&host, &host_key, &meeting), 4.0).await;
+        stop_tx.send(true).unwrap();
+        let status = task.await.unwrap().unwrap();
+        assert_eq!(status.restarts, 0, "{status:?}");
+        hb.abort();
+
+        let flv = ndir.join("rec/townhall.flv");
+        let o = Command::new("ffprobe")
+            .args(["-v", "error", "-show_entries", "format=duration:stream=codec_type", "-of", "json"])
+            .arg(&flv)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "ffprobe: {}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["streams"][0]["codec_type"], "audio");
+        let secs: f64 = v["format"]["duration"].as_str().unwrap().parse().unwrap();
+        assert!(secs >= 3.5, "streamed {secs} s, expected at least the 4 s spoken");
+        // The stream carries the host's tone.
+        let wav = w._dir.0.join("stream.wav");
+        assert!(Command::new("ffmpeg").args(["-v", "error", "-i"]).arg(&flv)
+            .args(["-ar", "48000", "-ac", "1", "-c:a", "pcm_s16le"]).arg(&wav).status().unwrap().success());
+        let (_, pcm) = common::read_wav(&wav);
+        let best = pcm.chunks(48000).map(|c| connector_node::media::tone::tone_ratio(c, 440.0, 48000)).fold(0f32, f32::max);
+        assert!(best > 0.7, "no 440 Hz in the stream (ratio {best:.2})");
     })
     .await
     .expect("test timed out");
