@@ -541,11 +541,7 @@ impl Core {
         }
         if !self.meetings.contains_key(meeting) {
             // Check a relay exists before creating anything.
-            if self
-                .relays
-                .place(self.config.zone.as_deref(), now_ms)
-                .is_none()
-            {
+            if !self.relays.can_place(self.config.zone.as_deref(), now_ms) {
                 return Err(Denial::new(503, "no_relay", "no live relay with capacity"));
             }
             let m = self.new_meeting(meeting, now_ms)?;

@@ -80,19 +80,25 @@ impl Relays {
             .is_some_and(|r| now_ms.saturating_sub(r.last_seen_ms) <= self.timeout_ms)
     }
 
+    /// Whether [`Self::place`] would find a relay (without counting anyone).
+    pub fn can_place(&self, zone: Option<&str>, now_ms: u64) -> bool {
+        self.relays.values().any(|r| self.accepts(r, zone, now_ms))
+    }
+
+    fn accepts(&self, r: &Relay, zone: Option<&str>, now_ms: u64) -> bool {
+        r.ready
+            && now_ms.saturating_sub(r.last_seen_ms) <= self.timeout_ms
+            && zone.is_none_or(|z| r.zone == z)
+            && r.load + r.pending < r.capacity
+    }
+
     /// Chooses the least-loaded live, ready relay (of `zone` if given) with
     /// room for one more participant, and counts that participant.
     pub fn place(&mut self, zone: Option<&str>, now_ms: u64) -> Option<&Relay> {
-        let timeout = self.timeout_ms;
         let best = self
             .relays
             .values()
-            .filter(|r| {
-                r.ready
-                    && now_ms.saturating_sub(r.last_seen_ms) <= timeout
-                    && zone.is_none_or(|z| r.zone == z)
-                    && r.load + r.pending < r.capacity
-            })
+            .filter(|r| self.accepts(r, zone, now_ms))
             .min_by(|a, b| {
                 // Compare fill ratios without floats: a/ca < b/cb.
                 let fa = u64::from(a.load + a.pending) * u64::from(b.capacity);
@@ -135,6 +141,8 @@ mod tests {
         assert_eq!(r.place(Some("a"), 10).unwrap().id, "a/1");
         assert_eq!(r.place(Some("b"), 10).unwrap().id, "b/0");
         assert!(r.place(Some("c"), 10).is_none());
+        assert!(!r.can_place(Some("c"), 10));
+        assert!(r.can_place(Some("a"), 10));
         // a/1 fills up with pending placements until a/0 is the emptier one.
         for _ in 0..4 {
             assert_eq!(r.place(Some("a"), 10).unwrap().id, "a/1");

@@ -755,3 +755,77 @@ async fn full_disk_returns_errors_and_corrupts_nothing() {
     .await
     .unwrap();
 }
+
+/// Meetings go to the least-loaded live relay; a relay that stops
+/// heartbeating gets no new meetings and its meetings move on the next poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placement_follows_heartbeats() {
+    tokio::time::timeout(LIMIT, async {
+        let kms = Kms::start(
+            "placement",
+            "relays: {heartbeatIntervalMs: 100, heartbeatTimeoutMs: 400}\n",
+        );
+        let relay = |pod: &str| {
+            kms.as_identity(
+                pod,
+                Identity::new(NS, Kind::Relay, "zone-a")
+                    .unwrap()
+                    .with_pod(pod)
+                    .unwrap(),
+            )
+        };
+        let (r0, r1) = (relay("relay-0"), relay("relay-1"));
+        for (r, port) in [(&r0, 40000), (&r1, 40001)] {
+            r.register_relay(&api::RelayRegisterRequest {
+                zone: "zone-a".into(),
+                address: format!("127.0.0.1:{port}"),
+                capacity: 10,
+            })
+            .await
+            .unwrap();
+        }
+        // A relay may only register in the zone its certificate names.
+        let err = r0
+            .register_relay(&api::RelayRegisterRequest {
+                zone: "zone-b".into(),
+                address: "127.0.0.1:1".into(),
+                capacity: 10,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Some("wrong_zone"));
+        let c = kms.anonymous();
+        let a = join_with_token(&c, "m1", kms.token("ada", "m1", Role::Host))
+            .await
+            .unwrap();
+        let b = join_with_token(&c, "m2", kms.token("bob", "m2", Role::Host))
+            .await
+            .unwrap();
+        assert_eq!(a.joined.relay.relay, "zone-a/relay-0");
+        assert_eq!(
+            b.joined.relay.relay, "zone-a/relay-1",
+            "least loaded gets the next meeting"
+        );
+        // relay-0 goes silent; relay-1 keeps heartbeating past relay-0's timeout.
+        let hb = api::RelayHeartbeatRequest {
+            load: 1,
+            ready: true,
+        };
+        let until = tokio::time::Instant::now() + Duration::from_millis(700);
+        while tokio::time::Instant::now() < until {
+            r1.heartbeat(&hb).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let moved = c.events(&a.meeting, &a.session(), 0, 0).await.unwrap();
+        let relay = moved.relay.expect("a new relay assignment");
+        assert_eq!(relay.relay, "zone-a/relay-1");
+        assert_eq!(relay.address, "127.0.0.1:40001");
+        let d = join_with_token(&c, "m3", kms.token("dan", "m3", Role::Host))
+            .await
+            .unwrap();
+        assert_eq!(d.joined.relay.relay, "zone-a/relay-1");
+        assert_eq!(r1.heartbeat(&hb).await.unwrap().meetings, 3);
+    })
+    .await
+    .unwrap();
+}
