@@ -16,6 +16,7 @@ The relay tests need `cargo build -p media-node` (binary looked up in $CARGO_TAR
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -377,9 +378,10 @@ def relay(tmp_path):
     proc = subprocess.Popen([str(binary("media-node")), "--config", str(cfg)], stdout=subprocess.PIPE,
                             stderr=open(tmp_path / "relay.log", "w"), text=True)
     try:
-        line = proc.stdout.readline()
+        ready, _, _ = select.select([proc.stdout], [], [], 30)
+        line = proc.stdout.readline() if ready else ""
         if not line:
-            pytest.fail(f"media-node exited: {(tmp_path / 'relay.log').read_text()}")
+            pytest.fail(f"media-node printed no addresses within 30 s: {(tmp_path / 'relay.log').read_text()}")
         addrs = json.loads(line)
         yield proc, addrs
     finally:
