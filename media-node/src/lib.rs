@@ -8,6 +8,7 @@
 
 pub mod core;
 pub mod http;
+pub mod kms;
 pub mod metrics;
 pub mod server;
 pub mod udp;

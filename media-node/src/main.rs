@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use media_node::core::Relay;
 use media_node::metrics::RelayMetrics;
 use media_node::server::{self, Control, Health};
-use media_node::{http, udp};
+use media_node::{http, kms, udp};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "Conclave media relay")]
@@ -43,7 +43,26 @@ async fn main() -> anyhow::Result<()> {
     config
         .validate()
         .with_context(|| format!("invalid config {}", args.config.display()))?;
-    let ticket_key = config.ticket_verifying_key()?;
+    let mut ticket_key = config.ticket_verifying_key()?;
+    let mut relay_id = config.relay_id.clone();
+    let mut kms_link = None;
+    if let Some(k) = &config.kms {
+        let client = kms::client(k)?;
+        let reg = kms::register(&client, &config).await;
+        // The KMS names relays by their certificate and signs their tickets:
+        // its answer wins over the rendered config.
+        if reg.relay != relay_id {
+            tracing::warn!(config = %relay_id, kms = %reg.relay, "relay id differs from the KMS's; using the KMS's");
+            relay_id = reg.relay.clone();
+        }
+        if let Some(bytes) = reg.ticket_public_key.array::<32>() {
+            ticket_key = ed25519_dalek::VerifyingKey::from_bytes(&bytes)
+                .context("KMS returned an invalid ticket key")?;
+        }
+        tracing::info!(relay = %relay_id, "registered with the KMS");
+        let interval = Duration::from_millis(reg.heartbeat_interval_ms.max(500)) / 2;
+        kms_link = Some((client, interval));
+    }
 
     let metrics = Arc::new(RelayMetrics::new());
     let health = Arc::new(Health::default());
@@ -60,12 +79,7 @@ async fn main() -> anyhow::Result<()> {
     );
     tracing::info!(%media_addr, %http_addr, relay = %config.relay_id, "relay listening");
 
-    let relay = Relay::new(
-        config.relay_id.clone(),
-        ticket_key,
-        config.limits.clone(),
-        metrics.clone(),
-    );
+    let relay = Relay::new(relay_id, ticket_key, config.limits.clone(), metrics.clone());
     let (ctl_tx, ctl_rx) = mpsc::channel(8);
     let forwarding = tokio::spawn(server::run(
         socket,
@@ -74,6 +88,15 @@ async fn main() -> anyhow::Result<()> {
         health.clone(),
         ctl_rx,
     ));
+    let heartbeat = kms_link.map(|(client, interval)| {
+        tokio::spawn(kms::heartbeat(
+            client,
+            config.clone(),
+            interval,
+            ctl_tx.clone(),
+            health.clone(),
+        ))
+    });
     let app = http::router(metrics.clone(), health.clone());
     tokio::spawn(async move {
         if let Err(e) = http::serve(listener, app).await {
@@ -95,6 +118,9 @@ async fn main() -> anyhow::Result<()> {
     tokio::select! {
         _ = tokio::time::sleep(drain) => {}
         _ = wait_for_shutdown_signal() => {}
+    }
+    if let Some(h) = heartbeat {
+        h.abort();
     }
     drop(ctl_tx);
     forwarding.await.ok();

@@ -1,0 +1,90 @@
+//! Registration and heartbeat with the KMS over mTLS, so the KMS places
+//! meetings on this relay while it is ready and stops when it drains.
+//!
+//! The relay talks to the KMS only for placement: tickets are verified with
+//! the public key alone, so media keeps flowing if the KMS is unreachable.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::Context;
+use kms_client::KmsClient;
+use meeting_proto::config::relay::{RelayConfig, RelayKms};
+use meeting_proto::kms_api::{RelayHeartbeatRequest, RelayRegisterRequest, RelayRegisterResponse};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::server::{Control, Health};
+
+pub fn client(kms: &RelayKms) -> anyhow::Result<KmsClient> {
+    let files = conclave_pki::tls::TlsFiles {
+        cert: kms.cert_file.clone(),
+        key: kms.key_file.clone(),
+        ca: kms.ca_file.clone(),
+    };
+    let tls = conclave_pki::tls::client_config(&files)
+        .context("loading the relay's KMS client certificate")?;
+    Ok(KmsClient::new(&kms.url, tls)?)
+}
+
+fn register_request(config: &RelayConfig) -> RelayRegisterRequest {
+    RelayRegisterRequest {
+        zone: config.zone.clone(),
+        address: config.advertise.clone(),
+        capacity: config
+            .limits
+            .participants_per_meeting
+            .saturating_mul(config.limits.meetings),
+    }
+}
+
+/// Registers, retrying with backoff until the KMS answers.
+pub async fn register(kms: &KmsClient, config: &RelayConfig) -> RelayRegisterResponse {
+    let mut wait = Duration::from_millis(200);
+    loop {
+        match kms.register_relay(&register_request(config)).await {
+            Ok(r) => return r,
+            Err(e) => {
+                tracing::warn!(error = %e, "KMS registration failed; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+/// Heartbeats until the process ends, reporting load and readiness;
+/// registers again when the KMS forgot this relay (it restarted).
+pub async fn heartbeat(
+    kms: KmsClient,
+    config: RelayConfig,
+    mut interval: Duration,
+    control: mpsc::Sender<Control>,
+    health: Arc<Health>,
+) {
+    loop {
+        tokio::time::sleep(interval).await;
+        let (tx, rx) = oneshot::channel();
+        if control.send(Control::Load(tx)).await.is_err() {
+            return; // forwarding stopped
+        }
+        let Ok((_, participants)) = rx.await else {
+            return;
+        };
+        let req = RelayHeartbeatRequest {
+            load: participants as u32,
+            ready: !health.draining.load(Ordering::Relaxed),
+        };
+        match kms.heartbeat(&req).await {
+            Ok(r) => {
+                let ms = r.heartbeat_interval_ms.clamp(500, 300_000);
+                interval = Duration::from_millis(ms).min(interval.max(Duration::from_millis(500)));
+            }
+            Err(e) if e.code() == Some("unknown_relay") => {
+                tracing::info!("KMS does not know this relay (restarted?): registering again");
+                register(&kms, &config).await;
+            }
+            Err(e) => tracing::warn!(error = %e, "KMS heartbeat failed"),
+        }
+    }
+}
