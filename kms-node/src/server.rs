@@ -1043,10 +1043,24 @@ pub fn router(s: Arc<Shared>) -> Router {
         .with_state(s)
 }
 
+/// What the JWKS files look like now (size, mtime, content hash), to notice changes.
+fn jwks_stamp(config: &KmsConfig) -> Vec<Option<[u8; 32]>> {
+    config
+        .issuers
+        .iter()
+        .map(|i| {
+            std::fs::read(&i.jwks_file)
+                .ok()
+                .map(|b| Sha256::digest(&b).into())
+        })
+        .collect()
+}
+
 /// Periodic work: rotations, relay liveness wakeups, JWKS reload, audit pruning.
 async fn ticker(s: Arc<Shared>) {
     let mut interval = tokio::time::interval(Duration::from_secs(1));
     let mut seconds = 0u64;
+    let mut jwks_seen = jwks_stamp(&s.config);
     loop {
         interval.tick().await;
         seconds += 1;
@@ -1057,9 +1071,16 @@ async fn ticker(s: Arc<Shared>) {
             s.submit(fx)
         };
         let _ = rx.await;
-        if seconds.is_multiple_of(10) {
+        // Kubernetes updates mounted Secrets by swapping files: reload the
+        // issuers' keys whenever any JWKS file changes.
+        let stamp = jwks_stamp(&s.config);
+        if stamp != jwks_seen {
             match load_verifier(&s.config) {
-                Ok(v) => *s.tokens.write().unwrap_or_else(|p| p.into_inner()) = v,
+                Ok(v) => {
+                    *s.tokens.write().unwrap_or_else(|p| p.into_inner()) = v;
+                    tracing::info!("issuer keys reloaded");
+                    jwks_seen = stamp;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "issuer keys not reloaded; keeping the previous ones")
                 }

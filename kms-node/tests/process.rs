@@ -829,3 +829,38 @@ async fn placement_follows_heartbeats() {
     .await
     .unwrap();
 }
+
+/// A new issuer key in the JWKS file is picked up without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issuer_keys_reload_without_restart() {
+    tokio::time::timeout(LIMIT, async {
+        let kms = Kms::start("jwks", "");
+        kms.register_relay().await;
+        let c = kms.anonymous();
+        let rotated = DevIssuerKey::from_seed("k2", &[8; 32]).unwrap();
+        let token = |n: u32| rotated.mint(&kms.claims(&format!("new{n}"), "m1", Role::Host));
+        let err = join_with_token(&c, "m1", token(0)).await.unwrap_err();
+        assert_eq!(err.code(), Some("unknown_issuer"));
+        std::fs::write(kms.dir.join("jwks.json"), rotated.jwks_json()).unwrap();
+        // The KMS checks the file every second; give it a bounded number of tries.
+        let mut joined = false;
+        for n in 1..=50 {
+            match join_with_token(&c, "m1", token(n)).await {
+                Ok(_) => {
+                    joined = true;
+                    break;
+                }
+                Err(e) => assert_eq!(e.code(), Some("unknown_issuer")),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(joined, "rotated issuer key was never accepted");
+        // The old key is gone from the file, so its tokens are refused now.
+        let err = join_with_token(&c, "m1", kms.token("old", "m1", Role::Host))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Some("unknown_issuer"));
+    })
+    .await
+    .unwrap();
+}
