@@ -301,6 +301,40 @@ mod tests {
         );
     }
 
+    /// Property: any single random edit (field flip, drop, swap, truncate)
+    /// of a random-length chain is detected.
+    #[test]
+    fn random_single_edits_are_always_detected() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n.max(1)
+        };
+        for _ in 0..500 {
+            let n = 2 + next(30);
+            let entries = build(n);
+            let head = Some((n - 1, entries[n as usize - 1].hash.array().unwrap()));
+            let mut t = keyed(&entries);
+            let i = next(n) as usize;
+            match next(6) {
+                0 => t[i].1.time_ms += 1,
+                1 => t[i].1.actor.push('x'),
+                2 => t[i].1.epoch = Some(t[i].1.epoch.unwrap_or(0) + 1),
+                3 => {
+                    t.remove(i);
+                }
+                4 => {
+                    let j = (i + 1 + next(n - 1) as usize) % n as usize;
+                    t.swap(i, j);
+                }
+                _ => t.truncate(i),
+            }
+            assert!(verify(&t, head).is_err());
+        }
+    }
+
     #[test]
     fn a_pruned_chain_verifies_from_its_checkpoint() {
         let entries = build(6);

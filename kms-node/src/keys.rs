@@ -561,6 +561,72 @@ mod tests {
         );
     }
 
+    /// Property: for random purposes, wrap then unwrap returns the key, and
+    /// any change of meeting, epoch or recording id makes unwrap fail.
+    #[test]
+    fn random_purposes_round_trip_and_any_other_purpose_fails() {
+        let ring = ring();
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..300 {
+            let a = m(&format!("m{}", next() % 1000));
+            let b = m(&format!("m{}", 1000 + next() % 1000));
+            let epoch = next();
+            let other_epoch = epoch ^ (1 << (next() % 64));
+            let rec = format!("{:x}", next());
+            let key = ring.random_key().unwrap();
+            let p = Purpose::MeetingKey { meeting: &a, epoch };
+            let w = ring.wrap(&p, &key).unwrap();
+            assert_eq!(ring.unwrap(&p, &w).unwrap().expose(), key.expose());
+            assert!(
+                ring.unwrap(&Purpose::MeetingKey { meeting: &b, epoch }, &w)
+                    .is_err()
+            );
+            assert!(
+                ring.unwrap(
+                    &Purpose::MeetingKey {
+                        meeting: &a,
+                        epoch: other_epoch
+                    },
+                    &w
+                )
+                .is_err()
+            );
+            let r = Purpose::RecordingKey {
+                meeting: &a,
+                recording: &rec,
+            };
+            let w = ring.wrap(&r, &key).unwrap();
+            assert_eq!(ring.unwrap(&r, &w).unwrap().expose(), key.expose());
+            let rec2 = format!("{rec}0");
+            assert!(
+                ring.unwrap(
+                    &Purpose::RecordingKey {
+                        meeting: &a,
+                        recording: &rec2
+                    },
+                    &w
+                )
+                .is_err()
+            );
+            assert!(
+                ring.unwrap(
+                    &Purpose::RecordingKey {
+                        meeting: &b,
+                        recording: &rec
+                    },
+                    &w
+                )
+                .is_err()
+            );
+        }
+    }
+
     #[test]
     fn wrong_root_key_fails_closed() {
         let (mut ring, check) =
