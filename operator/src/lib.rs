@@ -21,8 +21,9 @@ pub mod zone;
 
 #[cfg(test)]
 mod builder_tests;
-#[cfg(test)]
-mod fixtures;
+/// Test support: resources built fluently and an in-memory API server (tests, benchmark).
+#[doc(hidden)]
+pub mod fixtures;
 #[cfg(test)]
 mod scenarios;
 
