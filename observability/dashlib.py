@@ -57,8 +57,9 @@ def queries(dashboard: dict) -> list:
 
 
 def variable_values(dashboard: dict, overrides: dict) -> dict:
-    """Value of every variable: an override, else the "All" value of a multi-value variable
-    (a regex, as Grafana substitutes it), else the variable's current value."""
+    """Value of every variable: an override (also for the built-ins such as $__rate_interval),
+    else the "All" value of a multi-value variable (a regex, as Grafana substitutes it), else
+    the variable's current value."""
     values = dict(BUILTINS)
     for v in variables(dashboard):
         name = v["name"]
@@ -71,8 +72,7 @@ def variable_values(dashboard: dict, overrides: dict) -> dict:
         else:
             current = v.get("current", {}).get("value", "")
             values[name] = current[0] if isinstance(current, list) and current else str(current)
-    for k, val in overrides.items():
-        values.setdefault(k, val)
+    values.update(overrides)
     return values
 
 

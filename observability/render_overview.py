@@ -80,8 +80,8 @@ def draw(dash, panels, path: Path, start: float, end: float):
     for panel, series in panels:
         g = panel["gridPos"]
         # Inside each grid cell, leave room for the title above and the tick labels below.
-        left = (g["x"] + 0.75) / 24
-        width = (g["w"] - 1.0) / 24
+        left = (g["x"] + 1.1) / 24
+        width = (g["w"] - 1.35) / 24
         bottom = 1 - (g["y"] + g["h"] + top - 0.8) / (rows + top)
         height = (g["h"] - 1.9) / (rows + top)
         ax = fig.add_axes([left, bottom, width, height])

@@ -10,8 +10,9 @@
 - a real media-node (started by PID on 127.0.0.1, no KMS needed): `promtool check metrics` on
   its /metrics, then a real Prometheus scraping it runs every relay dashboard query, renders
   the relay dashboard, and fires ConclaveRelayDown once the relay is killed.
-The relay tests need `cargo build -p media-node` (binary looked up in $CARGO_TARGET_DIR,
-/work/target-obs, ~/.cache/conclave/target and target/, debug).
+The relay tests need `cargo build -p media-node -p meeting-client` (media-node and
+conclave-client, looked up in $CARGO_TARGET_DIR, /work/target-obs, ~/.cache/conclave/target
+and target/, debug).
 """
 import json
 import os
@@ -145,6 +146,17 @@ def test_no_per_participant_labels(name):
     for q in dashlib.queries(DASHBOARDS[name]):
         used = dashlib.label_names_used(q.expr) | dashlib.legend_labels(q.legend)
         assert not used & PER_PARTICIPANT, f"{q.panel}: {used & PER_PARTICIPANT}"
+
+
+def test_variables_are_substituted_like_grafana():
+    dash = DASHBOARDS["relays.json"]
+    values = dashlib.variable_values(dash, {})
+    assert values["namespace"] == ".*" and values["zone"] == ".*" and values["__rate_interval"] == "1m"
+    values = dashlib.variable_values(dash, {"namespace": "meet", "__rate_interval": "20s"})
+    expr = 'rate(x{namespace=~"$namespace", zone=~"${zone}", a="[[namespace]]"}[$__rate_interval])'
+    assert dashlib.substitute(expr, values) == 'rate(x{namespace=~"meet", zone=~".*", a="meet"}[20s])'
+    with pytest.raises(KeyError):
+        dashlib.substitute("x{a=~\"$nope\"}", values)
 
 
 def test_label_scanner_catches_per_participant_labels():
@@ -341,6 +353,12 @@ def binary(name):
     pytest.fail(f"{name} not built: run `cargo build -p {name}` (looked in {', '.join(filter(None, roots))})")
 
 
+# `conclave-client dev-ticket-key --seed <DEV_TICKET_SEED>`: the relay accepts the tickets
+# `conclave-client load` signs with that seed, so a load runs without a KMS.
+DEV_TICKET_SEED = "11" * 32
+DEV_TICKET_KEY = "d04ab232742bb4ab3a1368bd4615e4e6d0224ab71a016baf8520a332c9778737"
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -373,8 +391,7 @@ def relay(tmp_path):
     cfg.write_text(yaml.safe_dump({
         "relayId": "relay-0", "zone": "zone-a", "listen": "127.0.0.1:0", "advertise": "127.0.0.1:1",
         "httpListen": "127.0.0.1:0", "drainSeconds": 0,
-        # RFC 8032 test vector 1: any valid Ed25519 public key will do, no ticket is checked here.
-        "ticketPublicKey": "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a"}))
+        "ticketPublicKey": DEV_TICKET_KEY}))
     proc = subprocess.Popen([str(binary("media-node")), "--config", str(cfg)], stdout=subprocess.PIPE,
                             stderr=open(tmp_path / "relay.log", "w"), text=True)
     try:
@@ -465,31 +482,43 @@ def prometheus(tmp_path, relay):
 
 
 def test_relay_dashboard_queries_return_data_from_a_real_prometheus(prometheus, tmp_path):
+    """A real load (conclave-client: 2 meetings x 3 participants, audio + video, dev tickets)
+    through the relay while Prometheus scrapes it every second; then every relay panel."""
     url, prom, _, addrs = prometheus
+    client = binary("conclave-client")
+    key = run(str(client), "dev-ticket-key", "--seed", DEV_TICKET_SEED, timeout=30)
+    assert key.stdout.strip() == DEV_TICKET_KEY, key.stdout + key.stderr
     host, port = addrs["media"].rsplit(":", 1)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         for _ in range(50):
-            s.sendto(b"junk", (host, int(port)))
-    wait_for("the junk to be scraped", lambda: prom.query(
-        'sum(conclave_relay_packets_received_total{component="relay"}) >= 50', time.time()), 30)
-    results = check_dashboards.check(prom, {"relays.json": DASHBOARDS["relays.json"]},
-                                     {"__rate_interval": "30s"}, 120, 1)
+            s.sendto(b"junk", (host, int(port)))  # counted as dropped: malformed
+    load = run(str(client), "load", "--relay", addrs["media"], "--relay-id", "relay-0", "--dev-ticket-seed",
+               DEV_TICKET_SEED, "--meetings", "2", "--participants", "3", "--duration", "8", "--video", timeout=120)
+    assert load.returncode == 0, load.stdout + load.stderr
+    report = json.loads(load.stdout.strip().splitlines()[-1])["report"]
+    assert report["joined"] == 6 and report["delivered_ratio"] > 0.9, report
+    wait_for("the load to be scraped", lambda: prom.query(
+        'max_over_time(conclave_relay_participants{component="relay"}[1m]) == 6', time.time()), 30)
+    overrides = {"__rate_interval": "10s"}
+    results = check_dashboards.check(prom, {"relays.json": DASHBOARDS["relays.json"]}, overrides, 60, 1)
     assert len(results) == sum(len(p["targets"]) for p in DASHBOARDS["relays.json"]["panels"])
-    errors = [r for r in results if r["status"] == "error"]
-    assert errors == []
+    assert [r for r in results if r["status"] in ("error", "nan")] == []
     empty = [r for r in results if r["status"] == "empty"]
     # Only the CPU/memory panels lack data, because no component exports process metrics yet.
     assert {m for r in empty for m in r["missing_metrics"]} <= KNOWN_MISSING, empty
     assert all(r["missing_metrics"] for r in empty), empty
     ok = {r["panel"] for r in results if r["status"] == "ok"}
-    assert {"Packets/s in by kind", "Drops/s by reason", "Participants", "Load per relay: packets/s in"} <= ok
+    assert {"Packets/s in by kind", "Packets/s out by kind", "Drops/s by reason", "Forwarding latency",
+            "Fan-out (copies per forwarded datagram)", "Participants", "Load per relay: packets/s in"} <= ok
+    fanout = prom.query('histogram_quantile(0.99, sum by (le) (increase(conclave_relay_fanout_bucket[1m])))', time.time())
+    assert 1.5 <= float(fanout[0]["value"][1]) <= 2.0  # each packet goes to the 2 others of its meeting
 
     # The command line says the same, and exits 1 because of the missing metrics.
     d = tmp_path / "dash"
     d.mkdir()
     shutil.copy(dashlib.DASHBOARD_DIR / "relays.json", d)
-    r = run(sys.executable, str(OBS / "check_dashboards.py"), url, "--dir", str(d), "--range", "2m", "--step", "1s",
-            "--var", "__rate_interval=30s", "--var", "namespace=dev", timeout=120)
+    r = run(sys.executable, str(OBS / "check_dashboards.py"), url, "--dir", str(d), "--range", "1m", "--step", "1s",
+            "--var", "__rate_interval=10s", "--var", "namespace=dev", timeout=120)
     assert r.returncode == (1 if empty else 0), r.stdout + r.stderr
     for e in empty:
         assert f"FAIL relays.json / {e['panel']}" in r.stdout
@@ -497,7 +526,7 @@ def test_relay_dashboard_queries_return_data_from_a_real_prometheus(prometheus, 
 
     # And the picture for the README renders from the same queries.
     r = run(sys.executable, str(OBS / "render_overview.py"), url, "--dashboards", "relays", "--out-dir",
-            str(tmp_path), "--range", "2m", "--step", "1s", timeout=180)
+            str(tmp_path), "--range", "1m", "--step", "1s", "--var", "__rate_interval=10s", timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
     png = (tmp_path / "relays.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
