@@ -75,6 +75,27 @@ fn every_workload_runs_restricted_and_is_owned() {
 }
 
 #[test]
+fn containers_start_the_node_binaries_with_their_config() {
+    let s = Settings::default();
+    let args = |spec: &PodSpec| spec.containers[0].args.clone().unwrap();
+    let k = crate::kms::stateful_set(&kms("main"), &s, "h").unwrap();
+    assert_eq!(
+        args(k.spec.as_ref().unwrap().template.spec.as_ref().unwrap()),
+        ["serve", "--config", "/etc/conclave/config.yaml"]
+    );
+    let z = crate::zone::stateful_set(&zone("zone-a", "main"), &link(), &s, "h").unwrap();
+    assert_eq!(
+        args(z.spec.as_ref().unwrap().template.spec.as_ref().unwrap()),
+        ["--config", "/etc/conclave/config.yaml"]
+    );
+    let d = crate::pool::deployment(&pool("rec", "zone-a"), &link(), &s, "h").unwrap();
+    assert_eq!(
+        args(d.spec.as_ref().unwrap().template.spec.as_ref().unwrap()),
+        ["run", "--config", "/etc/conclave/config.yaml"]
+    );
+}
+
+#[test]
 fn config_change_changes_the_pod_template_hash() {
     let k = kms("main");
     let a =

@@ -222,7 +222,7 @@ pub fn stateful_set(
             "name": "kms",
             "image": s.image.clone().unwrap_or_else(|| settings.kms_image.clone()),
             "imagePullPolicy": settings.image_pull_policy,
-            "args": ["--config", CONFIG_FILE],
+            "args": ["serve", "--config", CONFIG_FILE],
             "env": pod::downward_env(),
             "ports": [
                 {"name": "https", "containerPort": s.exposure.port, "protocol": "TCP"},

@@ -318,10 +318,11 @@ pub fn deployment(
             "name": "connector",
             "image": s.image.clone().unwrap_or_else(|| settings.connector_image.clone()),
             "imagePullPolicy": settings.image_pull_policy,
-            "args": ["--config", CONFIG_FILE],
+            "args": ["run", "--config", CONFIG_FILE],
             "env": pod::downward_env(),
             "ports": ports,
-            "readinessProbe": pod::probe("/readyz", 5),
+            // connector-node serves /healthz only; it is ready once it serves.
+            "readinessProbe": pod::probe("/healthz", 5),
             "livenessProbe": pod::probe("/healthz", 10),
             "resources": pod::resources(s.resources.as_ref(), "100m", "128Mi", "1Gi"),
             "securityContext": pod::container_security_context(),
