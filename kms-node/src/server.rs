@@ -23,6 +23,7 @@ use meeting_proto::kms_api::{self as api, AuditKind, Hex, paths};
 use meeting_proto::ticket::Ticket;
 use meeting_proto::token::{TokenError, TokenVerifier, TrustedIssuer};
 use sha2::{Digest, Sha256};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::net::TcpListener;
@@ -51,7 +52,10 @@ pub struct Shared {
     /// flood the audit log.
     failures: Mutex<RateLimiter>,
     in_flight: Semaphore,
+    /// Bumped on any roster change (connector assignment polls wait on it).
     changed: watch::Sender<u64>,
+    /// Bumped per meeting, so a member's long poll wakes only for its meeting.
+    meeting_changed: Mutex<HashMap<MeetingId, watch::Sender<u64>>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -189,6 +193,7 @@ impl Shared {
             )),
             in_flight: Semaphore::new(config.limits.max_in_flight),
             changed: watch::channel(0).0,
+            meeting_changed: Mutex::new(HashMap::new()),
             core: Mutex::new(core),
             committer,
             store,
@@ -241,6 +246,20 @@ impl Shared {
             }
         }
         let wake = !fx.changed.is_empty();
+        if wake {
+            let mut map = self
+                .meeting_changed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            for m in &fx.changed {
+                if let Some(tx) = map.get(m) {
+                    tx.send_modify(|v| *v += 1);
+                    if tx.receiver_count() == 0 {
+                        map.remove(m);
+                    }
+                }
+            }
+        }
         let rx = self.committer.submit(fx.writes, fx.audit);
         if wake {
             self.changed.send_modify(|v| *v += 1);
@@ -532,7 +551,13 @@ async fn events(
     let session = session_or_deny(&s, &headers, &meeting).await?;
     let deadline =
         tokio::time::Instant::now() + Duration::from_millis(q.wait_ms.min(api::MAX_WAIT_MS));
-    let mut changed = s.changed.subscribe();
+    let mut changed = s
+        .meeting_changed
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(meeting.clone())
+        .or_insert_with(|| watch::channel(0).0)
+        .subscribe();
     loop {
         changed.mark_unchanged();
         let now = now_ms();
@@ -994,6 +1019,14 @@ async fn track(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Respon
         )
         .into_response(),
     };
+    let mut response = response;
+    if response.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        // The unread body makes the connection unusable: say so, so the
+        // client does not send its next request on it.
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     if matches!(response.status().as_u16(), 401 | 403)
         && let Some(ip) = &source
     {

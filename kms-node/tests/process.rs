@@ -613,7 +613,11 @@ async fn overload_and_bad_input_get_clear_errors_and_metrics_count_them() {
             })
             .await
             .unwrap_err();
-        assert_eq!((err.status(), err.code()), (Some(400), Some("bad_public_key")));
+        assert_eq!(
+            (err.status(), err.code()),
+            (Some(400), Some("bad_public_key")),
+            "{err}"
+        );
         // The server is still up, and its metrics saw all of it.
         let text = c.metrics_text().await.unwrap();
         for needle in [
