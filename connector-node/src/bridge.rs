@@ -10,6 +10,8 @@ use meeting_client::audio::{Decoder, Encoder, FRAME_SAMPLES};
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
+/// Pause between assignment polls while invitations stay open.
+pub const ASSIGNMENT_REPOLL: Duration = Duration::from_secs(1);
 /// Decoded 20 ms frames kept per meeting sender.
 const QUEUE: usize = 10;
 const RATIO: usize = FRAME_SAMPLES / FRAME;
@@ -95,6 +97,107 @@ pub async fn run(mut leg: PhoneLeg, mut link: MeetingLink) -> String {
     };
     link.leave();
     why
+}
+
+/// Connect phone legs to meetings through the KMS: each leg needs an open
+/// invitation of this pool for its meeting (the host invited a phone), which
+/// it uses to join; the connector then appears in the roster as
+/// `connector:telephony` / `connector:roomSystem`. A leg for a meeting with
+/// no invitation is hung up: nobody joins a meeting uninvited.
+pub async fn serve_legs(
+    client: kms_client::KmsClient,
+    mut legs: tokio::sync::mpsc::Receiver<PhoneLeg>,
+    telephony: crate::telephony::Telephony,
+) {
+    use meeting_proto::kms_api::Assignment;
+    use std::sync::{Arc, Mutex};
+    let open: Arc<Mutex<BTreeMap<String, VecDeque<Assignment>>>> = Arc::default();
+    let poller = tokio::spawn({
+        let (client, open) = (client.clone(), open.clone());
+        async move {
+            loop {
+                match client.assignments(25_000).await {
+                    Ok(r) => {
+                        let pending = !r.assignments.is_empty();
+                        {
+                            let mut o = open.lock().unwrap_or_else(|p| p.into_inner());
+                            for a in r.assignments {
+                                let q = o.entry(a.meeting.as_str().to_string()).or_default();
+                                if !q.iter().any(|x| x.invitation == a.invitation) {
+                                    q.push_back(a);
+                                }
+                            }
+                        }
+                        if pending {
+                            // Open invitations answer the long-poll at once until
+                            // a call uses them: pace the polling meanwhile.
+                            tokio::time::sleep(ASSIGNMENT_REPOLL).await;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "fetching assignments failed");
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                    }
+                }
+            }
+        }
+    });
+    let take = |open: &Mutex<BTreeMap<String, VecDeque<Assignment>>>, m: &str| {
+        open.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(m)
+            .and_then(VecDeque::pop_front)
+    };
+    while let Some(leg) = legs.recv().await {
+        let mut assignment = take(&open, leg.meeting.as_str());
+        if assignment.is_none() {
+            // The invitation may be newer than the poller's last answer: ask now.
+            if let Ok(r) = client.assignments(0).await {
+                let mut o = open.lock().unwrap_or_else(|p| p.into_inner());
+                for a in r.assignments {
+                    let q = o.entry(a.meeting.as_str().to_string()).or_default();
+                    if !q.iter().any(|x| x.invitation == a.invitation) {
+                        q.push_back(a);
+                    }
+                }
+            }
+            assignment = take(&open, leg.meeting.as_str());
+        }
+        let Some(a) = assignment else {
+            tracing::warn!(meeting = %leg.meeting.as_str(), caller = %leg.display_name,
+                "no invitation for this meeting: hanging up (the host must invite a phone)");
+            telephony.hangup(leg.call).await;
+            continue;
+        };
+        let (client, telephony) = (client.clone(), telephony.clone());
+        tokio::spawn(async move {
+            let call = leg.call;
+            match crate::kms::join_assignment(&client, &a).await {
+                Ok((membership, creds)) => {
+                    let (meeting, session) =
+                        (membership.meeting.clone(), membership.session.clone());
+                    match crate::meeting::join(creds, Duration::from_secs(10)).await {
+                        Ok(link) => {
+                            tokio::spawn(crate::kms::follow_epochs(
+                                client.clone(),
+                                membership,
+                                link.keys.clone(),
+                            ));
+                            let why = run(leg, link).await;
+                            tracing::info!(meeting = %meeting, why, "phone leg left the meeting");
+                        }
+                        Err(e) => tracing::warn!(error = %e, "relay unreachable"),
+                    }
+                    if let Err(e) = client.leave(&meeting, &session).await {
+                        tracing::warn!(error = %e, "KMS leave failed");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "joining with the invitation failed"),
+            }
+            telephony.hangup(call).await;
+        });
+    }
+    poller.abort();
 }
 
 #[cfg(test)]

@@ -48,6 +48,7 @@ pub async fn run(cfg: ConnectorConfig, metrics: Arc<Metrics>) -> anyhow::Result<
     match cfg.kind {
         ConnectorKind::Telephony | ConnectorKind::RoomSystem => {
             let sip = cfg.sip.as_ref().context("sip section")?;
+            let kms = kms_client(&cfg)?;
             let t = match sip.transport {
                 SipTransport::Udp => Transport::Udp,
                 SipTransport::Tcp => Transport::Tcp,
@@ -81,7 +82,7 @@ pub async fn run(cfg: ConnectorConfig, metrics: Arc<Metrics>) -> anyhow::Result<
             let handle = transport::spawn(ua, sip.listen, t, tls, ev_tx)
                 .await
                 .with_context(|| format!("binding SIP on {}", sip.listen))?;
-            let (legs_tx, mut legs) = mpsc::channel(16);
+            let (legs_tx, legs) = mpsc::channel(16);
             let tel = telephony::start(
                 handle,
                 ev_rx,
@@ -96,14 +97,7 @@ pub async fn run(cfg: ConnectorConfig, metrics: Arc<Metrics>) -> anyhow::Result<
                 legs_tx,
             );
             tracing::info!(pool = %cfg.pool, kind = cfg.kind.as_str(), listen = %sip.listen, "SIP connector running");
-            while let Some(leg) = legs.recv().await {
-                // Joining the meeting needs meeting-client + kms-client
-                // assignments, which this build does not wire yet: refuse
-                // the leg openly rather than leave a caller in silence.
-                tracing::warn!(meeting = %leg.meeting.as_str(), name = %leg.display_name,
-                    "meeting join for phone legs is not available in this build; hanging up");
-                tel.hangup(leg.call).await;
-            }
+            crate::bridge::serve_legs(kms, legs, tel).await;
             Ok(())
         }
         ConnectorKind::Recording => {
@@ -121,12 +115,18 @@ pub async fn run(cfg: ConnectorConfig, metrics: Arc<Metrics>) -> anyhow::Result<
             });
             tracing::info!(pool = %cfg.pool, dir = %rs.dir.display(), "recording connector waiting for assignments");
             let mut stop = stop_rx.clone();
+            let mut started = std::collections::HashSet::new();
             loop {
                 tokio::select! {
                     _ = stop.wait_for(|s| *s) => return Ok(()),
                     r = client.assignments(25_000) => match r {
                         Ok(r) => {
+                            let pending = !r.assignments.is_empty();
                             for a in r.assignments {
+                                // An invitation stays open until our join uses it.
+                                if !started.insert(a.invitation) {
+                                    continue;
+                                }
                                 let (client, base, stop, metrics) =
                                     (client.clone(), rs.dir.clone(), stop_rx.clone(), metrics.clone());
                                 tokio::spawn(async move {
@@ -135,6 +135,9 @@ pub async fn run(cfg: ConnectorConfig, metrics: Arc<Metrics>) -> anyhow::Result<
                                         tracing::warn!(meeting = %meeting, error = %format!("{e:#}"), "recording failed");
                                     }
                                 });
+                            }
+                            if pending {
+                                tokio::time::sleep(crate::bridge::ASSIGNMENT_REPOLL).await;
                             }
                         }
                         Err(e) => {
@@ -164,12 +167,17 @@ pub async fn run(cfg: ConnectorConfig, metrics: Arc<Metrics>) -> anyhow::Result<
                 .context("streaming.allowedTargets")?;
             tracing::info!(pool = %cfg.pool, "streaming connector waiting for assignments");
             let mut stop = stop_rx.clone();
+            let mut started = std::collections::HashSet::new();
             loop {
                 tokio::select! {
                     _ = stop.wait_for(|s| *s) => return Ok(()),
                     r = client.assignments(25_000) => match r {
                         Ok(r) => {
+                            let pending = !r.assignments.is_empty();
                             for a in r.assignments {
+                                if !started.insert(a.invitation) {
+                                    continue;
+                                }
                                 // Until invitations carry a host-chosen target: one
                                 // stream per meeting under the pool's first target.
                                 let target = format!("{}/{}", base.trim_end_matches('/'), a.meeting.as_str());
@@ -181,6 +189,9 @@ pub async fn run(cfg: ConnectorConfig, metrics: Arc<Metrics>) -> anyhow::Result<
                                         tracing::warn!(meeting = %meeting, error = %format!("{e:#}"), "streaming failed");
                                     }
                                 });
+                            }
+                            if pending {
+                                tokio::time::sleep(crate::bridge::ASSIGNMENT_REPOLL).await;
                             }
                         }
                         Err(e) => {

@@ -92,7 +92,7 @@ impl World {
                  rootKey: {{file: {d}/root.key, generateIfMissing: true}}\n\
                  issuers:\n  - {{issuer: portal, jwksFile: {d}/jwks.json, audience: {AUD}}}\n\
                  admins: [\"conclave://{NS}/admin/auditor\"]\n\
-                 connectorPools:\n  - {{identity: \"conclave://{NS}/connector/rec\", kind: recording}}\n  - {{identity: \"conclave://{NS}/connector/live\", kind: liveStreaming}}\n\
+                 connectorPools:\n  - {{identity: \"conclave://{NS}/connector/rec\", kind: recording}}\n  - {{identity: \"conclave://{NS}/connector/live\", kind: liveStreaming}}\n  - {{identity: \"conclave://{NS}/connector/phones\", kind: telephony}}\n\
                  recordingKeyReaders: [\"token:portal:auditor\"]\n",
                 d = d.display()
             ),
@@ -525,6 +525,192 @@ async fn invited_streamer_pushes_the_meeting_to_nginx_rtmp() {
         let (_, pcm) = common::read_wav(&wav);
         let best = pcm.chunks(48000).map(|c| connector_node::media::tone::tone_ratio(c, 440.0, 48000)).fold(0f32, f32::max);
         assert!(best > 0.7, "no 440 Hz in the stream (ratio {best:.2})");
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invited_phone_bridges_a_baresip_caller_into_the_meeting() {
+    use connector_node::sip::{transport, ua};
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let w = World::start(TempDir::new("kms-phone"));
+        let (_relay, hb) = start_relay(&w).await;
+        let people = w.client("anon", None);
+        let host_key = EphemeralKey::generate();
+        let meeting = MeetingId::new("standup").unwrap();
+        let host = people
+            .join(
+                &meeting,
+                &api::JoinRequest {
+                    token: Some(w.token("ada", "standup", Role::Host)),
+                    invitation: None,
+                    public_key: Hex(host_key.public_key().to_vec()),
+                },
+            )
+            .await
+            .unwrap();
+        let session = kms_client::Session(host.session.clone());
+        let phones = w.client(
+            "phones0",
+            Some(
+                Identity::new(NS, Kind::Connector, "phones")
+                    .unwrap()
+                    .with_pod("phones-0")
+                    .unwrap(),
+            ),
+        );
+
+        // The telephony connector: SIP on 127.0.0.1, +15550100 -> standup.
+        let agent = ua::UserAgent::new(ua::UaConfig {
+            local: "127.0.0.1:0".parse().unwrap(),
+            transport: ua::Transport::Udp,
+            user: "phones".into(),
+            display_name: "Conclave".into(),
+            credentials: None,
+            max_calls: 4,
+            invites_per_second: 10,
+        });
+        let (ev_tx, ev_rx) = tokio::sync::mpsc::channel(64);
+        let sip = transport::spawn(
+            agent,
+            "127.0.0.1:0".parse().unwrap(),
+            ua::Transport::Udp,
+            None,
+            ev_tx,
+        )
+        .await
+        .unwrap();
+        let sip_port = sip.local.port();
+        let (legs_tx, legs_rx) = tokio::sync::mpsc::channel(4);
+        let tel = connector_node::telephony::start(
+            sip,
+            ev_rx,
+            connector_node::telephony::TelephonySettings {
+                media_ip: "127.0.0.1".parse().unwrap(),
+                srtp: meeting_proto::config::connector::SrtpPolicy::Preferred,
+                dial_in: [("+15550100".to_string(), meeting.clone())]
+                    .into_iter()
+                    .collect(),
+                name_prefix: Some("Phone".into()),
+            },
+            std::sync::Arc::new(Metrics::new()),
+            legs_tx,
+        );
+        tokio::spawn(connector_node::bridge::serve_legs(phones, legs_rx, tel));
+
+        // The host invites a phone; the host's own link listens and speaks.
+        people
+            .invite(&meeting, &session, ConnectorKind::Telephony)
+            .await
+            .unwrap();
+        let mut link = meeting::join(
+            host_creds(&host, &host_key, &meeting),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            link.events.recv().await,
+            Some(meeting::MeetingEvent::Joined)
+        );
+
+        let wav = w._dir.0.join("phone.wav");
+        common::write_wav(
+            &wav,
+            8000,
+            &connector_node::media::tone::sine(1000.0, 8000, 8000.0, 0, 8000 * 30),
+        );
+        let phone_dir = w._dir.0.join("baresip");
+        std::fs::create_dir_all(&phone_dir).unwrap();
+        let mut phone = common::Baresip::start(
+            &phone_dir,
+            &wav,
+            common::BaresipOpts {
+                transport: "udp",
+                mediaenc: None,
+                tls: None,
+                dial: Some(format!("sip:+15550100@127.0.0.1:{sip_port}")),
+            },
+        );
+
+        // The phone shows up in the roster as a telephony connector.
+        let vk = ed25519_dalek::VerifyingKey::from_bytes(
+            &people
+                .info()
+                .await
+                .unwrap()
+                .signing_public_key
+                .array()
+                .unwrap(),
+        )
+        .unwrap();
+        let mut since = host.roster.verify(&vk).unwrap().version;
+        let phone_sender = loop {
+            let ev = people
+                .events(&meeting, &session, since, 5000)
+                .await
+                .unwrap();
+            since = ev.version;
+            if let Some(r) = ev.roster
+                && let Some(m) = r
+                    .verify(&vk)
+                    .unwrap()
+                    .members
+                    .iter()
+                    .find(|m| m.role.to_string() == "connector:telephony")
+            {
+                break m.sender_index;
+            }
+        };
+
+        // 4 s: the host says 440 Hz and hears the phone's 1000 Hz.
+        let mut enc = Encoder::new().unwrap();
+        let mut dec = meeting_client::audio::Decoder::new().unwrap();
+        let pcm = meeting_client::audio::tone(440.0, 4.0);
+        let mut heard = Vec::new();
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        for f in pcm.chunks(960) {
+            tick.tick().await;
+            link.audio.send(enc.encode(f).unwrap()).await.unwrap();
+            while let Ok(ev) = link.events.try_recv() {
+                if let meeting::MeetingEvent::Audio { sender, packet, .. } = ev
+                    && sender == phone_sender
+                {
+                    heard.extend(dec.decode(&packet).unwrap());
+                }
+            }
+        }
+        let best = heard
+            .chunks(48000)
+            .map(|c| connector_node::media::tone::tone_ratio(c, 1000.0, 48000))
+            .fold(0f32, f32::max);
+        assert!(
+            best > 0.7,
+            "the meeting does not hear the phone (ratio {best:.2}, {} samples)",
+            heard.len()
+        );
+
+        // The meeting leaves; the phone recorded the host's 440 Hz.
+        link.leave();
+        phone.stop();
+        let files = phone.heard();
+        assert!(
+            !files.is_empty(),
+            "baresip recorded nothing:\n{}",
+            phone.log()
+        );
+        let (_, got) = common::read_wav(&files[0]);
+        let best = got
+            .chunks(8000)
+            .map(|c| connector_node::media::tone::tone_ratio(c, 440.0, 8000))
+            .fold(0f32, f32::max);
+        assert!(
+            best > 0.7,
+            "the phone does not hear the meeting (ratio {best:.2})"
+        );
+        hb.abort();
     })
     .await
     .expect("test timed out");

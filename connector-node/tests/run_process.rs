@@ -54,12 +54,20 @@ fn telephony_pool_serves_sip_metrics_and_health() {
     let dir = TempDir::new("run-tel");
     let metrics_port = common::free_port();
     let sip_port = common::free_port();
+    // Real certificate files; no KMS needs to answer for SIP to be served.
+    let pki = conclave_pki::DevPki::create(dir.0.join("pki"), "ns").unwrap();
+    let files = pki
+        .client(
+            "phones",
+            &conclave_pki::Identity::new("ns", conclave_pki::Kind::Connector, "phones").unwrap(),
+        )
+        .unwrap();
     let cfg = dir.0.join("c.json");
     std::fs::write(
         &cfg,
         serde_json::json!({
             "type": "telephony", "pool": "phones",
-            "kms": {"url": "https://127.0.0.1:1", "caFile": "/a", "certFile": "/b", "keyFile": "/c"},
+            "kms": {"url": "https://127.0.0.1:1", "caFile": files.ca, "certFile": files.cert, "keyFile": files.key},
             "metricsListen": format!("127.0.0.1:{metrics_port}"),
             "sip": {"listen": format!("127.0.0.1:{sip_port}"), "dialIn": {"+15550100": "weekly-sync"}}
         })

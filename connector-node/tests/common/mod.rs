@@ -76,6 +76,8 @@ pub fn read_wav(path: &Path) -> (u32, Vec<i16>) {
             channels = u16::from_le_bytes([body[2], body[3]]) as usize;
             rate = u32::from_le_bytes(body[4..8].try_into().unwrap());
         } else if id == b"data" {
+            // A writer killed before closing leaves the length 0: take the rest.
+            let body = if len == 0 { &b[i + 8..] } else { body };
             let samples = body
                 .chunks_exact(2 * channels)
                 .map(|c| i16::from_le_bytes([c[0], c[1]]))
