@@ -181,5 +181,25 @@ fn main() {
             "ms",
             None,
         );
+        // Where the time went on the server: durable commits during the run.
+        let text = kms.admin().metrics_text().await.unwrap_or_default();
+        let metric = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+                .unwrap_or(f64::NAN)
+        };
+        let commits = metric("conclave_kms_audit_commit_seconds_count");
+        bench(
+            "kms_server_commit_mean_ms",
+            metric("conclave_kms_audit_commit_seconds_sum") / commits * 1000.0,
+            "ms",
+            None,
+        );
+        bench(
+            "kms_server_commit_mean_entries",
+            metric("conclave_kms_audit_batch_entries_sum") / commits,
+            "entries/commit",
+            None,
+        );
     });
 }
