@@ -10,10 +10,13 @@
 - a real media-node (started by PID on 127.0.0.1, no KMS needed): `promtool check metrics` on
   its /metrics, then a real Prometheus scraping it runs every relay dashboard query, renders
   the relay dashboard, and fires ConclaveRelayDown once the relay is killed.
-The relay tests need `cargo build -p media-node -p meeting-client` (media-node and
-conclave-client, looked up in $CARGO_TARGET_DIR, /work/target-obs, ~/.cache/conclave/target
-and target/, debug).
+- kms-node (dev PKI from conclave-pki, no clients) and connector-node (KMS unreachable, so it
+  retries and serves metrics): `promtool check metrics` on their /metrics too.
+The process tests need the binaries media-node, conclave-client, kms-node, connector-node and
+conclave-pki (`cargo build --workspace --bins`; looked up in $CARGO_TARGET_DIR,
+/work/target-obs, ~/.cache/conclave/target and target/, debug).
 """
+import base64
 import json
 import os
 import re
@@ -21,9 +24,11 @@ import select
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -445,6 +450,95 @@ def test_relay_metrics_pass_promtool_check_metrics(relay):
     assert len(families) >= 10 and all(f"# HELP {f} " in text for f in families)
     labels = set(re.findall(r"[{,](\w+)=\"", text))
     assert labels and not labels & PER_PARTICIPANT, labels
+
+
+def wait_for_metrics(proc, addr, log):
+    def answered():
+        if proc.poll() is not None:
+            pytest.fail(f"exited before serving /metrics: {log.read_text()[-2000:]}")
+        try:
+            return scrape(addr)
+        except OSError:
+            return None
+    return wait_for(f"/metrics on {addr}", answered, 60)
+
+
+def promtool_check_metrics(text, prefix):
+    r = run(PROMTOOL, "check", "metrics", input=openmetrics_to_text(text))
+    assert r.returncode == 0, r.stdout + r.stderr
+    families = re.findall(rf"^# TYPE ({prefix}\w+) ", text, re.M)
+    assert len(families) >= 5 and all(f"# HELP {f} " in text for f in families), families
+    labels = set(re.findall(r"[{,](\w+)=\"", text))
+    assert not labels & PER_PARTICIPANT, labels
+    return families
+
+
+@pytest.fixture
+def dev_pki(tmp_path):
+    """A dev CA with a KMS server certificate and a connector client certificate (conclave-pki)."""
+    pki = binary("conclave-pki")
+    d = tmp_path / "pki"
+    for args in (["init", d, "conclave"], ["server", d, "kms", "conclave://conclave/kms/kms"],
+                 ["client", d, "phones", "conclave://conclave/connector/phones"]):
+        r = run(str(pki), *map(str, args), timeout=60)
+        assert r.returncode == 0, r.stderr
+    return d
+
+
+@pytest.fixture
+def kms(tmp_path, dev_pki):
+    # The join-token issuer's JWKS: any valid Ed25519 key (RFC 8032 test vector 1); no token is made here.
+    x = base64.urlsafe_b64encode(bytes.fromhex("d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a"))
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": [{"kty": "OKP", "crv": "Ed25519", "kid": "k1", "alg": "EdDSA",
+                                                              "use": "sig", "x": x.rstrip(b"=").decode()}]}))
+    api, ops = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    (tmp_path / "kms.yaml").write_text(yaml.safe_dump({
+        "listen": api, "opsListen": ops, "dataDir": str(tmp_path / "data"),
+        "tls": {"certFile": str(dev_pki / "kms.crt"), "keyFile": str(dev_pki / "kms.key"),
+                "clientCaFile": str(dev_pki / "ca.crt")},
+        "rootKey": {"file": str(tmp_path / "root.key"), "generateIfMissing": True},
+        "issuers": [{"issuer": "portal", "jwksFile": str(tmp_path / "jwks.json"), "audience": "conclave"}],
+        "admins": ["conclave://conclave/admin/auditor"]}))
+    log = tmp_path / "kms.log"
+    proc = subprocess.Popen([str(binary("kms-node")), "serve", "--config", str(tmp_path / "kms.yaml")],
+                            stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+    try:
+        wait_for_metrics(proc, ops, log)
+        yield proc, api, ops, dev_pki
+    finally:
+        stop(proc)
+
+
+@needs_promtool
+def test_kms_metrics_pass_promtool_check_metrics(kms):
+    _, api, ops, pki = kms
+    # One API request (an unknown path, so no credentials are needed) so the per-route series exist.
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(f"https://{api}/nope", timeout=10,
+                               context=ssl.create_default_context(cafile=str(pki / "ca.crt")))
+    assert e.value.code == 404
+    text = scrape(ops)
+    families = promtool_check_metrics(text, "conclave_kms_")
+    assert {"conclave_kms_key_releases", "conclave_kms_audit_commit_seconds", "conclave_kms_requests"} <= set(families)
+
+
+@needs_promtool
+def test_connector_metrics_pass_promtool_check_metrics(tmp_path, dev_pki):
+    metrics = f"127.0.0.1:{free_port()}"
+    # No KMS listens on that port: the connector keeps retrying and serves its metrics meanwhile.
+    (tmp_path / "connector.yaml").write_text(yaml.safe_dump({
+        "type": "telephony", "pool": "phones", "metricsListen": metrics, "sip": {"listen": f"127.0.0.1:{free_port()}"},
+        "kms": {"url": f"https://127.0.0.1:{free_port()}", "caFile": str(dev_pki / "ca.crt"),
+                "certFile": str(dev_pki / "phones.crt"), "keyFile": str(dev_pki / "phones.key")}}))
+    log = tmp_path / "connector.log"
+    proc = subprocess.Popen([str(binary("connector-node")), "run", "--config", str(tmp_path / "connector.yaml")],
+                            stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+    try:
+        text = wait_for_metrics(proc, metrics, log)
+    finally:
+        stop(proc)
+    families = promtool_check_metrics(text, "conclave_connector_")
+    assert {"conclave_connector_phone_legs_active", "conclave_connector_recording_written_bytes"} <= set(families)
 
 
 def test_openmetrics_conversion_keeps_samples():
