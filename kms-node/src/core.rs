@@ -1175,6 +1175,10 @@ mod tests {
     const MIN: u64 = 60_000;
 
     fn core() -> Core {
+        core_with(30 * 24 * 60 * MIN, 365 * 24 * 60 * MIN)
+    }
+
+    fn core_with(kek_interval_ms: u64, kek_retire_after_ms: u64) -> Core {
         let (mut keys, _) =
             KeyRing::open(RootKey::from_bytes(&[1; 32]).unwrap(), None, vec![]).unwrap();
         keys.rotate(0).unwrap();
@@ -1182,8 +1186,8 @@ mod tests {
             CoreConfig {
                 max_members: 4,
                 meeting_key_interval_ms: 60 * MIN,
-                kek_interval_ms: 30 * 24 * 60 * MIN,
-                kek_retire_after_ms: 365 * 24 * 60 * MIN,
+                kek_interval_ms,
+                kek_retire_after_ms,
                 relay_timeout_ms: 15_000,
                 zone: None,
                 recording_key_readers: vec!["token:portal:auditor".into()],
@@ -1418,6 +1422,49 @@ mod tests {
         let g = r.unwrap().unwrap();
         assert_eq!(g.placement.unwrap().0.relay, "z/r1");
         assert_eq!(g.release.unwrap().epoch, 2);
+    }
+
+    #[test]
+    fn kek_schedule_rotates_and_retiring_rewraps_first() {
+        let mut c = core_with(10 * MIN, 20 * MIN);
+        let host = join(&mut c, "ada", Role::Host, 1);
+        let (r, _) = c.invite(1000, &m(), &session(&host), ConnectorKind::Recording);
+        let inv = r.unwrap().0;
+        let rec = "conclave://ns/connector/rec/rec-0";
+        let joiner = Joiner::Connector {
+            identity: rec.into(),
+            kind: ConnectorKind::Recording,
+            invitation: inv.id,
+        };
+        c.join(1000, &m(), joiner, [7; 32]).0.unwrap();
+        let (r, _) = c.create_recording_key(1000, rec, &m());
+        let (id, key) = r.unwrap();
+        // Due after 10 minutes: version 2 becomes current, version 1 stays for unwrapping.
+        let fx = c.tick(11 * MIN);
+        assert_eq!(c.keys().current_version(), Some(2));
+        assert!(
+            fx.audit
+                .iter()
+                .any(|a| a.detail.contains("KEK rotated to version 2"))
+        );
+        assert!(c.keys().kek(1).is_some());
+        // 20 minutes after being superseded, version 1 is retired, after
+        // everything it protected was re-wrapped under a current version.
+        let fx = c.tick(32 * MIN);
+        assert!(c.keys().kek(1).is_none());
+        assert!(
+            fx.writes
+                .iter()
+                .any(|w| matches!(w, Write::Recording(i, _) if *i == id))
+        );
+        assert!(fx.writes.iter().any(|w| matches!(w, Write::Meeting(..))));
+        assert!(fx.audit.iter().any(|a| a.detail == "KEK version 1 retired"));
+        let reader = Reader::Token(claims("auditor", Role::Participant, 50));
+        let (r, _) = c.recording_key(&id, &reader);
+        assert_eq!(r.unwrap().1.expose(), key.expose());
+        // The meeting still works: the next epoch key is released as usual.
+        let (r, _) = c.leave(33 * MIN, &m(), &session(&host));
+        assert!(r.unwrap() >= 2);
     }
 
     #[test]
