@@ -77,12 +77,22 @@ async fn main() {
         ca_key: "ca.crt".into(),
         port: 8443,
         kms_pod_selector: None,
+        per_pod_certs: false,
     };
     let settings = Settings::default();
     let mut base = Vec::with_capacity(ZONES);
     for z in &zones {
         let t = Instant::now();
-        let cfg = serde_yaml_ng::to_string(&zone::config(z, &link).unwrap()).unwrap();
+        let name = z.metadata.name.clone().unwrap();
+        let cfg: Vec<(String, String)> = (0..z.spec.relays.replicas)
+            .map(|i| {
+                let c = zone::config(z, &link, i, &zone::advertise_for(z, i, None)).unwrap();
+                (
+                    zone::pod_name(&name, i),
+                    serde_yaml_ng::to_string(&c).unwrap(),
+                )
+            })
+            .collect();
         let objs = json!([
             zone::service_account(z),
             zone::config_map(z, &cfg),

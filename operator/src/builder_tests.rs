@@ -17,6 +17,7 @@ fn link() -> KmsLink {
         ca_key: "ca.crt".into(),
         port: 8443,
         kms_pod_selector: Some(crate::pod::selector_labels("kms", "main")),
+        per_pod_certs: true,
     }
 }
 
@@ -86,7 +87,7 @@ fn containers_start_the_node_binaries_with_their_config() {
     let z = crate::zone::stateful_set(&zone("zone-a", "main"), &link(), &s, "h").unwrap();
     assert_eq!(
         args(z.spec.as_ref().unwrap().template.spec.as_ref().unwrap()),
-        ["--config", "/etc/conclave/config.yaml"]
+        ["--config", "/etc/conclave/$(POD_NAME).yaml"]
     );
     let d = crate::pool::deployment(&pool("rec", "zone-a"), &link(), &s, "h").unwrap();
     assert_eq!(
@@ -148,6 +149,14 @@ fn kms_config_renders_issuers_rotation_and_pools() {
     );
 }
 
+fn sts_args(z: &crate::zone::MeetingZone) -> Vec<String> {
+    let sts = crate::zone::stateful_set(z, &link(), &Settings::default(), "h").unwrap();
+    sts.spec.unwrap().template.spec.unwrap().containers[0]
+        .args
+        .clone()
+        .unwrap()
+}
+
 #[test]
 fn relay_pods_get_their_identity_and_address_from_the_environment() {
     let mut z = zone("zone-a", "main");
@@ -163,7 +172,12 @@ fn relay_pods_get_their_identity_and_address_from_the_environment() {
             .clone()
     };
     assert_eq!(get("CONCLAVE_RELAY_ADVERTISE"), "$(POD_IP):40000");
-    assert_eq!(get("CONCLAVE_RELAY_ID"), "zone-a/$(POD_NAME)");
+    let args = sts_args(&z);
+    assert_eq!(
+        args,
+        ["--config", "/etc/conclave/$(POD_NAME).yaml"],
+        "each relay reads its own file"
+    );
     z.spec.media.mode = crate::zone::MediaMode::HostNetwork;
     let sts = crate::zone::stateful_set(&z, &link(), &Settings::default(), "h").unwrap();
     let spec = sts.spec.unwrap().template.spec.unwrap();

@@ -116,9 +116,20 @@ pub fn reusable(
     ca: &CertificateAuthority,
     now: SystemTime,
 ) -> Option<Validity> {
+    reusable_at(live, req, ca, now, "tls.crt", "tls.key")
+}
+
+fn reusable_at(
+    live: &Secret,
+    req: &CertRequest,
+    ca: &CertificateAuthority,
+    now: SystemTime,
+    cert_key: &str,
+    key_key: &str,
+) -> Option<Validity> {
     let (cert, _key, ca_pem) = (
-        data_str(live, "tls.crt")?,
-        data_str(live, "tls.key")?,
+        data_str(live, cert_key)?,
+        data_str(live, key_key)?,
         data_str(live, "ca.crt")?,
     );
     if ca_pem != ca.cert_pem() {
@@ -219,6 +230,82 @@ pub async fn ensure_cert(
     Ok(CertState {
         not_after: validity.not_after,
         renew_after: validity.renew_after(),
+        renewed,
+    })
+}
+
+/// Keeps one Secret holding a client certificate per pod: `<pod>.crt` and `<pod>.key` for each
+/// `(pod, identity)`, plus `ca.crt`. Pods find theirs by name, so a StatefulSet needs one Secret.
+/// Returns the earliest expiry and renewal time.
+pub async fn ensure_pod_certs(
+    ctx: &Context,
+    ca: &CertificateAuthority,
+    meta: ObjectMeta,
+    pods: &[(String, Identity)],
+) -> Result<CertState> {
+    let ns = meta
+        .namespace
+        .clone()
+        .ok_or(Error::MissingField("namespace"))?;
+    let name = meta.name.clone().ok_or(Error::MissingField("name"))?;
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let live = api.get_opt(&name).await?;
+    let now = SystemTime::now();
+    let mut data = BTreeMap::from([(
+        "ca.crt".to_string(),
+        ByteString(ca.cert_pem().as_bytes().to_vec()),
+    )]);
+    let mut renewed = false;
+    let far = now + ctx.settings.cert_lifetime;
+    let (mut renew_after, mut not_after) = (far, far);
+    for (pod, identity) in pods {
+        let (ck, kk) = (format!("{pod}.crt"), format!("{pod}.key"));
+        let req = CertRequest {
+            identity: identity.clone(),
+            server_names: None,
+        };
+        let kept = live
+            .as_ref()
+            .and_then(|l| Some((l.data.as_ref()?, reusable_at(l, &req, ca, now, &ck, &kk)?)));
+        let validity = match kept {
+            Some((d, v)) if d.contains_key(&ck) && d.contains_key(&kk) => {
+                data.insert(ck.clone(), d[&ck].clone());
+                data.insert(kk.clone(), d[&kk].clone());
+                v
+            }
+            _ => {
+                let issued = ca
+                    .issue_client(identity, Validity::starting_now(ctx.settings.cert_lifetime))
+                    .map_err(pki_err)?;
+                data.insert(ck, ByteString(issued.cert_pem.as_bytes().to_vec()));
+                data.insert(kk, ByteString(issued.key_pem.as_bytes().to_vec()));
+                renewed = true;
+                issued.validity
+            }
+        };
+        renew_after = renew_after.min(validity.renew_after());
+        not_after = not_after.min(validity.not_after);
+    }
+    let secret = Secret {
+        metadata: meta,
+        type_: Some("Opaque".into()),
+        data: Some(data),
+        ..Default::default()
+    };
+    apply_over(&api, &secret, live).await?;
+    let expiry = not_after
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO);
+    ctx.metrics
+        .cert_expiry
+        .get_or_create(&CertLabels {
+            namespace: ns,
+            secret: name,
+        })
+        .set(expiry.as_secs_f64());
+    Ok(CertState {
+        not_after,
+        renew_after,
         renewed,
     })
 }

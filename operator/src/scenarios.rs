@@ -224,8 +224,21 @@ async fn zone_renders_relays_from_its_kms_and_then_makes_no_writes() {
             .get(&path("v1", "configmaps", "zone-a-relay-config"))
             .unwrap();
         let cfg: meeting_proto::config::relay::RelayConfig =
-            serde_yaml_ng::from_str(cm["data"]["config.yaml"].as_str().unwrap()).unwrap();
+            serde_yaml_ng::from_str(cm["data"]["zone-a-relay-1.yaml"].as_str().unwrap()).unwrap();
         cfg.validate().unwrap();
+        assert_eq!(
+            cfg.relay_id, "zone-a/zone-a-relay-1",
+            "the KMS names relays after their certificates"
+        );
+        assert_eq!(
+            cfg.advertise, "zone-a-relay-1.zone-a-relay.team.svc:40000",
+            "no pod seen yet"
+        );
+        assert_eq!(
+            cfg.kms.as_ref().unwrap().cert_file.to_str(),
+            Some("/etc/conclave/tls/zone-a-relay-1.crt")
+        );
+        assert!(cm["data"]["zone-a-relay-0.yaml"].is_string());
         assert_eq!(
             cfg.ticket_public_key,
             "3b6a27bcceb6a42d62a3a8d02a6f0d73653215771de243a63ac048a18b59da29"
@@ -234,10 +247,21 @@ async fn zone_renders_relays_from_its_kms_and_then_makes_no_writes() {
             cfg.kms.as_ref().unwrap().url,
             "https://main-kms.team.svc:8443"
         );
-        assert!(
-            fake.get(&path("v1", "secrets", "zone-a-relay-tls"))
-                .is_some()
-        );
+        // One client certificate per relay pod, each with its pod in the identity.
+        let tls = fake
+            .get(&path("v1", "secrets", "zone-a-relay-tls"))
+            .unwrap();
+        for pod in ["zone-a-relay-0", "zone-a-relay-1"] {
+            let b64 = tls["data"][format!("{pod}.crt")].as_str().unwrap();
+            let pem =
+                base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64).unwrap();
+            let der = conclave_pki::pem::certs_from_pem(&pem, "cert")
+                .unwrap()
+                .remove(0);
+            let id = conclave_pki::inspect(&der).unwrap().identity.unwrap();
+            assert_eq!(id.to_uri(), format!("conclave://team/relay/zone-a/{pod}"));
+            assert!(tls["data"][format!("{pod}.key")].is_string());
+        }
         let status = fake.get(&zone_path("zone-a")).unwrap()["status"].clone();
         assert_eq!(status["kms"]["reachable"], true);
         assert_eq!(ready(&status).1, "PodsNotReady");

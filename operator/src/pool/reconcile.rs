@@ -126,6 +126,7 @@ pub fn validate(pool: &ConnectorPool) -> std::result::Result<(), String> {
         ca_key: "ca.crt".into(),
         port: 8443,
         kms_pod_selector: None,
+        per_pod_certs: false,
     };
     config(pool, &probe).map(|_| ())
 }
@@ -266,6 +267,7 @@ impl ConnectorPool {
                         ca_key: "ca.crt".into(),
                         port: 0,
                         kms_pod_selector: None,
+                        per_pod_certs: false,
                     },
                     reach,
                 )

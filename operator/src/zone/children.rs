@@ -2,7 +2,7 @@
 
 use super::{MediaMode, MeetingZone};
 use crate::context::Settings;
-use crate::pod::{self, CONFIG_FILE, HTTP_PORT, TLS_DIR, child_meta, selector_labels, typed};
+use crate::pod::{self, HTTP_PORT, TLS_DIR, child_meta, selector_labels, typed};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -28,6 +28,10 @@ pub fn tls_name(zone: &str) -> String {
 }
 /// Per-relay Service, named like the pod it selects.
 pub fn relay_service_name(zone: &str, ordinal: i32) -> String {
+    pod_name(zone, ordinal)
+}
+/// Name of relay pod `ordinal` (StatefulSet naming).
+pub fn pod_name(zone: &str, ordinal: i32) -> String {
     format!("{zone}-relay-{ordinal}")
 }
 
@@ -45,16 +49,26 @@ pub struct KmsLink {
     /// Port on which egress to the KMS is allowed, and the pods (same namespace) if known.
     pub port: i32,
     pub kms_pod_selector: Option<std::collections::BTreeMap<String, String>>,
+    /// `client_secret` holds one certificate per relay pod (`<pod>.crt`, `<pod>.key`).
+    pub per_pod_certs: bool,
 }
 
-/// Address clients are told to send to, before per-pod overrides (see README: media-node applies
-/// `CONCLAVE_RELAY_ADVERTISE` from the pod environment when set).
-pub fn default_advertise(zone: &MeetingZone) -> String {
+/// Address relay `ordinal` advertises in its config file: the spec's advertisedAddress, else
+/// what the operator observed (`known`: the pod IP, host IP or Service address), else the pod's
+/// DNS name. Pods also get `CONCLAVE_RELAY_ADVERTISE` (see [`advertise_env`]), which the
+/// kubelet fills with the pod's own address before the operator can know it.
+pub fn advertise_for(zone: &MeetingZone, ordinal: i32, known: Option<&str>) -> String {
     let m = &zone.spec.media;
-    match &m.advertised_address {
-        Some(a) => format!("{}:{}", a.replace("{ordinal}", "0"), m.udp_port),
-        None => format!(
-            "{}.{}.svc:{}",
+    match (&m.advertised_address, known) {
+        (Some(a), _) => format!(
+            "{}:{}",
+            a.replace("{ordinal}", &ordinal.to_string()),
+            m.udp_port
+        ),
+        (None, Some(k)) => k.to_string(),
+        (None, None) => format!(
+            "{}.{}.{}.svc:{}",
+            pod_name(&zone.name_any(), ordinal),
             workload_name(&zone.name_any()),
             zone.namespace().unwrap_or_default(),
             m.udp_port
@@ -83,20 +97,42 @@ pub fn advertise_env(zone: &MeetingZone) -> String {
     }
 }
 
-pub fn config(zone: &MeetingZone, kms: &KmsLink) -> Result<RelayConfig, String> {
+/// Where relay `pod` finds its client certificate: its own pair in the zone's Secret when the
+/// operator issues them, else the user's Secret for an external KMS.
+fn cert_files(kms: &KmsLink, pod: &str) -> (String, String) {
+    if kms.per_pod_certs {
+        (
+            format!("{TLS_DIR}/{pod}.crt"),
+            format!("{TLS_DIR}/{pod}.key"),
+        )
+    } else {
+        (format!("{TLS_DIR}/tls.crt"), format!("{TLS_DIR}/tls.key"))
+    }
+}
+
+/// The config of relay `ordinal`; `advertise` from [`advertise_for`].
+pub fn config(
+    zone: &MeetingZone,
+    kms: &KmsLink,
+    ordinal: i32,
+    advertise: &str,
+) -> Result<RelayConfig, String> {
     let s = &zone.spec;
+    let pod = pod_name(&zone.name_any(), ordinal);
+    let (cert_file, key_file) = cert_files(kms, &pod);
     let v = json!({
-        "relayId": format!("{}/relay", zone.name_any()),
+        // The KMS names relays `<zone>/<pod>` after their certificates.
+        "relayId": format!("{}/{pod}", zone.name_any()),
         "zone": zone.name_any(),
         "listen": format!("0.0.0.0:{}", s.media.udp_port),
-        "advertise": default_advertise(zone),
+        "advertise": advertise,
         "httpListen": format!("0.0.0.0:{HTTP_PORT}"),
         "ticketPublicKey": kms.ticket_public_key,
         "kms": {
             "url": kms.url,
             "caFile": format!("{KMS_CA_DIR}/{}", kms.ca_key),
-            "certFile": format!("{TLS_DIR}/tls.crt"),
-            "keyFile": format!("{TLS_DIR}/tls.key"),
+            "certFile": cert_file,
+            "keyFile": key_file,
         },
         "limits": {
             "participantsPerMeeting": s.limits.participants_per_meeting,
@@ -116,10 +152,16 @@ pub fn service_account(zone: &MeetingZone) -> ServiceAccount {
     }
 }
 
-pub fn config_map(zone: &MeetingZone, rendered: &str) -> ConfigMap {
+/// One file per relay, `<pod>.yaml`; each pod reads its own (`--config .../$(POD_NAME).yaml`).
+pub fn config_map(zone: &MeetingZone, rendered: &[(String, String)]) -> ConfigMap {
     ConfigMap {
         metadata: child_meta(zone, &config_name(&zone.name_any()), COMPONENT),
-        data: Some([("config.yaml".to_string(), rendered.to_string())].into()),
+        data: Some(
+            rendered
+                .iter()
+                .map(|(pod, text)| (format!("{pod}.yaml"), text.clone()))
+                .collect(),
+        ),
         ..Default::default()
     }
 }
@@ -174,7 +216,6 @@ pub fn stateful_set(
     let mut env = pod::downward_env();
     if let Some(list) = env.as_array_mut() {
         list.push(json!({"name": "POD_ORDINAL", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['apps.kubernetes.io/pod-index']"}}}));
-        list.push(json!({"name": "CONCLAVE_RELAY_ID", "value": format!("{name}/$(POD_NAME)")}));
         list.push(json!({"name": "CONCLAVE_RELAY_ADVERTISE", "value": advertise_env(zone)}));
     }
     let mut pod_spec = json!({
@@ -187,7 +228,7 @@ pub fn stateful_set(
             "name": "relay",
             "image": s.image.clone().unwrap_or_else(|| settings.relay_image.clone()),
             "imagePullPolicy": settings.image_pull_policy,
-            "args": ["--config", CONFIG_FILE],
+            "args": ["--config", format!("{}/$(POD_NAME).yaml", pod::CONFIG_DIR)],
             "env": env,
             "ports": [
                 {"name": "media", "containerPort": s.media.udp_port, "protocol": "UDP"},

@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::apply::{apply, delete_if_exists};
-use crate::certs::{self, CertRequest};
+use crate::certs;
 use crate::conditions::{self as cond, Assessment, Verdict, conditions, reason};
 use crate::context::Context;
 use crate::kms::{self, KeyManagementServer};
@@ -221,6 +221,7 @@ pub async fn resolve_external(
             ca_key,
             port: port.into(),
             kms_pod_selector: None,
+            per_pod_certs: false,
         },
         reach,
     ))
@@ -267,13 +268,18 @@ pub async fn resolve_local(
             ca_key: "ca.crt".into(),
             port: k.spec.exposure.port,
             kms_pod_selector: Some(crate::pod::selector_labels(kms::COMPONENT, kms_name)),
+            per_pod_certs: true,
         },
         reach,
     ))
 }
 
 /// `host:port` per relay ordinal, from pods and per-relay Services.
-pub fn relay_endpoints(zone: &MeetingZone, pods: &[Pod], services: &[Service]) -> Vec<String> {
+pub fn relay_endpoints(
+    zone: &MeetingZone,
+    pods: &[Pod],
+    services: &[Service],
+) -> Vec<(i32, String)> {
     let m = &zone.spec.media;
     let prefix = format!("{}-", workload_name(&zone.name_any()));
     let mut out: Vec<(i32, String)> = pods
@@ -313,7 +319,7 @@ pub fn relay_endpoints(zone: &MeetingZone, pods: &[Pod], services: &[Service]) -
         })
         .collect();
     out.sort();
-    out.into_iter().map(|(_, e)| e).collect()
+    out
 }
 
 impl MeetingZone {
@@ -379,40 +385,29 @@ impl MeetingZone {
             }
         };
 
-        let cfg = config(self, &link).map_err(Error::Config)?;
-        let rendered = serde_yaml_ng::to_string(&cfg).map_err(|e| Error::Config(e.to_string()))?;
-        let hash = config_hash(&rendered);
         let mut changed = Vec::new();
         let mut notes = Vec::new();
+        let want = self.spec.relays.replicas;
 
         let sa_api: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), &ns);
         if apply(&sa_api, &service_account(self)).await?.changed() {
             changed.push("ServiceAccount");
         }
-        let cm_api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
-        if apply(&cm_api, &config_map(self, &rendered))
-            .await?
-            .changed()
-        {
-            changed.push("ConfigMap");
-        }
         let mut renew_at = None;
-        if self.spec.kms_ref.is_some() {
+        if link.per_pod_certs {
             let ca = certs::ensure_ca(ctx, &ns).await?;
-            let identity = Identity::new(&ns, Kind::Relay, &name)
-                .map_err(|e| Error::Certificate(e.to_string()))?;
-            let cert = certs::ensure_cert(
-                ctx,
-                &ca,
-                child_meta(self, &tls_name(&name), COMPONENT),
-                &CertRequest {
-                    identity,
-                    server_names: None,
-                },
-            )
-            .await?;
+            let mut pods = Vec::new();
+            for i in 0..want {
+                let pod = pod_name(&name, i);
+                let identity = Identity::new(&ns, Kind::Relay, &name)
+                    .and_then(|id| id.with_pod(pod.as_str()))
+                    .map_err(|e| Error::Certificate(e.to_string()))?;
+                pods.push((pod, identity));
+            }
+            let meta = child_meta(self, &tls_name(&name), COMPONENT);
+            let cert = certs::ensure_pod_certs(ctx, &ca, meta, &pods).await?;
             if cert.renewed {
-                changed.push("TLS certificate");
+                changed.push("TLS certificates");
             }
             renew_at = Some(cert.renew_after);
         }
@@ -436,6 +431,40 @@ impl MeetingZone {
             {
                 changed.push("removed relay Service");
             }
+        }
+
+        // One config per relay: identity and certificate paths are per pod, and so is the
+        // address once the operator has seen it.
+        let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+        let pod_list = pods
+            .list(&ListParams::default().labels(&selector_string(COMPONENT, &name)))
+            .await?
+            .items;
+        let endpoints = relay_endpoints(self, &pod_list, &relay_svcs);
+        let mut rendered = Vec::new();
+        for i in 0..want {
+            let known = endpoints
+                .iter()
+                .find(|(o, _)| *o == i)
+                .map(|(_, e)| e.as_str());
+            let cfg =
+                config(self, &link, i, &advertise_for(self, i, known)).map_err(Error::Config)?;
+            let text = serde_yaml_ng::to_string(&cfg).map_err(|e| Error::Config(e.to_string()))?;
+            rendered.push((pod_name(&name, i), text));
+        }
+        // Pods restart when what they share changes, not when one relay's address is learnt
+        // or the zone scales.
+        let shared =
+            config(self, &link, 0, &advertise_for(self, 0, None)).map_err(Error::Config)?;
+        let hash = config_hash(
+            &serde_yaml_ng::to_string(&shared).map_err(|e| Error::Config(e.to_string()))?,
+        );
+        let cm_api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
+        if apply(&cm_api, &config_map(self, &rendered))
+            .await?
+            .changed()
+        {
+            changed.push("ConfigMap");
         }
         let sts_api: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &ns);
         let sts = apply(&sts_api, &stateful_set(self, &link, &ctx.settings, &hash)?).await?;
@@ -470,14 +499,8 @@ impl MeetingZone {
             .await;
         }
 
-        let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-        let pod_list = pods
-            .list(&ListParams::default().labels(&selector_string(COMPONENT, &name)))
-            .await?
-            .items;
         let sts_status = sts.object().status.clone().unwrap_or_default();
         let ready = sts_status.ready_replicas.unwrap_or(0);
-        let want = self.spec.relays.replicas;
         if !reach.reachable {
             notes.push(
                 reach
@@ -503,7 +526,7 @@ impl MeetingZone {
             &a,
             MeetingZoneStatus {
                 ready_relays: ready,
-                relay_endpoints: relay_endpoints(self, &pod_list, &relay_svcs),
+                relay_endpoints: endpoints.into_iter().map(|(_, e)| e).collect(),
                 kms: Some(reach),
                 ..Default::default()
             },
