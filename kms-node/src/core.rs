@@ -686,7 +686,9 @@ impl Core {
             .members
             .get_mut(&participant)
             .expect("session maps to member");
-        let needs_key = member.released_epoch < m.record.epoch;
+        // `since == 0` is a resync (new connection, lost response): the
+        // current key is released again, audited like any release.
+        let needs_key = member.released_epoch < m.record.epoch || since == 0;
         if version <= since && !needs_key {
             return (Ok(None), fx);
         }
@@ -1278,6 +1280,11 @@ mod tests {
         let (r, fx) = c.events(2002, &m(), &session(&a), g.version);
         assert!(r.unwrap().is_none());
         assert!(fx.writes.is_empty() && fx.audit.is_empty());
+        // A resync (since = 0, e.g. after a lost response) releases the
+        // current key again, audited.
+        let (r, fx) = c.events(2002, &m(), &session(&a), 0);
+        assert_eq!(r.unwrap().unwrap().release.unwrap().epoch, 2);
+        assert_eq!(fx.audit[0].kind, AuditKind::KeyRelease);
         // The leaver is refused, audited, and nothing else is written.
         let (r, fx) = c.events(2003, &m(), &session(&b), 0);
         assert_eq!(r.unwrap_err().code, "not_member");

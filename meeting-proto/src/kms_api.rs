@@ -421,7 +421,8 @@ impl fmt::Debug for JoinResponse {
 /// Query of [`paths::EVENTS`].
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct EventsQuery {
-    /// The roster version the caller already has.
+    /// The roster version the caller already has. 0 asks for a resync:
+    /// roster, the current epoch's key and a fresh relay ticket, at once.
     #[serde(default)]
     pub since: u64,
     /// How long to wait for a change (clamped to [`MAX_WAIT_MS`]).
