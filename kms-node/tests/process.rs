@@ -772,7 +772,7 @@ async fn placement_follows_heartbeats() {
     tokio::time::timeout(LIMIT, async {
         let kms = Kms::start(
             "placement",
-            "relays: {heartbeatIntervalMs: 100, heartbeatTimeoutMs: 400}\n",
+            "relays: {heartbeatIntervalMs: 100, heartbeatTimeoutMs: 1500}\n",
         );
         let relay = |pod: &str| {
             kms.as_identity(
@@ -820,7 +820,7 @@ async fn placement_follows_heartbeats() {
             load: 1,
             ready: true,
         };
-        let until = tokio::time::Instant::now() + Duration::from_millis(700);
+        let until = tokio::time::Instant::now() + Duration::from_millis(2000);
         while tokio::time::Instant::now() < until {
             r1.heartbeat(&hb).await.unwrap();
             tokio::time::sleep(Duration::from_millis(100)).await;
