@@ -178,12 +178,25 @@ pub async fn serve_legs(
                         (membership.meeting.clone(), membership.session.clone());
                     match crate::meeting::join(creds, Duration::from_secs(10)).await {
                         Ok(link) => {
+                            let (roster_tx, mut roster) =
+                                tokio::sync::watch::channel(membership.roster.clone());
                             tokio::spawn(crate::kms::follow_epochs(
                                 client.clone(),
                                 membership,
                                 link.keys.clone(),
+                                roster_tx,
                             ));
+                            // The host removing the phone ends the call.
+                            let removal = tokio::spawn({
+                                let telephony = telephony.clone();
+                                async move {
+                                    if roster.wait_for(|r| !r.member).await.is_ok() {
+                                        telephony.hangup(call).await;
+                                    }
+                                }
+                            });
                             let why = run(leg, link).await;
+                            removal.abort();
                             tracing::info!(meeting = %meeting, why, "phone leg left the meeting");
                         }
                         Err(e) => tracing::warn!(error = %e, "relay unreachable"),

@@ -31,6 +31,8 @@ pub enum KmsError {
 
 /// A connector's membership in one meeting, as the KMS sees it.
 pub struct Membership {
+    /// The roster as of the join (signature checked).
+    pub roster: RosterView,
     pub meeting: MeetingId,
     pub participant: ParticipantId,
     pub session: Session,
@@ -80,7 +82,26 @@ pub async fn join_assignment(
         .address
         .parse()
         .map_err(|_| KmsError::RelayAddress(joined.relay.address.clone()))?;
+    let vk = client
+        .info()
+        .await?
+        .signing_public_key
+        .array()
+        .and_then(|b| ed25519_dalek::VerifyingKey::from_bytes(&b).ok())
+        .ok_or_else(|| KmsError::Open("KMS signing key is malformed".into()))?;
+    let r = joined
+        .roster
+        .verify(&vk)
+        .map_err(|e| KmsError::Open(format!("roster: {e}")))?;
     let m = Membership {
+        roster: RosterView {
+            member: true,
+            names: r
+                .members
+                .iter()
+                .map(|x| (x.sender_index, x.name.clone()))
+                .collect(),
+        },
         meeting: a.meeting.clone(),
         participant: joined.participant,
         session: Session(joined.session.clone()),
@@ -98,20 +119,62 @@ pub async fn join_assignment(
     Ok((m, creds))
 }
 
-/// Follow roster versions and hand new epoch keys to the meeting link until
-/// it closes. Errors are logged and retried with a pause.
+/// What the connector currently knows of its meeting's roster.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RosterView {
+    /// Sender index -> display name.
+    pub names: std::collections::BTreeMap<u16, String>,
+    /// False once the host removed this connector (or the meeting ended for it).
+    pub member: bool,
+}
+
+/// Follow roster versions: hand new epoch keys to the meeting link and
+/// publish the (signature-checked) roster until the link closes. Errors are
+/// logged and retried with a pause.
 pub async fn follow_epochs(
     client: KmsClient,
     mut m: Membership,
     link_keys: tokio::sync::mpsc::Sender<EpochKey>,
+    roster: tokio::sync::watch::Sender<RosterView>,
 ) {
+    let mut vk = None;
     while !link_keys.is_closed() {
+        if vk.is_none() {
+            vk = match client.info().await {
+                Ok(i) => i
+                    .signing_public_key
+                    .array()
+                    .and_then(|b| ed25519_dalek::VerifyingKey::from_bytes(&b).ok()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "KMS info failed");
+                    None
+                }
+            };
+        }
         match client
             .events(&m.meeting, &m.session, m.version, 20_000)
             .await
         {
             Ok(ev) => {
                 m.version = ev.version;
+                if let (Some(signed), Some(vk)) = (ev.roster, vk.as_ref()) {
+                    match signed.verify(vk) {
+                        Ok(r) => {
+                            let view = RosterView {
+                                member: r.members.iter().any(|x| x.participant == m.participant),
+                                names: r
+                                    .members
+                                    .iter()
+                                    .map(|x| (x.sender_index, x.name.clone()))
+                                    .collect(),
+                            };
+                            let _ = roster.send(view);
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "roster signature does not verify; ignored")
+                        }
+                    }
+                }
                 if let Some(sealed) = ev.key {
                     match epoch_key(&m.key, &sealed, &m) {
                         Ok(k) => {
@@ -124,6 +187,14 @@ pub async fn follow_epochs(
                 }
             }
             Err(e) => {
+                if e.code() == Some("not_member") {
+                    // Removed by the host: the session is gone.
+                    let _ = roster.send(RosterView {
+                        member: false,
+                        ..RosterView::default()
+                    });
+                    return;
+                }
                 tracing::warn!(error = %e, meeting = %m.meeting, "KMS events failed");
                 tokio::time::sleep(Duration::from_secs(2)).await;
             }

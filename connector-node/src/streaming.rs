@@ -287,10 +287,12 @@ pub async fn stream_assignment(
     let mut link = crate::meeting::join(creds, Duration::from_secs(10))
         .await
         .context("reaching the relay")?;
+    let (roster_tx, mut roster) = watch::channel(membership.roster.clone());
     tokio::spawn(crate::kms::follow_epochs(
         client.clone(),
         membership,
         link.keys.clone(),
+        roster_tx,
     ));
     let (audio_tx, audio_rx) = mpsc::channel(100);
     let sup = start(settings.ffmpeg.clone(), url, audio_rx, metrics.clone());
@@ -303,6 +305,10 @@ pub async fn stream_assignment(
     loop {
         tokio::select! {
             _ = stop.wait_for(|s| *s) => break,
+            _ = roster.wait_for(|r| !r.member) => {
+                tracing::info!(meeting = %meeting, "removed from the meeting by the host: streaming stops");
+                break;
+            }
             _ = tick.tick() => {
                 let mut mix = vec![0i32; 960];
                 for q in queues.values_mut() {

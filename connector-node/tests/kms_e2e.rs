@@ -304,29 +304,32 @@ async fn invited_recorder_records_under_a_kms_key_only_readers_decrypt() {
         )
         .unwrap();
         let mut since = host.roster.verify(&vk).unwrap().version;
-        loop {
+        let connector = loop {
             let ev = people
                 .events(&meeting, &session, since, 5000)
                 .await
                 .unwrap();
             since = ev.version;
             if let Some(r) = ev.roster
-                && r.verify(&vk)
+                && let Some(m) = r
+                    .verify(&vk)
                     .unwrap()
                     .members
                     .iter()
-                    .any(|m| m.role.to_string() == "connector:recording")
+                    .find(|m| m.role.to_string() == "connector:recording")
             {
-                break;
+                break m.participant;
             }
-        }
+        };
 
         // The host speaks a 440 Hz tone for 3 s through the relay (E2EE).
         let _link = speak(host_creds(&host, &host_key, &meeting), 3.0).await;
-        // Let the last packets arrive, then stop the recording.
+        // Let the last packets arrive, then the host stops the recording by
+        // removing the connector: it notices through the KMS and closes the files.
         tokio::time::sleep(Duration::from_millis(300)).await;
-        stop_tx.send(true).unwrap();
+        people.remove(&meeting, &session, connector).await.unwrap();
         let dir = rec_task.await.unwrap().unwrap();
+        drop(stop_tx);
         hb.abort();
 
         // The auditor (a configured reader) decrypts through the KMS.
@@ -346,6 +349,12 @@ async fn invited_recorder_records_under_a_kms_key_only_readers_decrypt() {
         })
         .unwrap();
         assert!(reports.iter().all(|r| r.complete), "{reports:?}");
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+        assert_eq!(
+            manifest["participants"][0]["name"], "ADA",
+            "roster names in the manifest: {manifest}"
+        );
         let file = out.join(format!("participant-{}.opus", host.sender_index));
         let probe = Command::new("ffprobe")
             .args([

@@ -184,7 +184,8 @@ async fn recording_connector_records_speech_and_chat_from_a_meeting() {
         let (stop_tx, stop_rx) = watch::channel(false);
         let metrics = Arc::new(Metrics::new());
         let m2 = metrics.clone();
-        let recording = tokio::spawn(async move { live::record(link, rec, stop_rx, &m2).await });
+        let recording =
+            tokio::spawn(async move { live::record(link, rec, stop_rx, None, &m2).await });
 
         let speaker = client(
             relay,

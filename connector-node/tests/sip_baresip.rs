@@ -218,7 +218,7 @@ async fn srtp_required_refuses_plain_rtp_phone() {
     tokio::time::timeout(TEST_TIMEOUT, async {
         let dir = TempDir::new("bs-plain");
         let c = connector(Transport::Udp, SrtpPolicy::Required, None).await;
-        let phone = Baresip::start(
+        let mut phone = Baresip::start(
             &dir.0,
             &phone_wav(&dir),
             BaresipOpts {

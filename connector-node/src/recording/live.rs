@@ -1,6 +1,7 @@
 //! Record a meeting the connector has joined: every sender's audio, the mix,
 //! chat with sender and time, until stopped or the link ends.
 
+use crate::kms::RosterView;
 use crate::meeting::{MeetingEvent, MeetingLink};
 use crate::metrics::Metrics;
 use crate::recording::recorder::{ChatLine, Manifest, Recorder};
@@ -16,13 +17,22 @@ fn now_ms() -> u64 {
 }
 
 /// Run until `stop` becomes true or the meeting link ends; returns the final manifest.
+/// With `roster`, participants get their roster names and the recording
+/// stops when the host removes the connector.
 pub async fn record(
     mut link: MeetingLink,
     mut rec: Recorder,
     mut stop: watch::Receiver<bool>,
+    mut roster: Option<watch::Receiver<RosterView>>,
     metrics: &Metrics,
 ) -> std::io::Result<Manifest> {
     let mut seen = HashSet::new();
+    let name = |roster: &Option<watch::Receiver<RosterView>>, sender: u16| {
+        roster
+            .as_ref()
+            .and_then(|r| r.borrow().names.get(&sender).cloned())
+            .unwrap_or_else(|| format!("participant {sender}"))
+    };
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut flush = tokio::time::interval(Duration::from_secs(1));
@@ -30,6 +40,12 @@ pub async fn record(
     loop {
         tokio::select! {
             _ = stop.wait_for(|s| *s) => break,
+            Some(Ok(())) = async { match roster.as_mut() { Some(r) => Some(r.changed().await), None => None } } => {
+                if roster.as_ref().is_some_and(|r| !r.borrow().member) {
+                    tracing::info!("removed from the meeting by the host: recording stops");
+                    break;
+                }
+            }
             _ = tick.tick() => rec.tick()?,
             _ = flush.tick() => {
                 let total = rec.flush()?;
@@ -42,7 +58,7 @@ pub async fn record(
                 Some(MeetingEvent::Audio { sender, seq, packet }) => {
                     let id = u64::from(sender);
                     if seen.insert(id) {
-                        rec.participant_joined(id, &format!("participant {sender}"), now_ms())?;
+                        rec.participant_joined(id, &name(&roster, sender), now_ms())?;
                     }
                     // The recorder tracks 16-bit sequence numbers for loss concealment.
                     rec.audio(id, seq as u16, &packet)?;
@@ -52,7 +68,7 @@ pub async fn record(
                     rec.chat(&ChatLine {
                         at_ms: now_ms(),
                         participant: id,
-                        name: format!("participant {sender}"),
+                        name: name(&roster, sender),
                         text,
                     })?;
                 }
@@ -83,10 +99,12 @@ pub async fn record_assignment(
     let link = crate::meeting::join(creds, Duration::from_secs(10))
         .await
         .context("reaching the relay")?;
+    let (roster_tx, roster_rx) = watch::channel(membership.roster.clone());
     tokio::spawn(crate::kms::follow_epochs(
         client.clone(),
         membership,
         link.keys.clone(),
+        roster_tx,
     ));
     let (key, blob) = crate::kms::create_recording_key(&client, &meeting)
         .await
@@ -94,7 +112,7 @@ pub async fn record_assignment(
     let dir = base.join(format!("{}-{}", meeting.as_str(), assignment.invitation));
     let rec = Recorder::create(&dir, meeting.as_str(), key, blob, now_ms())?;
     tracing::info!(meeting = %meeting, dir = %dir.display(), "recording");
-    let manifest = record(link, rec, stop, metrics).await?;
+    let manifest = record(link, rec, stop, Some(roster_rx), metrics).await?;
     if let Err(e) = client.leave(&meeting, &session).await {
         tracing::warn!(error = %e, "KMS leave failed");
     }

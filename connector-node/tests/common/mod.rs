@@ -119,12 +119,15 @@ pub fn correlation(a: &[i16], b: &[i16]) -> f64 {
     best
 }
 
+/// A port free for both UDP and TCP right now (baresip binds both).
 pub fn free_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    loop {
+        let u = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = u.local_addr().unwrap().port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// baresip 1.0 as a phone: its own config dir, auto-answer, plays `wav`,
@@ -145,9 +148,24 @@ pub struct BaresipOpts<'a> {
 }
 
 impl Baresip {
+    /// Starts baresip; another process may take the chosen port between our
+    /// check and baresip's bind, so a failed bind is retried on a new port.
     pub fn start(dir: &Path, wav: &Path, opts: BaresipOpts<'_>) -> Self {
         require("baresip");
-        let port = free_port();
+        for _ in 0..5 {
+            let mut me = Self::start_on(dir, wav, &opts, free_port());
+            if me.wait_for_log("baresip is ready", Duration::from_secs(10)) {
+                return me;
+            }
+            me.stop();
+        }
+        panic!(
+            "baresip did not start:\n{}",
+            std::fs::read_to_string(dir.join("baresip.log")).unwrap_or_default()
+        );
+    }
+
+    fn start_on(dir: &Path, wav: &Path, opts: &BaresipOpts<'_>, port: u16) -> Self {
         let rec = dir.join("rec");
         std::fs::create_dir_all(&rec).unwrap();
         let mut cfg = format!(
@@ -206,24 +224,25 @@ impl Baresip {
             .stderr(log)
             .spawn()
             .expect("baresip starts");
-        let me = Self {
+        Self {
             child,
             dir: dir.to_path_buf(),
             port,
-        };
-        me.wait_for_log("baresip is ready", Duration::from_secs(10));
-        me
+        }
     }
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("baresip.log")).unwrap_or_default()
     }
 
-    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+    pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> bool {
         let deadline = std::time::Instant::now() + timeout;
         while std::time::Instant::now() < deadline {
             if self.log().contains(needle) {
                 return true;
+            }
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return self.log().contains(needle);
             }
             std::thread::sleep(Duration::from_millis(50));
         }
