@@ -231,6 +231,11 @@ async fn speak(creds: Credentials, secs: f64) -> meeting::MeetingLink {
         link.events.recv().await,
         Some(meeting::MeetingEvent::Joined)
     );
+    send_tone(&link, secs).await;
+    link
+}
+
+async fn send_tone(link: &meeting::MeetingLink, secs: f64) {
     let mut enc = Encoder::new().unwrap();
     let pcm = meeting_client::audio::tone(440.0, secs);
     let mut tick = tokio::time::interval(Duration::from_millis(20));
@@ -238,7 +243,6 @@ async fn speak(creds: Credentials, secs: f64) -> meeting::MeetingLink {
         tick.tick().await;
         link.audio.send(enc.encode(f).unwrap()).await.unwrap();
     }
-    link
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -323,7 +327,45 @@ async fn invited_recorder_records_under_a_kms_key_only_readers_decrypt() {
         };
 
         // The host speaks a 440 Hz tone for 3 s through the relay (E2EE).
-        let _link = speak(host_creds(&host, &host_key, &meeting), 3.0).await;
+        let link = speak(host_creds(&host, &host_key, &meeting), 3.0).await;
+
+        // Key rotation: bob joins and leaves, the meeting moves to a new epoch;
+        // the host switches keys and goes on speaking for 2 s. The recorder
+        // follows the epoch through the KMS, or those 2 s would be missing.
+        let bob_key = EphemeralKey::generate();
+        let bob = people
+            .join(
+                &meeting,
+                &api::JoinRequest {
+                    token: Some(w.token("bob", "board", Role::Participant)),
+                    invitation: None,
+                    public_key: Hex(bob_key.public_key().to_vec()),
+                },
+            )
+            .await
+            .unwrap();
+        let left = people
+            .leave(&meeting, &kms_client::Session(bob.session.clone()))
+            .await
+            .unwrap();
+        let sealed = loop {
+            let ev = people
+                .events(&meeting, &session, since, 5000)
+                .await
+                .unwrap();
+            since = ev.version;
+            if let Some(k) = ev.key.filter(|k| k.epoch == left.epoch) {
+                break k;
+            }
+        };
+        let opened = host_key
+            .open_meeting_key(&sealed, &meeting, host.participant)
+            .unwrap();
+        link.keys
+            .send(EpochKey::new(meeting.clone(), opened.epoch, opened.as_bytes()).unwrap())
+            .await
+            .unwrap();
+        send_tone(&link, 2.0).await;
         // Let the last packets arrive, then the host stops the recording by
         // removing the connector: it notices through the KMS and closes the files.
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -376,7 +418,10 @@ async fn invited_recorder_records_under_a_kms_key_only_readers_decrypt() {
         let v: serde_json::Value = serde_json::from_slice(&probe.stdout).unwrap();
         assert_eq!(v["streams"][0]["codec_name"], "opus");
         let dur: f64 = v["format"]["duration"].as_str().unwrap().parse().unwrap();
-        assert!((2.7..3.3).contains(&dur), "recorded {dur} s of 3 s");
+        assert!(
+            (4.6..5.4).contains(&dur),
+            "recorded {dur} s of 3 s + 2 s after the key rotation"
+        );
 
         // Anyone else is refused by the KMS.
         let mallory = w.token("mallory", "board", Role::Participant);
