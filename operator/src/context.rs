@@ -65,7 +65,8 @@ impl Capabilities {
 
 pub struct Context {
     pub client: Client,
-    pub recorder: Recorder,
+    /// Who publishes events (controller name and this replica).
+    pub reporter: Reporter,
     pub metrics: Arc<Metrics>,
     pub settings: Settings,
     pub caps: Capabilities,
@@ -92,7 +93,7 @@ impl Context {
             instance: std::env::var("POD_NAME").ok(),
         };
         Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            reporter,
             client,
             metrics,
             settings,
@@ -121,7 +122,11 @@ impl Context {
             action: action.into(),
             secondary: None,
         };
-        if let Err(e) = self.recorder.publish(&ev, &obj.object_ref(&())).await {
+        // A fresh Recorder per event: a shared one folds events with the same reason into a
+        // series and keeps the first note, which would misreport what changed. Events are
+        // only sent on changes, so there is no flood to fold.
+        let recorder = Recorder::new(self.client.clone(), self.reporter.clone());
+        if let Err(e) = recorder.publish(&ev, &obj.object_ref(&())).await {
             tracing::warn!(error = %e, reason, "could not publish event");
         }
     }
