@@ -31,6 +31,7 @@ pub struct Metrics {
     stream_refused: Counter,
     recording_bytes: Counter,
     recording_chunks: Counter,
+    recordings_active: Gauge,
 }
 
 fn l(k: &'static str, v: impl Into<String>) -> Labels {
@@ -63,6 +64,7 @@ impl Metrics {
             stream_refused: Counter::default(),
             recording_bytes: Counter::default(),
             recording_chunks: Counter::default(),
+            recordings_active: Gauge::default(),
             registry: Registry::default(),
         };
         r.register(
@@ -201,6 +203,13 @@ impl Metrics {
     pub fn recording_written(&self, bytes: u64) {
         self.recording_bytes.inc_by(bytes);
         self.recording_chunks.inc();
+    }
+
+    pub fn recording_started(&self) {
+        self.recordings_active.inc();
+    }
+    pub fn recording_ended(&self) {
+        self.recordings_active.dec();
     }
 
     pub fn render(&self) -> String {

@@ -26,7 +26,23 @@ pub async fn record(
     mut roster: Option<watch::Receiver<RosterView>>,
     metrics: &Metrics,
 ) -> std::io::Result<Manifest> {
+    metrics.recording_started();
+    let result = record_loop(&mut link, &mut rec, &mut stop, &mut roster, metrics).await;
+    metrics.recording_ended();
+    link.leave();
+    result?;
+    rec.finish(now_ms())
+}
+
+async fn record_loop(
+    link: &mut MeetingLink,
+    rec: &mut Recorder,
+    stop: &mut watch::Receiver<bool>,
+    roster: &mut Option<watch::Receiver<RosterView>>,
+    metrics: &Metrics,
+) -> std::io::Result<()> {
     let mut seen = HashSet::new();
+    let mut written = 0u64;
     let name = |roster: &Option<watch::Receiver<RosterView>>, sender: u16| {
         roster
             .as_ref()
@@ -36,7 +52,6 @@ pub async fn record(
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut flush = tokio::time::interval(Duration::from_secs(1));
-    let mut written = 0u64;
     loop {
         tokio::select! {
             _ = stop.wait_for(|s| *s) => break,
@@ -58,7 +73,7 @@ pub async fn record(
                 Some(MeetingEvent::Audio { sender, seq, packet }) => {
                     let id = u64::from(sender);
                     if seen.insert(id) {
-                        rec.participant_joined(id, &name(&roster, sender), now_ms())?;
+                        rec.participant_joined(id, &name(roster, sender), now_ms())?;
                     }
                     // The recorder tracks 16-bit sequence numbers for loss concealment.
                     rec.audio(id, seq as u16, &packet)?;
@@ -68,15 +83,14 @@ pub async fn record(
                     rec.chat(&ChatLine {
                         at_ms: now_ms(),
                         participant: id,
-                        name: name(&roster, sender),
+                        name: name(roster, sender),
                         text,
                     })?;
                 }
             }
         }
     }
-    link.leave();
-    rec.finish(now_ms())
+    Ok(())
 }
 
 /// Serve one KMS assignment: join with the invitation (the connector is in
