@@ -385,3 +385,66 @@ async fn recording_pool_gets_deployment_volume_and_client_certificate() {
     })
     .await
 }
+
+#[tokio::test]
+async fn kms_with_a_missing_root_key_secret_names_the_reference() {
+    bounded(async {
+        let (ctx, fake) = context(CAPS);
+        let mut kms = kms("main");
+        kms.spec.root_key = Some(crate::kms::RootKeySource {
+            secret_ref: crate::shared::SecretKeyRef {
+                name: "absent".into(),
+                key: None,
+            },
+        });
+        fake.put(&kms_path("main"), serde_json::to_value(&kms).unwrap());
+        crate::kms::reconcile(Arc::new(kms), ctx).await.unwrap();
+        let (st, reason, msg) = ready(&fake.get(&kms_path("main")).unwrap()["status"]);
+        assert_eq!(
+            (st.as_str(), reason.as_str()),
+            ("False", "DependencyMissing")
+        );
+        assert!(
+            msg.contains("spec.rootKey.secretRef") && msg.contains("absent"),
+            "{msg}"
+        );
+        assert!(
+            fake.get(&path("apps/v1", "statefulsets", "main-kms"))
+                .is_none()
+        );
+    })
+    .await
+}
+
+#[tokio::test]
+async fn per_relay_services_follow_the_replica_count() {
+    bounded(async {
+        let (ctx, fake) = context(CAPS);
+        ready_kms_with_key(&fake);
+        let mut z = zone("zone-a", "main");
+        z.spec.relays.replicas = 3;
+        z.spec.media.mode = crate::zone::MediaMode::Service;
+        z.spec.media.service_type = crate::kms::ServiceType::NodePort;
+        fake.put(&zone_path("zone-a"), serde_json::to_value(&z).unwrap());
+        crate::zone::reconcile(Arc::new(z.clone()), ctx.clone()).await.unwrap();
+        for i in 0..3 {
+            assert!(fake.get(&path("v1", "services", &format!("zone-a-relay-{i}"))).is_some(), "relay {i}");
+        }
+        // Scale down: the Service of the relay that went away is deleted, the others stay.
+        let mut smaller: MeetingZone = stored(&fake, &zone_path("zone-a"));
+        smaller.spec.relays.replicas = 2;
+        fake.put(&zone_path("zone-a"), serde_json::to_value(&smaller).unwrap());
+        fake.clear_calls();
+        crate::zone::reconcile(Arc::new(smaller), ctx).await.unwrap();
+        assert!(fake.get(&path("v1", "services", "zone-a-relay-2")).is_none());
+        assert!(fake.get(&path("v1", "services", "zone-a-relay-1")).is_some());
+        assert!(
+            fake.writes().iter().any(|c| c.method == Method::DELETE && c.path.ends_with("/services/zone-a-relay-2")),
+            "{:?}",
+            fake.writes()
+        );
+        let sts = fake.get(&path("apps/v1", "statefulsets", "zone-a-relay")).unwrap();
+        assert_eq!(sts["spec"]["replicas"], 2);
+    })
+    .await
+}
