@@ -20,7 +20,7 @@ log "building static release binaries (${IMAGES[*]})"
 # crt-static gives static-pie binaries that run in an empty root filesystem;
 # libopus is linked from Debian's static archive.
 RUSTFLAGS="-C target-feature=+crt-static" PKG_CONFIG_ALL_STATIC=1 \
-  cargo build --release --locked --target "$TARGET" $(printf -- '--bin %s ' "${IMAGES[@]}")
+  cargo build --release --target "$TARGET" $(printf -- '--bin %s ' "${IMAGES[@]}")
 
 for name in "${IMAGES[@]}"; do
   bin=$BUILD_DIR/$TARGET/release/$name

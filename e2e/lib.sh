@@ -43,13 +43,17 @@ ensure_packages() {
 
 # Python venv with helm-python-sdk (the real Helm engine as a library).
 ensure_venv() {
-  if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c 'import helm_python' 2>/dev/null; then
+  # Re-installs only when requirements.txt changed (its hash is the stamp).
+  local want stamp=$VENV/.requirements.sha256
+  want=$(sha256sum "$REPO_ROOT/e2e/deps/requirements.txt" | cut -d' ' -f1)
+  if [ -x "$VENV/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
     return 0
   fi
-  log "creating Python venv with helm-python-sdk under $VENV"
+  log "installing Python packages (helm-python-sdk, pytest, ...) into $VENV"
   mkdir -p "$CONCLAVE_CACHE"
-  python3 -m venv "$VENV"
+  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --disable-pip-version-check -r "$REPO_ROOT/e2e/deps/requirements.txt"
+  echo "$want" > "$stamp"
 }
 
 kubectl_() { kubectl --kubeconfig "$KUBECONFIG_FILE" "$@"; }

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # This cluster has no dynamic volume provisioner: create a StorageClass named
 # `local` and a pool of hostPath PersistentVolumes under the state directory
-# that claims bind to (static provisioning). Idempotent.
+# that claims bind to (static provisioning). Idempotent. The capacity is
+# nominal (hostPath does not enforce it), so claims of any usual size bind.
 source "$(dirname "$0")/../lib.sh"
 
 COUNT=${PV_COUNT:-12}
-SIZE=${PV_SIZE:-2Gi}
+SIZE=${PV_SIZE:-20Gi}
 {
   cat <<YAML
 apiVersion: storage.k8s.io/v1

@@ -14,7 +14,7 @@
   retries and serves metrics): `promtool check metrics` on their /metrics too.
 The process tests need the binaries media-node, conclave-client, kms-node, connector-node and
 conclave-pki (`cargo build --workspace --bins`; looked up in $CARGO_TARGET_DIR,
-/work/target-obs, ~/.cache/conclave/target and target/, debug).
+~/.cache/conclave/target and target/, debug).
 """
 import base64
 import json
@@ -347,7 +347,7 @@ def test_chart_refuses_unknown_monitoring_values():
 # ---------------------------------------------------------------- a real relay and a real Prometheus
 
 def binary(name):
-    roots = [os.environ.get("CARGO_TARGET_DIR"), "/work/target-obs",
+    roots = [os.environ.get("CARGO_TARGET_DIR"),
              str(Path.home() / ".cache" / "conclave" / "target"), str(REPO / "target")]
     for root in filter(None, roots):
         p = Path(root) / "debug" / name

@@ -1,0 +1,76 @@
+"""Conclave on the local cluster, installed as a user would (Helm chart,
+examples applied with kubectl): everything becomes Ready, pods are locked
+down, and invalid resources are refused with a clear reason."""
+import json
+
+import pytest
+
+from deploy import SYSTEM_NS, apply_example, install_conclave, uninstall_conclave, wait_ready, condition
+from kube import kubectl, kubectl_json, wait_until
+
+MEETINGS_NS = "meetings"
+
+
+@pytest.fixture(scope="module")
+def conclave():
+    install_conclave()
+    kubectl("create", "namespace", MEETINGS_NS)
+    dev_issuer = dev_jwks()
+    kubectl("create", "secret", "generic", "portal-jwks", "-n", MEETINGS_NS, f"--from-literal=jwks.json={dev_issuer}")
+    kubectl("create", "secret", "generic", "sip-trunk", "-n", MEETINGS_NS, "--from-literal=credentials=conclave:e2e-secret")
+    for example in ("kms.yaml", "zone.yaml", "recording.yaml", "telephony.yaml"):
+        apply_example(MEETINGS_NS, example)
+    yield MEETINGS_NS
+    kubectl("delete", "namespace", MEETINGS_NS, "--wait=false", check=False)
+    uninstall_conclave()
+
+
+def dev_jwks() -> str:
+    from deploy import host_binary
+    import subprocess
+    out = subprocess.run([host_binary("conclave-client"), "token", "--jwks"], capture_output=True, text=True,
+                         env={"CONCLAVE_DEV_ISSUER_SEED": "11" * 32}, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_everything_becomes_ready(conclave):
+    kms = wait_ready(conclave, "kms", "main")
+    assert kms["status"]["endpoint"].startswith("https://")
+    zone = wait_ready(conclave, "mz", "zone-a")
+    assert zone["status"]["readyRelays"] == 2
+    wait_ready(conclave, "cp", "recorder")
+    wait_ready(conclave, "cp", "phones")
+
+
+def test_every_pod_passes_the_restricted_profile(conclave):
+    pods = kubectl_json("get", "pods", "-n", conclave)["items"] + kubectl_json("get", "pods", "-n", SYSTEM_NS)["items"]
+    assert pods
+    for p in pods:
+        spec = p["spec"]
+        psc = spec.get("securityContext", {})
+        for c in spec["containers"] + spec.get("initContainers", []):
+            sc = c.get("securityContext", {})
+            where = f"{p['metadata']['name']}/{c['name']}"
+            assert sc.get("runAsNonRoot", psc.get("runAsNonRoot")) is True, where
+            assert sc.get("allowPrivilegeEscalation") is False, where
+            assert sc.get("readOnlyRootFilesystem") is True, where
+            assert sc.get("capabilities", {}).get("drop") == ["ALL"], where
+            assert (sc.get("seccompProfile") or psc.get("seccompProfile", {})).get("type") in ("RuntimeDefault", "Localhost"), where
+        assert not spec.get("hostPID") and not spec.get("hostIPC"), p["metadata"]["name"]
+        for v in spec.get("volumes", []):
+            assert "hostPath" not in v, f"{p['metadata']['name']} mounts a hostPath"
+
+
+def test_invalid_zone_is_refused_with_a_clear_reason(conclave):
+    bad = {"apiVersion": "conclave.dev/v1alpha1", "kind": "MeetingZone",
+           "metadata": {"name": "no-such-kms", "namespace": conclave},
+           "spec": {"kmsRef": {"name": "does-not-exist"}, "relays": {"replicas": 1}}}
+    kubectl("apply", "-f", "-", input=json.dumps(bad))
+    def not_ready():
+        obj = kubectl_json("get", "mz", "-n", conclave, "no-such-kms")
+        c = condition(obj, "Ready")
+        return c if c and c["status"] == "False" else None
+    c = wait_until("the zone without a KMS to report why", not_ready, timeout=60)
+    assert "does-not-exist" in c["message"]
+    kubectl("delete", "mz", "-n", conclave, "no-such-kms")
