@@ -336,7 +336,13 @@ async fn dial_in_over_tls_with_srtp_required() {
             m.contains("conclave_connector_phone_legs_total{srtp=\"true\"} 1"),
             "{m}"
         );
-        assert!(phone.log().contains("srtp"), "{}", phone.log());
+        assert!(
+            phone
+                .log()
+                .contains("SRTP is Enabled (cryptosuite=AES_CM_128_HMAC_SHA1_80)"),
+            "{}",
+            phone.log()
+        );
         c.telephony.hangup(leg.call).await;
         leg.ended.wait_for(|e| *e).await.unwrap();
         phone_heard_meeting(&mut phone).await;

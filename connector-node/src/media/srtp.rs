@@ -2,7 +2,7 @@
 //! peer supports. AES-CTR comes from RustCrypto (ring does not expose it);
 //! HMAC-SHA1 comes from ring. One context per direction.
 
-use ctr::cipher::{KeyIvInit, StreamCipher};
+use ctr::cipher::{InnerIvInit, KeyInit, KeyIvInit, StreamCipher};
 use ring::hmac;
 use std::fmt;
 use zeroize::Zeroizing;
@@ -25,7 +25,9 @@ pub enum SrtpError {
 }
 
 pub struct SrtpContext {
-    cipher_key: Zeroizing<[u8; 16]>,
+    /// Session cipher key, expanded once (per-packet key schedules dominated
+    /// the cost); the `zeroize` feature of `aes` wipes the round keys on drop.
+    aes: aes::Aes128,
     salt: Zeroizing<[u8; 14]>,
     auth: hmac::Key,
     roc: u32,
@@ -65,8 +67,9 @@ impl SrtpContext {
         derive(&mk, &ms, 0, &mut cipher_key[..]);
         derive(&mk, &ms, 1, &mut auth_key[..]);
         derive(&mk, &ms, 2, &mut salt[..]);
+        let aes = aes::Aes128::new((&*cipher_key).into());
         Self {
-            cipher_key,
+            aes,
             salt,
             auth: hmac::Key::new(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, &auth_key[..]),
             roc: 0,
@@ -85,7 +88,8 @@ impl SrtpContext {
         for (i, b) in index.to_be_bytes()[2..].iter().enumerate() {
             iv[8 + i] ^= b;
         }
-        Aes128Ctr::new((&*self.cipher_key).into(), &iv.into()).apply_keystream(data);
+        Aes128Ctr::from_core(ctr::CtrCore::inner_iv_init(self.aes.clone(), &iv.into()))
+            .apply_keystream(data);
     }
 
     fn tag(&self, authenticated: &[u8], roc: u32) -> [u8; TAG_LEN] {
@@ -207,7 +211,8 @@ mod tests {
     fn rfc3711_b2_keystream() {
         // Session key/salt given directly: bypass derivation.
         let mut c = SrtpContext::new(&[0u8; 30]);
-        *c.cipher_key = h("2B7E151628AED2A6ABF7158809CF4F3C").try_into().unwrap();
+        let key: [u8; 16] = h("2B7E151628AED2A6ABF7158809CF4F3C").try_into().unwrap();
+        c.aes = aes::Aes128::new((&key).into());
         *c.salt = h("F0F1F2F3F4F5F6F7F8F9FAFBFCFD").try_into().unwrap();
         let mut ks = vec![0u8; 48];
         c.keystream(0, 0, &mut ks);
@@ -242,6 +247,6 @@ mod tests {
             }
         }
         assert_eq!(rx.roc, 2);
-        assert!(!format!("{rx:?}").contains("cipher_key"));
+        assert!(!format!("{rx:?}").contains("aes"));
     }
 }
