@@ -462,3 +462,51 @@ async fn unknown_number_enters_meeting_by_dtmf() {
     .await
     .expect("test timed out");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dial_out_over_tls_with_srtp_required() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let dir = TempDir::new("bs-tls-out");
+        let pki = pki(&dir);
+        let mut phone = Baresip::start(
+            &dir.0,
+            &phone_wav(&dir),
+            BaresipOpts {
+                transport: "tls",
+                mediaenc: Some("srtp-mand"),
+                tls: Some((pki.phone_pem.clone(), pki.ca_pem.clone())),
+                dial: None,
+            },
+        );
+        let c = connector(
+            Transport::Tls,
+            SrtpPolicy::Required,
+            Some(pki.setup.clone()),
+        )
+        .await;
+        // baresip serves SIP over TLS one port above its UDP/TCP port.
+        let tls_port = phone.port + 1;
+        let peer: SocketAddr = format!("127.0.0.1:{tls_port}").parse().unwrap();
+        let mut leg = c
+            .telephony
+            .dial(
+                peer,
+                &format!("sip:phone@127.0.0.1:{tls_port};transport=tls"),
+                MeetingId::new("m2").unwrap(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("dial failed: {e}\n{}", phone.log()));
+        assert_eq!(leg.info.srtp, Some("AES_CM_128_HMAC_SHA1_80"));
+        let heard = exchange(&mut leg, 4).await;
+        assert_heard_tone(
+            &heard,
+            PHONE_TONE,
+            "meeting hearing the phone over TLS+SRTP",
+        );
+        c.telephony.hangup(leg.call).await;
+        leg.ended.wait_for(|e| *e).await.unwrap();
+        phone_heard_meeting(&mut phone).await;
+    })
+    .await
+    .expect("test timed out");
+}
