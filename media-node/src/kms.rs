@@ -38,12 +38,22 @@ fn register_request(config: &RelayConfig) -> RelayRegisterRequest {
     }
 }
 
-/// Registers, retrying with backoff until the KMS answers.
-pub async fn register(kms: &KmsClient, config: &RelayConfig) -> RelayRegisterResponse {
+/// Registers, retrying with backoff while the KMS is unreachable or busy.
+/// A refusal (4xx other than 429) is a configuration error and is returned.
+pub async fn register(
+    kms: &KmsClient,
+    config: &RelayConfig,
+) -> Result<RelayRegisterResponse, kms_client::Error> {
     let mut wait = Duration::from_millis(200);
     loop {
         match kms.register_relay(&register_request(config)).await {
-            Ok(r) => return r,
+            Ok(r) => return Ok(r),
+            Err(e)
+                if e.status()
+                    .is_some_and(|s| (400..500).contains(&s) && s != 429) =>
+            {
+                return Err(e);
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "KMS registration failed; retrying");
                 tokio::time::sleep(wait).await;
@@ -82,7 +92,9 @@ pub async fn heartbeat(
             }
             Err(e) if e.code() == Some("unknown_relay") => {
                 tracing::info!("KMS does not know this relay (restarted?): registering again");
-                register(&kms, &config).await;
+                if let Err(e) = register(&kms, &config).await {
+                    tracing::error!(error = %e, "KMS refused the relay's registration");
+                }
             }
             Err(e) => tracing::warn!(error = %e, "KMS heartbeat failed"),
         }

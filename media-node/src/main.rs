@@ -38,17 +38,32 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let text = std::fs::read_to_string(&args.config)
         .with_context(|| format!("reading {}", args.config.display()))?;
-    let config: RelayConfig = serde_yaml_ng::from_str(&text)
+    let mut config: RelayConfig = serde_yaml_ng::from_str(&text)
         .with_context(|| format!("parsing {}", args.config.display()))?;
     config
         .validate()
         .with_context(|| format!("invalid config {}", args.config.display()))?;
+    let metrics = Arc::new(RelayMetrics::new());
+    let health = Arc::new(Health::default());
+    let socket = udp::MediaSocket::bind(config.listen)
+        .with_context(|| format!("binding media socket {}", config.listen))?;
+    let media_addr = socket.local_addr()?;
+    let listener = http::bind(config.http_listen)
+        .await
+        .with_context(|| format!("binding http {}", config.http_listen))?;
+    let http_addr = listener.local_addr()?;
+    // Port 0 in `advertise` means "the port the media socket got".
+    if let Some(host) = config.advertise.strip_suffix(":0") {
+        config.advertise = format!("{host}:{}", media_addr.port());
+    }
     let mut ticket_key = config.ticket_verifying_key()?;
     let mut relay_id = config.relay_id.clone();
     let mut kms_link = None;
     if let Some(k) = &config.kms {
         let client = kms::client(k)?;
-        let reg = kms::register(&client, &config).await;
+        let reg = kms::register(&client, &config)
+            .await
+            .context("the KMS refused this relay's registration")?;
         // The KMS names relays by their certificate and signs their tickets:
         // its answer wins over the rendered config.
         if reg.relay != relay_id {
@@ -64,15 +79,6 @@ async fn main() -> anyhow::Result<()> {
         kms_link = Some((client, interval));
     }
 
-    let metrics = Arc::new(RelayMetrics::new());
-    let health = Arc::new(Health::default());
-    let socket = udp::MediaSocket::bind(config.listen)
-        .with_context(|| format!("binding media socket {}", config.listen))?;
-    let media_addr = socket.local_addr()?;
-    let listener = http::bind(config.http_listen)
-        .await
-        .with_context(|| format!("binding http {}", config.http_listen))?;
-    let http_addr = listener.local_addr()?;
     println!(
         "{}",
         serde_json::json!({"media": media_addr.to_string(), "http": http_addr.to_string()})

@@ -9,11 +9,16 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use kms_client::KmsClient;
 use meeting_proto::ids::MeetingId;
+use meeting_proto::ids::ParticipantId;
+use meeting_proto::key_release::EphemeralKey;
+use meeting_proto::kms_api::{Hex, JoinRequest, SealedKey};
 use meeting_proto::media_keys::EpochKey;
 use meeting_proto::wire::{StreamKind, flags};
 use serde::Serialize;
 use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
 
 use crate::audio::{self, Decoder, Encoder, FRAME_SAMPLES};
 use crate::session::{Event, Session, SessionStats};
@@ -26,6 +31,138 @@ pub struct Credentials {
     pub relay: SocketAddr,
     pub ticket: Vec<u8>,
     pub key: EpochKey,
+}
+
+/// A change the KMS announced while in the meeting.
+#[derive(Debug)]
+pub enum Update {
+    /// A new epoch's key (someone joined or left).
+    Key(EpochKey),
+    /// The meeting moved to another relay (or the ticket was renewed).
+    Relay { addr: SocketAddr, ticket: Vec<u8> },
+}
+
+/// This participant's standing with the KMS after joining.
+pub struct KmsLink {
+    pub client: KmsClient,
+    pub meeting: MeetingId,
+    pub session: kms_client::Session,
+    pub participant: ParticipantId,
+    ephemeral: EphemeralKey,
+    version: u64,
+}
+
+impl std::fmt::Debug for KmsLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KmsLink")
+            .field("meeting", &self.meeting)
+            .field("participant", &self.participant)
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
+}
+
+async fn resolve(address: &str) -> anyhow::Result<SocketAddr> {
+    tokio::net::lookup_host(address)
+        .await
+        .with_context(|| format!("resolving relay address {address:?}"))?
+        .next()
+        .with_context(|| format!("relay address {address:?} resolves to nothing"))
+}
+
+fn open_key(link: &KmsLink, sealed: &SealedKey) -> anyhow::Result<EpochKey> {
+    let key = link
+        .ephemeral
+        .open_meeting_key(sealed, &link.meeting, link.participant)
+        .context("opening the meeting key the KMS sealed to us")?;
+    Ok(EpochKey::new(
+        link.meeting.clone(),
+        sealed.epoch,
+        key.as_bytes(),
+    )?)
+}
+
+/// Joins through the KMS with a join token: a fresh X25519 key per join,
+/// the meeting key opened with HPKE, the relay and ticket from placement.
+pub async fn kms_join(
+    client: KmsClient,
+    meeting: MeetingId,
+    token: &str,
+) -> anyhow::Result<(Credentials, KmsLink)> {
+    let ephemeral = EphemeralKey::generate();
+    let req = JoinRequest {
+        token: Some(token.to_owned()),
+        invitation: None,
+        public_key: Hex(ephemeral.public_key().to_vec()),
+    };
+    let resp = client.join(&meeting, &req).await.context("KMS join")?;
+    let link = KmsLink {
+        client,
+        meeting: meeting.clone(),
+        session: kms_client::Session(resp.session.clone()),
+        participant: resp.participant,
+        ephemeral,
+        version: 0,
+    };
+    let key = open_key(&link, &resp.key)?;
+    let creds = Credentials {
+        meeting,
+        sender_index: resp.sender_index,
+        relay: resolve(&resp.relay.address).await?,
+        ticket: resp.relay.ticket.0.clone(),
+        key,
+    };
+    Ok((creds, link))
+}
+
+/// Long-polls the KMS for new keys and relay assignments until the receiver
+/// is dropped. Returns the link (for `leave`) through the join handle.
+pub fn follow_events(
+    mut link: KmsLink,
+) -> (mpsc::Receiver<Update>, tokio::task::JoinHandle<KmsLink>) {
+    let (tx, rx) = mpsc::channel(16);
+    let task = tokio::spawn(async move {
+        loop {
+            let polled = tokio::select! {
+                r = link.client.events(&link.meeting, &link.session, link.version, 10_000) => r,
+                _ = tx.closed() => return link,
+            };
+            let ev = match polled {
+                Ok(ev) => ev,
+                Err(e) => {
+                    tracing::debug!(error = %e, "KMS events poll failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    continue;
+                }
+            };
+            link.version = link.version.max(ev.version);
+            if let Some(sealed) = &ev.key {
+                match open_key(&link, sealed) {
+                    Ok(k) => {
+                        if tx.send(Update::Key(k)).await.is_err() {
+                            return link;
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "new epoch key did not open"),
+                }
+            }
+            if let Some(r) = &ev.relay {
+                match resolve(&r.address).await {
+                    Ok(addr) => {
+                        let u = Update::Relay {
+                            addr,
+                            ticket: r.ticket.0.clone(),
+                        };
+                        if tx.send(u).await.is_err() {
+                            return link;
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "relay assignment unusable"),
+                }
+            }
+        }
+    });
+    (rx, task)
 }
 
 #[derive(Debug)]
@@ -54,6 +191,13 @@ pub struct JoinReport {
     /// Strongest frequency in each sender's decoded audio (Hz).
     pub dominant_hz: BTreeMap<u16, f64>,
     pub chats: Vec<ChatLine>,
+    /// Epochs this participant held keys for, in order.
+    pub epochs: Vec<u64>,
+    /// Times the session re-joined (new relay from the KMS).
+    pub rejoins: u32,
+    /// Longest silence between two received audio frames (ms): covers a
+    /// relay failure and the re-join.
+    pub max_audio_gap_ms: u64,
 }
 
 #[derive(Debug, Serialize, Clone)]
@@ -75,19 +219,40 @@ pub async fn relay_socket(relay: SocketAddr) -> std::io::Result<UdpSocket> {
     Ok(s)
 }
 
+async fn next_update(updates: &mut Option<mpsc::Receiver<Update>>) -> Option<Update> {
+    match updates {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sends everything the session queued. A relay that went away shows up as
+/// refused sends (ICMP); those datagrams are lost, as on any network, and
+/// the session recovers by re-joining.
 pub async fn flush(session: &mut Session, socket: &UdpSocket) -> std::io::Result<()> {
     while let Some(d) = session.poll_transmit() {
-        socket.send(&d).await?;
+        match socket.send(&d).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                tracing::debug!("relay unreachable");
+            }
+            Err(e) => return Err(e),
+        }
     }
     Ok(())
 }
 
-pub async fn run(creds: Credentials, opts: JoinOptions) -> anyhow::Result<JoinReport> {
-    let socket = relay_socket(creds.relay)
+pub async fn run(
+    creds: Credentials,
+    opts: JoinOptions,
+    mut updates: Option<mpsc::Receiver<Update>>,
+) -> anyhow::Result<JoinReport> {
+    let mut socket = relay_socket(creds.relay)
         .await
         .with_context(|| format!("opening a UDP socket towards {}", creds.relay))?;
     let start = Instant::now();
     let nonce = rand::random::<u64>();
+    let first_epoch = creds.key.epoch();
     let mut session = Session::new(
         creds.meeting.clone(),
         creds.sender_index,
@@ -107,7 +272,11 @@ pub async fn run(creds: Credentials, opts: JoinOptions) -> anyhow::Result<JoinRe
         audio_frames: BTreeMap::new(),
         dominant_hz: BTreeMap::new(),
         chats: Vec::new(),
+        epochs: vec![first_epoch],
+        rejoins: 0,
+        max_audio_gap_ms: 0,
     };
+    let mut last_audio: Option<Instant> = None;
     let mut audio_pos = 0usize;
     let mut ts: u32 = 0;
     let mut frame_tick = tokio::time::interval(Duration::from_millis(20));
@@ -123,6 +292,19 @@ pub async fn run(creds: Credentials, opts: JoinOptions) -> anyhow::Result<JoinRe
         tokio::select! {
             _ = tokio::time::sleep_until(deadline) => break,
             _ = tokio::time::sleep_until(wake) => session.handle_timeout(Instant::now()),
+            u = next_update(&mut updates) => match u {
+                Some(Update::Key(k)) => {
+                    report.epochs.push(k.epoch());
+                    session.set_epoch(k, Instant::now());
+                }
+                Some(Update::Relay { addr, ticket }) => {
+                    tracing::info!(%addr, "KMS placed the meeting on another relay: re-joining");
+                    socket = relay_socket(addr).await?;
+                    session.rejoin(ticket, rand::random(), Instant::now());
+                    report.rejoins += 1;
+                }
+                None => updates = None,
+            },
             _ = tokio::time::sleep_until(chat_at.unwrap_or(end)), if chat_at.is_some() => {
                 chat_at = None;
                 for text in &opts.chat {
@@ -152,9 +334,12 @@ pub async fn run(creds: Credentials, opts: JoinOptions) -> anyhow::Result<JoinRe
                 Event::Joined { slot } => {
                     tracing::info!(slot, sender = creds.sender_index, "joined");
                     report.joined = true;
-                    media_end = Some(tokio::time::Instant::now() + opts.duration);
-                    if !opts.chat.is_empty() {
-                        chat_at = Some(tokio::time::Instant::now() + opts.chat_delay);
+                    // A re-join (new relay) keeps the original schedule.
+                    if media_end.is_none() {
+                        media_end = Some(tokio::time::Instant::now() + opts.duration);
+                        if !opts.chat.is_empty() {
+                            chat_at = Some(tokio::time::Instant::now() + opts.chat_delay);
+                        }
                     }
                 }
                 Event::Rejected(r) => anyhow::bail!("relay refused the join: {r:?}"),
@@ -166,6 +351,12 @@ pub async fn run(creds: Credentials, opts: JoinOptions) -> anyhow::Result<JoinRe
                     };
                     match dec.decode(&o.payload) {
                         Ok(pcm) => {
+                            let now = Instant::now();
+                            if let Some(t) = last_audio {
+                                let gap = now.duration_since(t).as_millis() as u64;
+                                report.max_audio_gap_ms = report.max_audio_gap_ms.max(gap);
+                            }
+                            last_audio = Some(now);
                             pcm_in.entry(sender).or_default().extend(pcm);
                             *report.audio_frames.entry(sender).or_default() += 1;
                         }

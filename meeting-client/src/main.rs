@@ -58,16 +58,33 @@ struct DevCreds {
 
 #[derive(Args, Debug)]
 struct JoinArgs {
-    #[command(flatten)]
-    dev: DevCreds,
+    /// KMS URL (https://host:port): join with a token; the KMS picks the
+    /// relay and releases the meeting key. Without it, dev credentials are used.
+    #[arg(long, requires_all = ["kms_ca", "token"])]
+    kms: Option<String>,
+    /// CA bundle that signs the KMS's certificate.
+    #[arg(long)]
+    kms_ca: Option<PathBuf>,
+    /// Join token (JWT), e.g. from `conclave-client token`.
+    #[arg(long, env = "CONCLAVE_JOIN_TOKEN")]
+    token: Option<String>,
+    /// Relay media address (dev mode).
+    #[arg(long, conflicts_with = "kms", requires_all = ["relay_id", "dev_ticket_seed", "meeting_key", "sender"])]
+    relay: Option<SocketAddr>,
+    /// The relay's identity (dev mode).
+    #[arg(long)]
+    relay_id: Option<String>,
+    /// 32-byte Ed25519 seed of the dev ticket signer, hex (dev mode).
+    #[arg(long, env = "CONCLAVE_DEV_TICKET_SEED")]
+    dev_ticket_seed: Option<String>,
     #[arg(long)]
     meeting: String,
-    /// This participant's sender index.
+    /// This participant's sender index (dev mode; the KMS assigns it otherwise).
     #[arg(long)]
-    sender: u16,
-    /// 32-byte meeting key of the epoch, hex.
+    sender: Option<u16>,
+    /// 32-byte meeting key of the epoch, hex (dev mode).
     #[arg(long, env = "CONCLAVE_DEV_MEETING_KEY")]
-    meeting_key: String,
+    meeting_key: Option<String>,
     #[arg(long, default_value_t = 1)]
     epoch: u64,
     /// Send a sine tone of this frequency (Hz).
@@ -195,20 +212,57 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Join(a) => {
             let meeting = MeetingId::new(a.meeting.clone()).context("--meeting")?;
-            let secret: [u8; 32] = hex_array("--meeting-key", &a.meeting_key)?;
-            let key = EpochKey::new(meeting.clone(), a.epoch, &secret)?;
-            let ticket = issuer(&a.dev)?.ticket(&meeting, a.sender, 3600)?;
+            let (creds, link) = match (&a.kms, &a.relay) {
+                (Some(url), _) => {
+                    let ca = a
+                        .kms_ca
+                        .as_ref()
+                        .context("--kms-ca is required with --kms")?;
+                    let tls = conclave_pki::tls::anonymous_client_config(ca)
+                        .with_context(|| format!("loading {}", ca.display()))?;
+                    let client = kms_client::KmsClient::new(url, tls)?;
+                    let token = a
+                        .token
+                        .as_deref()
+                        .context("--token is required with --kms")?;
+                    let (c, l) = join::kms_join(client, meeting.clone(), token).await?;
+                    (c, Some(l))
+                }
+                (None, Some(relay)) => {
+                    let need = |v: &Option<String>, name: &str| {
+                        v.clone()
+                            .with_context(|| format!("{name} is required without --kms"))
+                    };
+                    let secret: [u8; 32] =
+                        hex_array("--meeting-key", &need(&a.meeting_key, "--meeting-key")?)?;
+                    let key = EpochKey::new(meeting.clone(), a.epoch, &secret)?;
+                    let sender = a.sender.context("--sender is required without --kms")?;
+                    let iss = DevIssuer::new(
+                        hex_array(
+                            "--dev-ticket-seed",
+                            &need(&a.dev_ticket_seed, "--dev-ticket-seed")?,
+                        )?,
+                        need(&a.relay_id, "--relay-id")?,
+                    );
+                    let ticket = iss.ticket(&meeting, sender, 3600)?;
+                    let c = join::Credentials {
+                        meeting: meeting.clone(),
+                        sender_index: sender,
+                        relay: *relay,
+                        ticket,
+                        key,
+                    };
+                    (c, None)
+                }
+                (None, None) => {
+                    anyhow::bail!("give --kms (with --kms-ca and --token) or --relay (dev mode)")
+                }
+            };
+            let relay_addr = creds.relay;
             let pcm = match (&a.wav, a.tone) {
                 (Some(p), _) => audio::read_wav(p)?,
                 (None, Some(f)) => audio::tone(f, 1.0),
                 (None, None) => audio::tone(440.0, 1.0),
-            };
-            let creds = join::Credentials {
-                meeting,
-                sender_index: a.sender,
-                relay: a.dev.relay,
-                ticket,
-                key,
             };
             let opts = join::JoinOptions {
                 audio: pcm,
@@ -218,10 +272,27 @@ async fn main() -> anyhow::Result<()> {
                 out_dir: a.out_dir,
                 join_timeout: Duration::from_secs_f64(a.join_timeout),
             };
-            let report = join::run(creds, opts).await?;
+            let (updates, follower) = match link {
+                Some(l) => {
+                    let (rx, task) = join::follow_events(l);
+                    (Some(rx), Some(task))
+                }
+                None => (None, None),
+            };
+            let result = join::run(creds, opts, updates).await;
+            if let Some(task) = follower {
+                // The receiver is gone, so the follower returns its link: say
+                // goodbye so the others rotate to a key this process never sees.
+                if let Ok(l) = task.await
+                    && let Err(e) = l.client.leave(&l.meeting, &l.session).await
+                {
+                    tracing::warn!(error = %e, "KMS leave failed");
+                }
+            }
+            let report = result?;
             println!("{}", serde_json::json!({ "report": report }));
             if !report.joined {
-                anyhow::bail!("did not join: no WELCOME from {}", a.dev.relay);
+                anyhow::bail!("did not join: no WELCOME from {relay_addr}");
             }
         }
         Command::Load(a) => {

@@ -66,7 +66,7 @@ pub fn start_relay(extra_yaml: &str) -> RelayProc {
     std::fs::write(
         &cfg,
         format!(
-            "relayId: {RELAY_ID}\nzone: test-zone\nlisten: 127.0.0.1:0\nadvertise: 127.0.0.1:1\nhttpListen: 127.0.0.1:0\nticketPublicKey: {}\n{extra_yaml}",
+            "relayId: {RELAY_ID}\nzone: zone-a\nlisten: 127.0.0.1:0\nadvertise: 127.0.0.1:0\nhttpListen: 127.0.0.1:0\nticketPublicKey: {}\n{extra_yaml}",
             issuer().public_key_hex()
         ),
     )
@@ -78,10 +78,22 @@ pub fn start_relay(extra_yaml: &str) -> RelayProc {
         .stderr(Stdio::null())
         .spawn()
         .expect("starting media-node");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    // Bounded: a relay that cannot start (or register) must fail the test, not hang it.
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(l) => l,
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("media-node did not print its addresses within 30 s");
+        }
+    };
     let v: serde_json::Value = serde_json::from_str(&line)
         .unwrap_or_else(|e| panic!("media-node did not print its addresses ({e}): {line:?}"));
     RelayProc {

@@ -46,6 +46,7 @@ pub struct RelayConfig {
     /// UDP address the media socket binds.
     pub listen: SocketAddr,
     /// `host:port` clients send media to (pod IP, node IP or per-pod Service).
+    /// Port 0 means the port `listen` was given (useful with `listen: ...:0`).
     pub advertise: String,
     /// Where /healthz, /readyz and /metrics are served. Default `0.0.0.0:9090`.
     #[serde(default = "default_http_listen")]
@@ -129,7 +130,7 @@ pub enum RelayConfigError {
     RelayId,
     #[error("zone: must be a non-empty name")]
     Zone,
-    #[error("advertise: {0:?} must be host:port with a non-zero port")]
+    #[error("advertise: {0:?} must be host:port")]
     Advertise(String),
     #[error("ticketPublicKey: must be 64 hex characters of a valid Ed25519 public key")]
     TicketKey,
@@ -163,7 +164,7 @@ impl RelayConfig {
         let ok = self
             .advertise
             .rsplit_once(':')
-            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0));
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
         if !ok {
             return Err(E::Advertise(self.advertise.clone()));
         }
@@ -289,8 +290,8 @@ mod tests {
                 E::Advertise("host".into()),
             ),
             (
-                serde_json::json!({"advertise": "host:0"}),
-                E::Advertise("host:0".into()),
+                serde_json::json!({"advertise": "host:x"}),
+                E::Advertise("host:x".into()),
             ),
             (serde_json::json!({"ticketPublicKey": "abcd"}), E::TicketKey),
             (
