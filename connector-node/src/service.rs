@@ -90,6 +90,7 @@ pub async fn run(cfg: ConnectorConfig, metrics: Arc<Metrics>) -> anyhow::Result<
                     media_ip: sip.listen.ip(),
                     srtp: sip.srtp,
                     dial_in: sip.dial_in.clone(),
+                    media_timeout: telephony::DEFAULT_MEDIA_TIMEOUT,
                     name_prefix: (cfg.kind == ConnectorKind::Telephony)
                         .then(|| "Phone".to_string()),
                 },

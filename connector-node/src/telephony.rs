@@ -28,7 +28,7 @@ pub const FRAME: usize = 160;
 /// How long a caller has to enter a meeting number by DTMF.
 const DTMF_ENTRY_TIMEOUT: Duration = Duration::from_secs(30);
 /// No RTP from the phone for this long: the leg is dead, hang up.
-const MEDIA_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_MEDIA_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
@@ -69,6 +69,9 @@ pub struct TelephonySettings {
     pub dial_in: BTreeMap<String, MeetingId>,
     /// Prefix of roster names ("Phone" for telephony; room systems use their SIP display name).
     pub name_prefix: Option<String>,
+    /// A leg without RTP from the phone for this long is hung up (the phone
+    /// died without a BYE), which also takes it out of the meeting.
+    pub media_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -223,7 +226,7 @@ pub fn start(
                             match neg {
                                 Ok(neg) => {
                                     let name = format!("Phone {}", short_uri(&p.uri));
-                                    let (leg, end_tx) = start_media(call, Direction::DialOut, name, p.meeting, p.socket, neg, &sip, &metrics, None);
+                                    let (leg, end_tx) = start_media(call, Direction::DialOut, name, p.meeting, p.socket, neg, &sip, &metrics, None, settings.media_timeout);
                                     live.insert(call, end_tx);
                                     if let Some(leg) = leg {
                                         let _ = p.reply.send(Ok(leg));
@@ -370,6 +373,7 @@ async fn incoming(
             sip,
             metrics,
             None,
+            settings.media_timeout,
         ),
         None => {
             // Unknown number: ask for the meeting number by DTMF (ended by '#').
@@ -384,6 +388,7 @@ async fn incoming(
                 sip,
                 metrics,
                 Some(leg_tx),
+                settings.media_timeout,
             )
         }
     };
@@ -416,6 +421,7 @@ fn start_media(
     sip: &SipHandle,
     metrics: &Arc<Metrics>,
     deferred: Option<oneshot::Sender<PhoneLeg>>,
+    media_timeout: Duration,
 ) -> (Option<PhoneLeg>, watch::Sender<bool>) {
     let (to_phone_tx, to_phone_rx) = mpsc::channel::<Vec<i16>>(50);
     let (from_phone_tx, from_phone_rx) = mpsc::channel::<Vec<i16>>(50);
@@ -451,6 +457,7 @@ fn start_media(
             end_rx,
             leg_later,
             &metrics,
+            media_timeout,
         )
         .await;
         tracing::info!(?call, why, "phone leg media ended");
@@ -460,6 +467,7 @@ fn start_media(
     (leg_now, end_tx)
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn media_loop(
     socket: UdpSocket,
     neg: Negotiated,
@@ -468,6 +476,7 @@ async fn media_loop(
     mut ended: watch::Receiver<bool>,
     mut deferred: Option<(PhoneLeg, oneshot::Sender<PhoneLeg>)>,
     metrics: &Metrics,
+    media_timeout: Duration,
 ) -> &'static str {
     let (mut tx_srtp, mut rx_srtp) = match &neg.srtp {
         Some((ours, theirs)) => (
@@ -493,7 +502,7 @@ async fn media_loop(
             _ = ended.changed() => return "call ended",
             _ = tick.tick() => {
                 let now = tokio::time::Instant::now();
-                if now.duration_since(last_rx) > MEDIA_TIMEOUT {
+                if now.duration_since(last_rx) > media_timeout {
                     return "no media from the phone";
                 }
                 if deferred.is_some() && now > dtmf_deadline {

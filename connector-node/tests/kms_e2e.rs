@@ -648,6 +648,8 @@ async fn invited_phone_bridges_a_baresip_caller_into_the_meeting() {
                     .into_iter()
                     .collect(),
                 name_prefix: Some("Phone".into()),
+                // Short, so a killed phone leaves the meeting quickly.
+                media_timeout: Duration::from_secs(2),
             },
             std::sync::Arc::new(Metrics::new()),
             legs_tx,
@@ -746,9 +748,28 @@ async fn invited_phone_bridges_a_baresip_caller_into_the_meeting() {
             heard.len()
         );
 
-        // The meeting leaves; the phone recorded the host's 440 Hz.
-        link.leave();
+        // kill -9 of the phone: no BYE. The dead leg is detected by its
+        // silence, hung up, and leaves the meeting's roster.
         phone.stop();
+        loop {
+            let ev = people
+                .events(&meeting, &session, since, 5000)
+                .await
+                .unwrap();
+            since = ev.version;
+            if let Some(r) = ev.roster
+                && !r
+                    .verify(&vk)
+                    .unwrap()
+                    .members
+                    .iter()
+                    .any(|m| m.role.to_string() == "connector:telephony")
+            {
+                break;
+            }
+        }
+        link.leave();
+        // What the phone recorded before it died holds the host's 440 Hz.
         let files = phone.heard();
         assert!(
             !files.is_empty(),

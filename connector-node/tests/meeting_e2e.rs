@@ -314,6 +314,7 @@ async fn phone_dialled_in_is_bridged_into_the_meeting_both_ways() {
                 .into_iter()
                 .collect(),
                 name_prefix: Some("Phone".into()),
+                media_timeout: connector_node::telephony::DEFAULT_MEDIA_TIMEOUT,
             },
             Arc::new(Metrics::new()),
             legs_tx,

@@ -62,6 +62,7 @@ async fn connector(t: Transport, srtp: SrtpPolicy, tls: Option<TlsSetup>) -> Con
             .into_iter()
             .collect(),
             name_prefix: Some("Phone".into()),
+            media_timeout: connector_node::telephony::DEFAULT_MEDIA_TIMEOUT,
         },
         metrics.clone(),
         legs_tx,
