@@ -69,8 +69,20 @@ pub async fn run(cfg: ConnectorConfig, metrics: Arc<Metrics>) -> anyhow::Result<
                 }
                 None => None,
             };
+            // Via, Contact and SDP need an address peers can reach: with a
+            // wildcard listen address that is the pod's IP (downward API).
+            let advertise = if sip.listen.ip().is_unspecified() {
+                std::env::var("POD_IP")
+                    .ok()
+                    .and_then(|v| v.parse::<std::net::IpAddr>().ok())
+                    .context(
+                        "sip.listen is a wildcard address: set POD_IP to the address phones reach",
+                    )?
+            } else {
+                sip.listen.ip()
+            };
             let ua = UserAgent::new(UaConfig {
-                local: sip.listen,
+                local: std::net::SocketAddr::new(advertise, sip.listen.port()),
                 transport: t,
                 user: cfg.pool.clone(),
                 display_name: "Conclave".into(),
@@ -87,7 +99,7 @@ pub async fn run(cfg: ConnectorConfig, metrics: Arc<Metrics>) -> anyhow::Result<
                 handle,
                 ev_rx,
                 TelephonySettings {
-                    media_ip: sip.listen.ip(),
+                    media_ip: advertise,
                     srtp: sip.srtp,
                     dial_in: sip.dial_in.clone(),
                     media_timeout: telephony::DEFAULT_MEDIA_TIMEOUT,
