@@ -126,6 +126,26 @@ pub async fn run(cfg: ConnectorConfig, metrics: Arc<Metrics>) -> anyhow::Result<
                     let _ = stop_tx.send(true);
                 }
             });
+            tokio::spawn({
+                let (dir, days) = (rs.dir.clone(), rs.retention_days);
+                async move {
+                    let mut hourly = tokio::time::interval(std::time::Duration::from_secs(3600));
+                    loop {
+                        hourly.tick().await;
+                        match crate::recording::retention::sweep(
+                            &dir,
+                            days,
+                            std::time::SystemTime::now(),
+                        ) {
+                            Ok(d) if !d.is_empty() => {
+                                tracing::info!(deleted = d.len(), "retention sweep")
+                            }
+                            Ok(_) => {}
+                            Err(e) => tracing::warn!(error = %e, "retention sweep failed"),
+                        }
+                    }
+                }
+            });
             tracing::info!(pool = %cfg.pool, dir = %rs.dir.display(), "recording connector waiting for assignments");
             let mut stop = stop_rx.clone();
             let mut started = std::collections::HashSet::new();

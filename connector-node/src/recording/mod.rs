@@ -6,3 +6,4 @@ pub mod decrypt;
 pub mod live;
 pub mod ogg;
 pub mod recorder;
+pub mod retention;
