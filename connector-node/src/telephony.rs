@@ -485,6 +485,20 @@ async fn media_loop(
         ),
         None => (None, None),
     };
+    // Opus runs at 8 kHz here: the leg's PCM is telephone band either way,
+    // and libopus resamples internally. The RTP clock stays 48 kHz (RFC 7587).
+    let mut opus = match neg.codec {
+        Codec::Opus => {
+            let enc = opus::Encoder::new(8000, opus::Channels::Mono, opus::Application::Voip);
+            let dec = opus::Decoder::new(8000, opus::Channels::Mono);
+            match (enc, dec) {
+                (Ok(e), Ok(d)) => Some((e, d)),
+                _ => return "opus codec unavailable",
+            }
+        }
+        _ => None,
+    };
+    let ts_step = FRAME as u32 * neg.codec.clock_rate() / 8000;
     let ssrc: u32 = rand::random();
     let mut seq: u16 = rand::random();
     let mut ts: u32 = rand::random();
@@ -518,11 +532,15 @@ async fn media_loop(
                 let payload: Vec<u8> = match neg.codec {
                     Codec::Pcmu => pcm.iter().map(|&s| g711::linear_to_ulaw(s)).collect(),
                     Codec::Pcma => pcm.iter().map(|&s| g711::linear_to_alaw(s)).collect(),
+                    Codec::Opus => match opus.as_mut().map(|(e, _)| e.encode_vec(&pcm, 400)) {
+                        Some(Ok(p)) => p,
+                        _ => continue,
+                    },
                 };
                 let mut pkt = rtp::build(first, neg.pt, seq, ts, ssrc, &payload);
                 first = false;
                 seq = seq.wrapping_add(1);
-                ts = ts.wrapping_add(FRAME as u32);
+                ts = ts.wrapping_add(ts_step);
                 if let Some(s) = tx_srtp.as_mut() && s.protect(&mut pkt).is_err() {
                     continue;
                 }
@@ -576,6 +594,19 @@ async fn media_loop(
                     let pcm: Vec<i16> = match neg.codec {
                         Codec::Pcmu => payload.iter().map(|&b| g711::ulaw_to_linear(b)).collect(),
                         Codec::Pcma => payload.iter().map(|&b| g711::alaw_to_linear(b)).collect(),
+                        Codec::Opus => {
+                            let mut out = vec![0i16; FRAME * 6];
+                            match opus.as_mut().map(|(_, d)| d.decode(payload, &mut out, false)) {
+                                Some(Ok(n)) => {
+                                    out.truncate(n);
+                                    out
+                                }
+                                _ => {
+                                    metrics.rtp_dropped("undecodable");
+                                    continue;
+                                }
+                            }
+                        }
                     };
                     // We answer with ptime 20; other packet sizes are padded or cut to 20 ms.
                     jitter.push(h.seq, pcm);

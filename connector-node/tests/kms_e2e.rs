@@ -688,6 +688,7 @@ async fn invited_phone_bridges_a_baresip_caller_into_the_meeting() {
                 mediaenc: None,
                 tls: None,
                 dial: Some(format!("sip:+15550100@127.0.0.1:{sip_port}")),
+                codecs: None,
             },
         );
 

@@ -105,10 +105,14 @@ async fn exchange(leg: &mut PhoneLeg, secs: usize) -> Vec<i16> {
 }
 
 fn assert_heard_tone(samples: &[i16], freq: f32, what: &str) {
+    assert_heard_tone_at(samples, 8000, freq, what);
+}
+
+fn assert_heard_tone_at(samples: &[i16], rate: u32, freq: f32, what: &str) {
     // Skip the start (prefetch, ringing) and look at the best second.
     let best = samples
-        .chunks(8000)
-        .map(|c| (tone::tone_ratio(c, freq, 8000), tone::rms(c)))
+        .chunks(rate as usize)
+        .map(|c| (tone::tone_ratio(c, freq, rate), tone::rms(c)))
         .fold((0f32, 0f32), |a, b| if b.0 > a.0 { b } else { a });
     assert!(
         best.0 > 0.8 && best.1 > 1000.0,
@@ -133,9 +137,9 @@ async fn phone_heard_meeting(phone: &mut Baresip) {
         "baresip recorded nothing:\n{}",
         phone.log()
     );
+    // 8 kHz for G.711; baresip records Opus calls at 48 kHz.
     let (rate, samples) = common::read_wav(&files[0]);
-    assert_eq!(rate, 8000);
-    assert_heard_tone(&samples, MEETING_TONE, "phone hearing the meeting");
+    assert_heard_tone_at(&samples, rate, MEETING_TONE, "phone hearing the meeting");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -150,6 +154,7 @@ async fn dial_out_to_baresip_audio_both_ways() {
                 mediaenc: None,
                 tls: None,
                 dial: None,
+                codecs: None,
             },
         );
         let c = connector(Transport::Udp, SrtpPolicy::Preferred, None).await;
@@ -194,6 +199,7 @@ async fn dial_in_from_baresip_maps_number_to_meeting() {
                 mediaenc: None,
                 tls: None,
                 dial: Some(format!("sip:+15550100@127.0.0.1:{}", c.local.port())),
+                codecs: None,
             },
         );
         let mut leg = c.legs.recv().await.expect("a phone leg");
@@ -227,6 +233,7 @@ async fn srtp_required_refuses_plain_rtp_phone() {
                 mediaenc: None,
                 tls: None,
                 dial: Some(format!("sip:+15550100@127.0.0.1:{}", c.local.port())),
+                codecs: None,
             },
         );
         assert!(
@@ -320,6 +327,7 @@ async fn dial_in_over_tls_with_srtp_required() {
                 mediaenc: Some("srtp-mand"),
                 tls: Some((pki.phone_pem.clone(), pki.ca_pem.clone())),
                 dial: Some(format!("sip:+15550100@127.0.0.1:{}", c.local.port())),
+                codecs: None,
             },
         );
         let mut leg = c.legs.recv().await.expect("a phone leg");
@@ -477,6 +485,7 @@ async fn dial_out_over_tls_with_srtp_required() {
                 mediaenc: Some("srtp-mand"),
                 tls: Some((pki.phone_pem.clone(), pki.ca_pem.clone())),
                 dial: None,
+                codecs: None,
             },
         );
         let c = connector(
@@ -504,6 +513,34 @@ async fn dial_out_over_tls_with_srtp_required() {
             PHONE_TONE,
             "meeting hearing the phone over TLS+SRTP",
         );
+        c.telephony.hangup(leg.call).await;
+        leg.ended.wait_for(|e| *e).await.unwrap();
+        phone_heard_meeting(&mut phone).await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dial_in_negotiates_opus_when_the_phone_prefers_it() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let dir = TempDir::new("bs-opus");
+        let mut c = connector(Transport::Udp, SrtpPolicy::Preferred, None).await;
+        let mut phone = Baresip::start(
+            &dir.0,
+            &phone_wav(&dir),
+            BaresipOpts {
+                transport: "udp",
+                mediaenc: None,
+                tls: None,
+                dial: Some(format!("sip:+15550100@127.0.0.1:{}", c.local.port())),
+                codecs: Some("opus/48000/2"),
+            },
+        );
+        let mut leg = c.legs.recv().await.expect("a phone leg");
+        assert_eq!(leg.info.codec, connector_node::sip::sdp::Codec::Opus);
+        let heard = exchange(&mut leg, 4).await;
+        assert_heard_tone(&heard, PHONE_TONE, "meeting hearing the phone over Opus");
         c.telephony.hangup(leg.call).await;
         leg.ended.wait_for(|e| *e).await.unwrap();
         phone_heard_meeting(&mut phone).await;

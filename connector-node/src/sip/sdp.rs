@@ -1,5 +1,5 @@
-//! SDP offer/answer (RFC 3264) for one audio stream: PCMU, PCMA,
-//! telephone-event (Opus on the phone leg is not implemented yet), and SDES keys (RFC 4568) for SRTP.
+//! SDP offer/answer (RFC 3264) for one audio stream: PCMU, PCMA, Opus,
+//! telephone-event, and SDES keys (RFC 4568) for SRTP.
 
 use base64::Engine;
 use meeting_proto::config::connector::SrtpPolicy;
@@ -20,15 +20,21 @@ pub const SRTP_KEY_SALT_LEN: usize = 30;
 pub enum Codec {
     Pcmu,
     Pcma,
+    /// Opus (RFC 7587): RTP clock 48 kHz whatever the audio bandwidth.
+    Opus,
 }
 
 impl Codec {
     pub fn clock_rate(self) -> u32 {
         match self {
             Self::Pcmu | Self::Pcma => 8000,
+            Self::Opus => 48000,
         }
     }
 }
+
+/// Dynamic payload type we use for Opus in offers.
+const OPUS_PT: u8 = 111;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SdpError {
@@ -42,7 +48,7 @@ pub enum SdpError {
     NoAudio,
     #[error("SDP has no connection address for the audio stream")]
     NoAddress,
-    #[error("no common audio codec (we support PCMU, PCMA)")]
+    #[error("no common audio codec (we support PCMU, PCMA, Opus)")]
     NoCodec,
     #[error("this pool requires SRTP and the peer offered plain RTP")]
     SrtpRequired,
@@ -295,9 +301,12 @@ impl Local {
     /// An offer for dial-out. `required`: RTP/SAVP; `preferred`: RTP/AVP with
     /// a crypto line (best effort, as common trunks and baresip accept).
     pub fn offer(&self) -> Vec<u8> {
+        // G.711 first: trunks and PSTN gateways expect it; Opus when the
+        // peer prefers it.
         let formats = [
             (0, "PCMU/8000"),
             (8, "PCMA/8000"),
+            (OPUS_PT, "opus/48000/2"),
             (DTMF_PT, "telephone-event/8000"),
         ];
         match self.policy {
@@ -315,6 +324,7 @@ impl Local {
             match n.codec {
                 Codec::Pcmu => "PCMU/8000",
                 Codec::Pcma => "PCMA/8000",
+                Codec::Opus => "opus/48000/2",
             },
         )];
         if let Some(d) = n.dtmf_pt {
@@ -376,6 +386,8 @@ fn negotiate(local: &Local, peer: &AudioDesc, peer_is_offer: bool) -> Result<Neg
                 Some((Codec::Pcmu, pt))
             } else if Some(pt) == peer.pt_of("PCMA", 8000) {
                 Some((Codec::Pcma, pt))
+            } else if Some(pt) == peer.pt_of("opus", 48000) {
+                Some((Codec::Opus, pt))
             } else {
                 None
             }
@@ -414,7 +426,8 @@ a=sendrecv\r\n";
 
     #[test]
     fn answers_savp_offer_with_pcmu_and_our_key() {
-        let offer = parse(BARESIP_OFFER.as_bytes()).unwrap();
+        let g711_first = BARESIP_OFFER.replace("RTP/SAVP 96 0 8 101", "RTP/SAVP 0 96 8 101");
+        let offer = parse(g711_first.as_bytes()).unwrap();
         assert!(offer.secure);
         assert_eq!(offer.crypto.len(), 3);
         assert!(offer.crypto[1].key.is_none(), "MKI keys are not usable");
@@ -434,6 +447,26 @@ a=sendrecv\r\n";
         // Our answer parses back with our key.
         let back = parse(text.as_bytes()).unwrap();
         assert_eq!(back.crypto[0].key.as_ref(), Some(&l.key));
+    }
+
+    #[test]
+    fn opus_first_offer_is_answered_with_opus() {
+        let offer = BARESIP_OFFER
+            .replace("RTP/SAVP 96 0 8 101", "RTP/AVP 96 0 101")
+            .lines()
+            .filter(|l| !l.starts_with("a=crypto"))
+            .collect::<Vec<_>>()
+            .join("\r\n");
+        let o = parse(offer.as_bytes()).unwrap();
+        let (body, n) = local(SrtpPolicy::Preferred).answer(&o).unwrap();
+        assert_eq!((n.codec, n.pt), (Codec::Opus, 96));
+        assert!(
+            String::from_utf8(body)
+                .unwrap()
+                .contains("a=rtpmap:96 opus/48000/2")
+        );
+        let ours = parse(&local(SrtpPolicy::Off).offer()).unwrap();
+        assert_eq!(ours.formats, vec![0, 8, 111, 101]);
     }
 
     #[test]

@@ -145,6 +145,8 @@ pub struct BaresipOpts<'a> {
     /// (certificate+key PEM, CA PEM) for TLS.
     pub tls: Option<(PathBuf, PathBuf)>,
     pub dial: Option<String>,
+    /// `audio_codecs` account value; default "PCMU,PCMA".
+    pub codecs: Option<&'a str>,
 }
 
 impl Baresip {
@@ -186,6 +188,7 @@ impl Baresip {
              snd_path {rec}\n\
              module_path /usr/lib/baresip/modules\n\
              module g711.so\n\
+             module opus.so\n\
              module aufile.so\n\
              module aubridge.so\n\
              module sndfile.so\n\
@@ -204,8 +207,9 @@ impl Baresip {
         }
         std::fs::write(dir.join("config"), cfg).unwrap();
         let mut account = format!(
-            "<sip:phone@127.0.0.1;transport={}>;regint=0;answermode=auto;audio_codecs=PCMU,PCMA",
-            opts.transport
+            "<sip:phone@127.0.0.1;transport={}>;regint=0;answermode=auto;audio_codecs={}",
+            opts.transport,
+            opts.codecs.unwrap_or("PCMU,PCMA")
         );
         if let Some(m) = opts.mediaenc {
             account.push_str(&format!(";mediaenc={m}"));
