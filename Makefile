@@ -47,7 +47,7 @@ test: deps ## Everything CI runs: checks, unit and process tests, then e2e on a 
 	  && timed chart-test $(MAKE) --no-print-directory chart-test \
 	  && timed e2e-test $(MAKE) --no-print-directory e2e-test'
 
-demo: deps images ## Local cluster + Conclave + a short meeting, end to end.
+demo: deps ## Local cluster + Conclave + a short meeting, end to end.
 	bash $(E2E)/demo.sh
 
 bench: build ## Run every benchmark; results in target/bench/results.json.

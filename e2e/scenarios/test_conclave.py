@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from deploy import SYSTEM_NS, apply_example, install_conclave, uninstall_conclave, wait_ready, condition
+from deploy import (SYSTEM_NS, TONES, condition, install_conclave, run_meeting, setup_meetings_namespace,
+                    uninstall_conclave, wait_ready)
 from kube import kubectl, kubectl_json, wait_until
 
 MEETINGS_NS = "meetings"
@@ -14,24 +15,10 @@ MEETINGS_NS = "meetings"
 @pytest.fixture(scope="module")
 def conclave():
     install_conclave()
-    kubectl("create", "namespace", MEETINGS_NS)
-    dev_issuer = dev_jwks()
-    kubectl("create", "secret", "generic", "portal-jwks", "-n", MEETINGS_NS, f"--from-literal=jwks.json={dev_issuer}")
-    kubectl("create", "secret", "generic", "sip-trunk", "-n", MEETINGS_NS, "--from-literal=credentials=conclave:e2e-secret")
-    for example in ("kms.yaml", "zone.yaml", "recording.yaml", "telephony.yaml"):
-        apply_example(MEETINGS_NS, example)
+    setup_meetings_namespace(MEETINGS_NS)
     yield MEETINGS_NS
     kubectl("delete", "namespace", MEETINGS_NS, "--wait=false", check=False)
     uninstall_conclave()
-
-
-def dev_jwks() -> str:
-    from deploy import host_binary
-    import subprocess
-    out = subprocess.run([host_binary("conclave-client"), "token", "--jwks"], capture_output=True, text=True,
-                         env={"CONCLAVE_DEV_ISSUER_SEED": "11" * 32}, timeout=30)
-    assert out.returncode == 0, out.stderr
-    return out.stdout.strip()
 
 
 def test_everything_becomes_ready(conclave):
@@ -74,3 +61,18 @@ def test_invalid_zone_is_refused_with_a_clear_reason(conclave):
     c = wait_until("the zone without a KMS to report why", not_ready, timeout=60)
     assert "does-not-exist" in c["message"]
     kubectl("delete", "mz", "-n", conclave, "no-such-kms")
+
+
+def test_three_participants_hear_each_other_through_the_cluster(conclave):
+    reports = run_meeting(conclave)
+    index_of = {i: r["sender_index"] for i, r in reports.items()}
+    for i, report in reports.items():
+        assert report["joined"], f"participant-{i} did not join"
+        for j, hz in TONES.items():
+            if j == i:
+                continue
+            heard = report["dominant_hz"].get(str(index_of[j]))
+            assert heard is not None and abs(heard - hz) < 15, f"user-{i} heard {heard} Hz from user-{j}, expected {hz}"
+            assert any(c["text"] == f"hello from user-{j}" for c in report["chats"]), f"user-{i} missed user-{j}'s chat"
+        # Every frame that arrived opened: nothing failed authentication.
+        assert report["stats"]["open_failures"].get("authentication", 0) == 0, report["stats"]
