@@ -124,7 +124,9 @@ pub fn follow_events(
     let task = tokio::spawn(async move {
         loop {
             let polled = tokio::select! {
-                r = link.client.events(&link.meeting, &link.session, link.version, 10_000) => r,
+                // Short polls: a dead relay is only noticed (and the meeting re-placed)
+                // when a member polls after the relay's heartbeat timeout.
+                r = link.client.events(&link.meeting, &link.session, link.version, 2_000) => r,
                 _ = tx.closed() => return link,
             };
             let ev = match polled {

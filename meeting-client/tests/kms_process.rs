@@ -3,149 +3,19 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
+use common::kms::start_kms;
 use common::*;
-use conclave_pki::{DevPki, Identity, Kind};
 use meeting_client::join;
 use meeting_client::session::{Event, Session};
 use meeting_proto::ids::MeetingId;
-use meeting_proto::token::{Claims, DevIssuerKey, Role};
-
-const NS: &str = "ns";
-const AUDIENCE: &str = "conclave-kms";
-
-struct Kms {
-    child: Child,
-    dir: PathBuf,
-    url: String,
-    issuer: DevIssuerKey,
-}
-
-impl Drop for Kms {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn start_kms() -> Kms {
-    let dir = temp_dir("kms");
-    let pki = DevPki::create(dir.join("pki"), NS).unwrap();
-    pki.server("kms", &Identity::new(NS, Kind::Kms, "kms").unwrap())
-        .unwrap();
-    pki.client(
-        "relay",
-        &Identity::new(NS, Kind::Relay, "zone-a")
-            .unwrap()
-            .with_pod("relay-0")
-            .unwrap(),
-    )
-    .unwrap();
-    let issuer = DevIssuerKey::from_seed("k1", &[3; 32]).unwrap();
-    std::fs::write(dir.join("jwks.json"), issuer.jwks_json()).unwrap();
-    let port = free_port();
-    std::fs::write(
-        dir.join("kms.yaml"),
-        format!(
-            "listen: 127.0.0.1:{port}
-opsListen: null
-dataDir: {d}/data
-tls: {{certFile: {d}/pki/kms.crt, keyFile: {d}/pki/kms.key, clientCaFile: {d}/pki/ca.crt}}
-rootKey: {{file: {d}/root.key, generateIfMissing: true}}
-issuers:
-  - {{issuer: portal, jwksFile: {d}/jwks.json, audience: {AUDIENCE}}}
-limits: {{perIdentityRps: 1000, perIdentityBurst: 2000, perMeetingRps: 5000, perMeetingBurst: 10000}}
-relays: {{heartbeatIntervalMs: 1000, heartbeatTimeoutMs: 3000}}
-",
-            d = dir.display()
-        ),
-    )
-    .unwrap();
-    let mut child = Command::new(bin("kms-node"))
-        .arg("serve")
-        .arg("--config")
-        .arg(dir.join("kms.yaml"))
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut sent = false;
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if !sent && line.contains("kms listening (https)") {
-                let _ = tx.send(());
-                sent = true;
-            }
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(60))
-        .expect("kms-node did not start listening within 60 s");
-    Kms {
-        child,
-        url: format!("https://127.0.0.1:{port}"),
-        dir,
-        issuer,
-    }
-}
-
-impl Kms {
-    fn ca(&self) -> PathBuf {
-        self.dir.join("pki/ca.crt")
-    }
-    fn relay_yaml(&self) -> String {
-        let d = self.dir.join("pki");
-        format!(
-            "kms: {{url: \"{}\", caFile: {c}/ca.crt, certFile: {c}/relay.crt, keyFile: {c}/relay.key, heartbeatSeconds: 1}}\n",
-            self.url,
-            c = d.display()
-        )
-    }
-    fn token(&self, sub: &str, meeting: &str) -> String {
-        let now = meeting_client::dev::unix_now();
-        self.issuer.mint(&Claims {
-            sub: sub.into(),
-            name: sub.to_uppercase(),
-            mid: MeetingId::new(meeting).unwrap(),
-            role: Role::Participant,
-            aud: vec![AUDIENCE.into()],
-            exp: now + 600,
-            nbf: None,
-            iat: Some(now),
-            iss: Some("portal".into()),
-        })
-    }
-    fn join_cmd(&self, meeting: &str, sub: &str, tone: f64, secs: f64) -> Command {
-        let mut c = Command::new(bin("conclave-client"));
-        c.args(["join", "--kms", &self.url, "--kms-ca"])
-            .arg(self.ca())
-            .args(["--token", &self.token(sub, meeting), "--meeting", meeting])
-            .args(["--tone", &tone.to_string(), "--duration", &secs.to_string()])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        c
-    }
-}
 
 #[test]
 fn three_participants_join_through_the_kms_and_hear_each_other() {
     let kms = start_kms();
-    let relay = start_relay(&kms.relay_yaml());
+    let relay = start_relay(&kms.relay_yaml("relay-0"));
     let tones = [440.0, 660.0, 880.0];
     let children: Vec<Child> = ["alice", "bob", "carol"]
         .iter()
@@ -189,7 +59,7 @@ fn three_participants_join_through_the_kms_and_hear_each_other() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leaver_that_keeps_capturing_cannot_decrypt_after_the_rotation() {
     let kms = start_kms();
-    let relay = start_relay(&kms.relay_yaml());
+    let relay = start_relay(&kms.relay_yaml("relay-0"));
     let stay: Vec<Child> = [("alice", 440.0), ("bob", 660.0)]
         .iter()
         .map(|(who, f)| kms.join_cmd("rotation", who, *f, 8.0).spawn().unwrap())
@@ -290,4 +160,58 @@ async fn a_leaver_that_keeps_capturing_cannot_decrypt_after_the_rotation() {
         );
     }
     drop(relay);
+}
+
+#[test]
+fn killing_the_relay_moves_the_meeting_to_another_and_media_resumes() {
+    let kms = start_kms();
+    let relays = [
+        start_relay(&kms.relay_yaml("relay-0")),
+        start_relay(&kms.relay_yaml("relay-1")),
+    ];
+    let clients: Vec<Child> = [("alice", 440.0), ("bob", 660.0)]
+        .iter()
+        .map(|(who, f)| kms.join_cmd("failover", who, *f, 12.0).spawn().unwrap())
+        .collect();
+    // Find the relay the KMS placed the meeting on, by its own gauge.
+    let mut placed = None;
+    for _ in 0..200 {
+        placed = relays.iter().position(|r| {
+            metric(
+                &http_get(r.http, "/metrics").1,
+                "conclave_relay_participants",
+            ) == 2.0
+        });
+        if placed.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let placed = placed.expect("the meeting never reached a relay");
+    let mut relays = Vec::from(relays);
+    let mut dead = relays.remove(placed);
+    dead.child.kill().unwrap();
+    let reports: Vec<serde_json::Value> = clients.into_iter().map(report).collect();
+    for r in &reports {
+        assert!(
+            r["rejoins"].as_u64().unwrap() >= 1,
+            "client did not re-join: {r}"
+        );
+        let gap = r["max_audio_gap_ms"].as_u64().unwrap();
+        eprintln!("rejoin gap {gap} ms");
+        assert!(gap < 12_000, "media did not resume in time: {r}");
+        let frames: u64 = r["audio_frames"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_u64().unwrap())
+            .sum();
+        assert!(frames >= 150, "too little audio overall: {r}");
+    }
+    let survivor = &relays[0];
+    let (_, text) = http_get(survivor.http, "/metrics");
+    assert!(
+        metric(&text, r#"conclave_relay_packets_sent_total{kind="audio"}"#) >= 100.0,
+        "media did not flow through the other relay:\n{text}"
+    );
 }

@@ -11,17 +11,24 @@ use std::time::Duration;
 
 use meeting_client::dev::DevIssuer;
 
+pub mod kms;
+
 pub const RELAY_ID: &str = "test-zone/relay-0";
 pub const SEED_HEX: &str = "0707070707070707070707070707070707070707070707070707070707070707";
 pub const KEY_HEX: &str = "1111111111111111111111111111111111111111111111111111111111111111";
 
 pub fn bin(name: &str) -> PathBuf {
-    let mut p = std::env::current_exe().expect("test binary path");
-    p.pop();
-    if p.ends_with("deps") {
-        p.pop();
+    let mut dir = std::env::current_exe().expect("test binary path");
+    dir.pop();
+    if dir.ends_with("deps") {
+        dir.pop();
     }
-    let p = p.join(name);
+    let mut p = dir.join(name);
+    // Benchmarks run from target/release, where other packages' binaries may
+    // be stale or absent; `make bench` builds the debug ones first.
+    if dir.ends_with("release") && dir.with_file_name("debug").join(name).exists() {
+        p = dir.with_file_name("debug").join(name);
+    }
     assert!(
         p.exists(),
         "{} is missing: run `cargo build --workspace --bins` first",
