@@ -34,6 +34,40 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// Receive batches handled per wake-up before timers and control get a turn.
+const BATCHES_PER_WAKEUP: usize = 64;
+
+async fn forward_batch(
+    socket: &MediaSocket,
+    relay: &mut Relay,
+    metrics: &RelayMetrics,
+    bufs: &RecvBuffers,
+    n: usize,
+) {
+    let now = unix_now();
+    for i in 0..n {
+        for (from, data) in bufs.datagrams(i) {
+            let started = Instant::now();
+            match relay.handle(from, data, now) {
+                Action::None => {}
+                Action::Reply(bytes) => {
+                    send(socket, metrics, from, &bytes, Kind::Control).await;
+                }
+                Action::Forward { kind, to } => {
+                    for dest in to {
+                        send(socket, metrics, *dest, data, kind).await;
+                    }
+                    if matches!(kind, Kind::Media(_)) && !to.is_empty() {
+                        metrics
+                            .forwarding_latency
+                            .observe(started.elapsed().as_secs_f64());
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Forwards until `control` closes.
 pub async fn run(
     socket: MediaSocket,
@@ -48,33 +82,21 @@ pub async fn run(
     loop {
         tokio::select! {
             r = bufs.recv_from(&socket) => {
-                let n = match r {
-                    Ok(n) => n,
-                    Err(e) => {
-                        metrics.recv_error();
-                        tracing::debug!(error = %e, "receive failed");
-                        continue;
-                    }
-                };
-                let now = unix_now();
-                for i in 0..n {
-                    for (from, data) in bufs.datagrams(i) {
-                        let started = Instant::now();
-                        match relay.handle(from, data, now) {
-                            Action::None => {}
-                            Action::Reply(bytes) => {
-                                send(&socket, &metrics, from, &bytes, Kind::Control).await;
-                            }
-                            Action::Forward { kind, to } => {
-                                for dest in to {
-                                    send(&socket, &metrics, *dest, data, kind).await;
-                                }
-                                if matches!(kind, Kind::Media(_)) && !to.is_empty() {
-                                    metrics.forwarding_latency.observe(started.elapsed().as_secs_f64());
-                                }
-                            }
+                let mut r = r;
+                // Under load, keep draining the socket without going back
+                // through select! (timers, control) for every batch; bounded
+                // so expiry and drain still run.
+                for _ in 0..BATCHES_PER_WAKEUP {
+                    match r {
+                        Ok(n) => forward_batch(&socket, &mut relay, &metrics, &bufs, n).await,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(e) => {
+                            metrics.recv_error();
+                            tracing::debug!(error = %e, "receive failed");
+                            break;
                         }
                     }
+                    r = bufs.try_recv_from(&socket);
                 }
             }
             _ = tick.tick() => {

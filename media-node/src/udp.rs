@@ -50,6 +50,17 @@ impl MediaSocket {
             .await
     }
 
+    /// Receives a batch if one is ready, without waiting (`WouldBlock` otherwise).
+    pub fn try_recv(
+        &self,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> io::Result<usize> {
+        self.io.try_io(Interest::READABLE, || {
+            self.state.recv((&self.io).into(), bufs, meta)
+        })
+    }
+
     /// Sends one datagram, waiting while the socket buffer is full.
     pub async fn send_to(&self, destination: SocketAddr, contents: &[u8]) -> io::Result<()> {
         let t = Transmit {
@@ -92,6 +103,16 @@ impl RecvBuffers {
             .map(IoSliceMut::new)
             .collect();
         socket.recv(&mut slices, &mut self.meta).await
+    }
+
+    /// Like [`RecvBuffers::recv_from`] but returns `WouldBlock` instead of waiting.
+    pub fn try_recv_from(&mut self, socket: &MediaSocket) -> io::Result<usize> {
+        let mut slices: Vec<IoSliceMut<'_>> = self
+            .storage
+            .chunks_mut(SLOT_BYTES)
+            .map(IoSliceMut::new)
+            .collect();
+        socket.try_recv(&mut slices, &mut self.meta)
     }
 
     /// The datagrams of slot `i` (several when GRO coalesced them) with their source.
