@@ -18,6 +18,9 @@ use media_node::metrics::RelayMetrics;
 use media_node::server::{self, Control, Health};
 use media_node::{http, kms, udp};
 
+/// Overrides the config's `advertise` (set by the operator from the downward API).
+const ADVERTISE_ENV: &str = "CONCLAVE_RELAY_ADVERTISE";
+
 #[derive(Parser, Debug)]
 #[command(version, about = "Conclave media relay")]
 struct Args {
@@ -40,6 +43,13 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("reading {}", args.config.display()))?;
     let mut config: RelayConfig = serde_yaml_ng::from_str(&text)
         .with_context(|| format!("parsing {}", args.config.display()))?;
+    // A new relay pod learns its own address (pod or host IP) only from the
+    // kubelet, before the operator can write it into the config file.
+    if let Ok(advertise) = std::env::var(ADVERTISE_ENV)
+        && !advertise.is_empty()
+    {
+        config.advertise = advertise;
+    }
     config
         .validate()
         .with_context(|| format!("invalid config {}", args.config.display()))?;
