@@ -1,6 +1,7 @@
 """Conclave on the local cluster, installed as a user would (Helm chart,
 examples applied with kubectl): everything becomes Ready, pods are locked
-down, and invalid resources are refused with a clear reason."""
+down, invalid resources are refused with a clear reason, and three
+participants in pods hear each other through the KMS and relays."""
 import json
 
 import pytest
@@ -17,7 +18,7 @@ def conclave():
     install_conclave()
     setup_meetings_namespace(MEETINGS_NS)
     yield MEETINGS_NS
-    kubectl("delete", "namespace", MEETINGS_NS, "--wait=false", check=False)
+    kubectl("delete", "namespace", MEETINGS_NS, "--wait=true", "--timeout=120s", check=False, timeout=180)
     uninstall_conclave()
 
 
