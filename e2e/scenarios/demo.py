@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from deploy import TONES, install_conclave, run_meeting, setup_meetings_namespace, wait_ready  # noqa: E402
+from deploy import TONES, conclave_installed, install_conclave, run_meeting, setup_meetings_namespace, wait_ready  # noqa: E402
 from kube import kubectl  # noqa: E402
 
 NS = "demo"
@@ -15,10 +15,7 @@ NS = "demo"
 
 def main() -> int:
     print("== installing the conclave chart (operator, CRDs, RBAC) with the real Helm engine")
-    if "conclave" not in kubectl("get", "ns", "conclave-system", "--ignore-not-found", "-o", "name"):
-        install_conclave()
-    else:
-        install_conclave(upgrade=True)
+    install_conclave(upgrade=conclave_installed())
     if not kubectl("get", "ns", NS, "--ignore-not-found", "-o", "name").strip():
         print(f"== namespace {NS}: KeyManagementServer, MeetingZone (2 relays), recording and telephony pools")
         setup_meetings_namespace(NS)

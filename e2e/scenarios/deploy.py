@@ -49,6 +49,14 @@ def install_conclave(tag: str = TAG, upgrade: bool = False) -> None:
     helm("upgrade" if upgrade else "install", RELEASE, "-n", SYSTEM_NS, "--set-json", json.dumps(chart_values(tag)))
 
 
+def conclave_installed() -> bool:
+    try:
+        helm("status", RELEASE, "-n", SYSTEM_NS)
+        return True
+    except RuntimeError:
+        return False
+
+
 def uninstall_conclave() -> None:
     helm("uninstall", RELEASE, "-n", SYSTEM_NS)
 
