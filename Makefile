@@ -16,7 +16,7 @@ REGISTRY ?=
 E2E := e2e
 PYTEST := $(CONCLAVE_CACHE)/venv/bin/python -m pytest
 
-.PHONY: help deps build check unit-test chart-test e2e-test test demo bench images \
+.PHONY: help deps build check unit-test chart-test e2e-test test demo demo-down bench images \
         cluster-up cluster-down crds helm-lint
 
 help: ## This list.
@@ -49,6 +49,8 @@ test: deps ## Everything CI runs: checks, unit and process tests, then e2e on a 
 
 demo: deps ## Local cluster + Conclave + a short meeting, end to end.
 	bash $(E2E)/demo.sh
+
+demo-down: cluster-down ## Remove what `make demo` left running (the whole local cluster).
 
 bench: build ## Run every benchmark; results in target/bench/results.json.
 	bash $(E2E)/bench.sh
