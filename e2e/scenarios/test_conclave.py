@@ -6,20 +6,17 @@ import json
 
 import pytest
 
-from deploy import (SYSTEM_NS, TONES, condition, install_conclave, run_meeting, setup_meetings_namespace,
-                    uninstall_conclave, wait_ready)
+from deploy import SYSTEM_NS, TONES, condition, run_meeting, setup_meetings_namespace, wait_ready
 from kube import kubectl, kubectl_json, wait_until
 
 MEETINGS_NS = "meetings"
 
 
 @pytest.fixture(scope="module")
-def conclave():
-    install_conclave()
+def conclave(conclave_release):
     setup_meetings_namespace(MEETINGS_NS)
     yield MEETINGS_NS
     kubectl("delete", "namespace", MEETINGS_NS, "--wait=true", "--timeout=120s", check=False, timeout=180)
-    uninstall_conclave()
 
 
 def test_everything_becomes_ready(conclave):
