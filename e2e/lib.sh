@@ -58,6 +58,14 @@ ensure_venv() {
 
 kubectl_() { kubectl --kubeconfig "$KUBECONFIG_FILE" "$@"; }
 
+# Whether PID is still the cluster component NAME. A pid file can outlive its
+# process (a killed run, a reboot) and the number be reused by something else,
+# which must then be neither trusted as running nor killed.
+is_component() {
+  local pid=$1 name=$2
+  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && { tr '\0' ' ' < "/proc/$pid/cmdline"; } 2>/dev/null | grep -q -- "$name"
+}
+
 # Runs "$@" and prints how long it took, for the phase timings `make test` reports.
 timed() {
   local name=$1; shift

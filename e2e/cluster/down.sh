@@ -14,12 +14,14 @@ if [ ! -d "$CLUSTER_STATE" ]; then
 fi
 
 pid_of() { local f=$PIDS/$1.pid; [ -f "$f" ] && cat "$f"; }
-alive() { local p; p=$(pid_of "$1") && [ -n "$p" ] && kill -0 "$p" 2>/dev/null; }
+alive() { local p; p=$(pid_of "$1") && is_component "$p" "$1"; }
 
 stop() {
   local name=$1 pid i
   pid=$(pid_of "$name") || return 0
-  if kill -0 "$pid" 2>/dev/null; then
+  if kill -0 "$pid" 2>/dev/null && ! is_component "$pid" "$name"; then
+    log "pid file of $name names pid $pid, which is no longer $name (stale from a killed run): leaving that process alone"
+  elif kill -0 "$pid" 2>/dev/null; then
     log "stopping $name (pid $pid)"
     kill -TERM "$pid" 2>/dev/null
     for ((i = 0; i < 100; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
@@ -62,6 +64,29 @@ for p in /proc/[0-9]*; do
     log "killing leftover process $pid bound to this cluster's containerd"
     kill -KILL "$pid" 2>/dev/null
   fi
+done
+
+# Containers whose shim died with containerd (a run killed outright) keep
+# running, reparented to init. Their task bundles under our state directory
+# name them, and each runs in the cgroup containerd made for that id.
+for bundle in "$CLUSTER_STATE"/containerd/state/io.containerd.runtime.v2.task/k8s.io/*/; do
+  [ -d "$bundle" ] || continue
+  id=$(basename "$bundle")
+  for procs in /sys/fs/cgroup/k8s.io/"$id"/cgroup.procs /sys/fs/cgroup/*/k8s.io/"$id"/cgroup.procs; do
+    [ -f "$procs" ] || continue
+    for pid in $(cat "$procs"); do
+      log "killing container process $pid left behind by a dead containerd (container ${id:0:12})"
+      kill -KILL "$pid" 2>/dev/null
+    done
+  done
+done
+sleep 0.2
+for cg in /sys/fs/cgroup/k8s.io /sys/fs/cgroup/*/k8s.io; do
+  [ -d "$cg" ] || continue
+  for d in "$cg"/*/; do
+    [ -d "$d" ] && [ -d "$CLUSTER_STATE/containerd/state/io.containerd.runtime.v2.task/k8s.io/$(basename "$d")" ] && rmdir "$d" 2>/dev/null
+  done
+  rmdir "$cg" 2>/dev/null
 done
 
 stop kube-proxy

@@ -9,7 +9,7 @@ LOGS=$CLUSTER_STATE/logs
 PKI=$CLUSTER_STATE/pki
 COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler containerd kubelet kube-proxy dnsmasq dns-sync)
 
-running() { local f=$PIDS/$1.pid; [ -f "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null; }
+running() { local f=$PIDS/$1.pid; [ -f "$f" ] && is_component "$(cat "$f")" "$1"; }
 
 healthy() {
   local c
