@@ -96,6 +96,7 @@ pub async fn join_assignment(
     let m = Membership {
         roster: RosterView {
             member: true,
+            people: people(&r),
             names: r
                 .members
                 .iter()
@@ -126,6 +127,15 @@ pub struct RosterView {
     pub names: std::collections::BTreeMap<u16, String>,
     /// False once the host removed this connector (or the meeting ended for it).
     pub member: bool,
+    /// Members who are people (hosts and participants), not connectors.
+    pub people: usize,
+}
+
+fn people(r: &api::Roster) -> usize {
+    r.members
+        .iter()
+        .filter(|m| matches!(m.role, api::Role::Host | api::Role::Participant))
+        .count()
 }
 
 /// Follow roster versions: hand new epoch keys to the meeting link and
@@ -162,6 +172,7 @@ pub async fn follow_epochs(
                         Ok(r) => {
                             let view = RosterView {
                                 member: r.members.iter().any(|x| x.participant == m.participant),
+                                people: people(&r),
                                 names: r
                                     .members
                                     .iter()

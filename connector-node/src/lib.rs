@@ -4,6 +4,7 @@
 
 pub mod bridge;
 pub mod kms;
+pub mod kms_tls;
 pub mod media;
 pub mod meeting;
 pub mod metrics;

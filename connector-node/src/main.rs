@@ -38,6 +38,7 @@ enum Cmd {
 #[derive(Subcommand)]
 enum RecordingCmd {
     /// Restore a recording directory to plain Ogg Opus, JSON lines and manifest.
+    #[command(alias = "restore")]
     Decrypt {
         /// The recording directory (*.enc files).
         #[arg(long)]
@@ -53,6 +54,10 @@ enum RecordingCmd {
         /// CA bundle that signs the KMS's certificate.
         #[arg(long)]
         ca: Option<PathBuf>,
+        /// DNS name the KMS certificate must carry, when --kms reaches it at
+        /// an address the certificate does not name (e.g. its pod IP).
+        #[arg(long, requires = "kms")]
+        kms_name: Option<String>,
         /// A join token for the recording's meeting naming an authorized reader.
         #[arg(long, env = "CONCLAVE_TOKEN")]
         token: Option<String>,
@@ -176,6 +181,7 @@ fn main() -> anyhow::Result<()> {
                 local_kek,
                 kms,
                 ca,
+                kms_name,
                 token,
                 cert,
                 key,
@@ -191,13 +197,11 @@ fn main() -> anyhow::Result<()> {
                     }
                     (None, Some(url)) => {
                         let ca = ca.context("--ca is required with --kms")?;
-                        let tls =
-                            match (cert, key) {
-                                (Some(cert), Some(key)) => conclave_pki::tls::client_config(
-                                    &conclave_pki::tls::TlsFiles { cert, key, ca },
-                                )?,
-                                _ => conclave_pki::tls::anonymous_client_config(&ca)?,
-                            };
+                        let tls = connector_node::kms_tls::client_config(
+                            &ca,
+                            cert.as_deref().zip(key.as_deref()),
+                            kms_name.as_deref(),
+                        )?;
                         let client = kms_client::KmsClient::new(&url, tls)?;
                         let rt = tokio::runtime::Runtime::new()?;
                         decrypt_dir(&dir, &out, |w| {

@@ -60,6 +60,12 @@ async fn record_loop(
                     tracing::info!("removed from the meeting by the host: recording stops");
                     break;
                 }
+                // Connectors alone do not make a meeting: once the last
+                // person left, the recording is complete.
+                if roster.as_ref().is_some_and(|r| r.borrow().people == 0) {
+                    tracing::info!("the last person left the meeting: recording ends");
+                    break;
+                }
             }
             _ = tick.tick() => rec.tick()?,
             _ = flush.tick() => {
