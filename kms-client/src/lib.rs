@@ -256,17 +256,25 @@ impl KmsClient {
         self.post(path, Some(session), &serde_json::json!({})).await
     }
 
-    /// Host only.
+    /// Host only. `target` is where the connector sends the meeting (an
+    /// `rtmp(s)://` URL for liveStreaming, an E.164 number or `sip(s):` URI
+    /// for telephony; see [`api::check_invite_target`]); `None` leaves it to
+    /// the connector pool's configuration. A bad target is refused with 400
+    /// `bad_target` (or `target_not_allowed` for kinds that take none).
     pub async fn invite(
         &self,
         meeting: &MeetingId,
         session: &Session,
         kind: api::ConnectorKind,
+        target: Option<&str>,
     ) -> Result<api::InviteResponse, Error> {
         self.post(
             paths::fill(paths::INVITE, "meeting", meeting.as_str()),
             Some(session),
-            &api::InviteRequest { kind },
+            &api::InviteRequest {
+                kind,
+                target: target.map(str::to_owned),
+            },
         )
         .await
     }

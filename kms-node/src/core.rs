@@ -13,7 +13,8 @@ use crate::relays::Relays;
 use ed25519_dalek::SigningKey;
 use meeting_proto::ids::{MeetingId, ParticipantId};
 use meeting_proto::kms_api::{
-    Assignment, AuditKind, ConnectorKind, Hex, Invitation, Role, Roster, RosterMember, SignedRoster,
+    Assignment, AuditKind, ConnectorKind, Hex, Invitation, Role, Roster, RosterMember,
+    SignedRoster, TargetError, check_invite_target, redacted_target,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -120,8 +121,25 @@ pub struct MeetingRecord {
     pub next_sender: u16,
     pub next_invitation: u64,
     pub invitations: Vec<Invitation>,
+    /// Host-chosen targets of open invitations, by invitation id. Kept out
+    /// of [`Invitation`] because that is in the roster every member gets,
+    /// and a stream URL carries the stream key; dropped once claimed.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub targets: BTreeMap<u64, Target>,
     pub relay: Option<String>,
     pub updated_ms: u64,
+}
+
+/// An invitation target. Debug shows only the checked summary (scheme and
+/// host), never the stream key in the path.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Target(pub String);
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Target({})", redacted_target(&self.0))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -385,6 +403,7 @@ impl Core {
                 next_sender: 0,
                 next_invitation: 1,
                 invitations: Vec::new(),
+                targets: BTreeMap::new(),
                 relay: None,
                 updated_ms: now_ms,
             },
@@ -585,6 +604,9 @@ impl Core {
                     inv.claimed_by = Some(identity.clone());
                     inv.participant = Some(participant);
                 }
+                // The connector has the target from its assignment; the
+                // store need not keep a stream key any longer than that.
+                m.record.targets.remove(&invitation);
                 self.open_invitations
                     .remove(&(kind, meeting.clone(), invitation));
                 (Role::Connector(kind), kind.to_string(), identity)
@@ -834,17 +856,37 @@ impl Core {
         (r, fx)
     }
 
+    /// Host only. `target` (a stream URL or a number to dial) is checked
+    /// with [`check_invite_target`]; a bad one is refused with 400, audited,
+    /// and changes nothing.
     pub fn invite(
         &mut self,
         now_ms: u64,
         meeting: &MeetingId,
         session: &[u8; 32],
         kind: ConnectorKind,
+        target: Option<String>,
     ) -> (Result<(Invitation, Arc<SignedRoster>), Denial>, Effects) {
         let mut fx = Effects::default();
         let r = self
             .host_of(meeting, session, &mut fx)
-            .map(|(host, actor)| {
+            .and_then(|(host, actor)| {
+                let summary = match target.as_deref().map(|t| check_invite_target(kind, t)) {
+                    None => None,
+                    Some(Ok(s)) => Some(s),
+                    Some(Err(e)) => {
+                        let code = match e {
+                            TargetError::NotAllowed(_) => "target_not_allowed",
+                            _ => "bad_target",
+                        };
+                        // The message never quotes the target (see TargetError).
+                        let d = Denial::new(400, code, e.to_string());
+                        return Err(fx.deny(&actor, Some(meeting), d));
+                    }
+                };
+                Ok((host, actor, summary))
+            })
+            .map(|(host, actor, summary)| {
                 let m = self.meetings.get_mut(meeting).expect("host found");
                 let invitation = Invitation {
                     id: m.record.next_invitation,
@@ -855,15 +897,23 @@ impl Core {
                 };
                 m.record.next_invitation += 1;
                 m.record.invitations.push(invitation.clone());
+                if let Some(t) = target {
+                    m.record.targets.insert(invitation.id, Target(t));
+                }
                 m.record.version += 1;
                 Self::save_meeting(m, now_ms, &mut fx);
                 self.open_invitations
                     .insert((kind, meeting.clone(), invitation.id));
+                // The audit chain is kept for years and read by auditors: a
+                // stream URL's path is usually the stream key (a credential
+                // for the streaming platform) and a phone number is personal
+                // data, so only scheme and host of a URL are recorded.
+                let to = summary.map_or(String::new(), |s| format!(" to {s}"));
                 fx.audit.push(
                     AuditRecord::new(
                         AuditKind::Invitation,
                         actor,
-                        format!("invited connector:{kind}"),
+                        format!("invited connector:{kind}{to}"),
                     )
                     .meeting(meeting)
                     .participant(host),
@@ -883,6 +933,11 @@ impl Core {
                 meeting: m.clone(),
                 invitation: *i,
                 kind: *k,
+                target: self
+                    .meetings
+                    .get(m)
+                    .and_then(|m| m.record.targets.get(i))
+                    .map(|t| t.0.clone()),
             })
             .collect()
     }
@@ -1334,7 +1389,7 @@ mod tests {
         let mut c = core();
         let host = join(&mut c, "ada", Role::Host, 1);
         let p = join(&mut c, "bob", Role::Participant, 2);
-        let (r, fx) = c.invite(1000, &m(), &session(&p), ConnectorKind::Recording);
+        let (r, fx) = c.invite(1000, &m(), &session(&p), ConnectorKind::Recording, None);
         assert_eq!(r.unwrap_err().code, "not_host");
         assert!(fx.writes.is_empty());
         let (r, fx) = c.remove(1000, &m(), &session(&p), host.participant);
@@ -1348,7 +1403,7 @@ mod tests {
     fn invitation_is_in_the_roster_at_once_and_only_the_invited_kind_joins_once() {
         let mut c = core();
         let host = join(&mut c, "ada", Role::Host, 1);
-        let (r, _) = c.invite(1000, &m(), &session(&host), ConnectorKind::Recording);
+        let (r, _) = c.invite(1000, &m(), &session(&host), ConnectorKind::Recording, None);
         let (inv, roster) = r.unwrap();
         let roster = roster.verify(&c.signing_key().verifying_key()).unwrap();
         assert_eq!(roster.invitations, vec![inv.clone()]);
@@ -1409,6 +1464,114 @@ mod tests {
     }
 
     #[test]
+    fn invitation_targets_reach_the_assignment_and_bad_ones_change_nothing() {
+        let mut c = core();
+        let host = join(&mut c, "ada", Role::Host, 1);
+        let stream = "rtmps://live.example.com:443/app/sk-live-SECRET";
+        let (r, fx) = c.invite(
+            1000,
+            &m(),
+            &session(&host),
+            ConnectorKind::LiveStreaming,
+            Some(stream.into()),
+        );
+        let (inv, roster) = r.unwrap();
+        // Members see the invitation, not the stream key.
+        assert!(!roster.roster_json.contains("SECRET"));
+        let audited = &fx.audit[0];
+        assert_eq!(audited.kind, AuditKind::Invitation);
+        assert_eq!(
+            audited.detail,
+            "invited connector:liveStreaming to rtmps://live.example.com"
+        );
+        let (r, fx) = c.invite(
+            1000,
+            &m(),
+            &session(&host),
+            ConnectorKind::Telephony,
+            Some("+15551234567".into()),
+        );
+        r.unwrap();
+        assert_eq!(
+            fx.audit[0].detail,
+            "invited connector:telephony to a phone number"
+        );
+        let live = c.assignments(ConnectorKind::LiveStreaming);
+        assert_eq!(live[0].invitation, inv.id);
+        assert_eq!(live[0].target.as_deref(), Some(stream));
+        let phone = c.assignments(ConnectorKind::Telephony);
+        assert_eq!(phone[0].target.as_deref(), Some("+15551234567"));
+        // Without a target the pool's own default applies.
+        let (r, _) = c.invite(1000, &m(), &session(&host), ConnectorKind::Recording, None);
+        r.unwrap();
+        assert_eq!(c.assignments(ConnectorKind::Recording)[0].target, None);
+
+        let version = c.meetings[&m()].record.version;
+        let bad = [
+            (
+                ConnectorKind::Recording,
+                "rtmp://h/k-SECRET",
+                "target_not_allowed",
+            ),
+            (
+                ConnectorKind::LiveStreaming,
+                "http://h/k-SECRET",
+                "bad_target",
+            ),
+            (
+                ConnectorKind::LiveStreaming,
+                "rtmp://h/k-SECRET\r\n",
+                "bad_target",
+            ),
+            (ConnectorKind::Telephony, "+1555-SECRET", "bad_target"),
+            (ConnectorKind::Telephony, "tel:SECRET", "bad_target"),
+        ];
+        let long = format!("rtmp://h/SECRET{}", "k".repeat(3000));
+        for (kind, target, code) in
+            bad.into_iter()
+                .chain([(ConnectorKind::LiveStreaming, long.as_str(), "bad_target")])
+        {
+            let (r, fx) = c.invite(1000, &m(), &session(&host), kind, Some(target.into()));
+            let d = r.unwrap_err();
+            assert_eq!((d.status, d.code), (400, code), "{target}");
+            assert!(fx.writes.is_empty() && fx.changed.is_empty(), "{target}");
+            assert_eq!(fx.audit.len(), 1);
+            assert_eq!(fx.audit[0].kind, AuditKind::Denial);
+            assert!(fx.audit[0].detail.starts_with(code));
+            assert!(!fx.audit[0].detail.contains("SECRET"), "{}", d.message);
+            assert!(!d.message.contains("SECRET"));
+        }
+        assert_eq!(c.meetings[&m()].record.version, version);
+        assert_eq!(c.assignments(ConnectorKind::LiveStreaming).len(), 1);
+        // A participant is refused as not_host before the target is looked at.
+        let bob = join(&mut c, "bob", Role::Participant, 2);
+        let (r, _) = c.invite(
+            1000,
+            &m(),
+            &session(&bob),
+            ConnectorKind::Recording,
+            Some("x".into()),
+        );
+        assert_eq!(r.unwrap_err().code, "not_host");
+        // Claiming the invitation drops the stored stream key.
+        let (r, _) = c.join(
+            1000,
+            &m(),
+            Joiner::Connector {
+                identity: "conclave://ns/connector/live/live-0".into(),
+                kind: ConnectorKind::LiveStreaming,
+                invitation: inv.id,
+            },
+            [9; 32],
+        );
+        r.unwrap();
+        let record = &c.meetings[&m()].record;
+        assert!(!record.targets.contains_key(&inv.id));
+        assert!(!format!("{record:?}").contains("SECRET"));
+        assert!(!String::from_utf8_lossy(&json(record)).contains("SECRET"));
+    }
+
+    #[test]
     fn interval_rotation_and_relay_failover() {
         let mut c = core();
         let a = join(&mut c, "ada", Role::Host, 1);
@@ -1435,7 +1598,7 @@ mod tests {
     fn kek_schedule_rotates_and_retiring_rewraps_first() {
         let mut c = core_with(10 * MIN, 20 * MIN);
         let host = join(&mut c, "ada", Role::Host, 1);
-        let (r, _) = c.invite(1000, &m(), &session(&host), ConnectorKind::Recording);
+        let (r, _) = c.invite(1000, &m(), &session(&host), ConnectorKind::Recording, None);
         let inv = r.unwrap().0;
         let rec = "conclave://ns/connector/rec/rec-0";
         let joiner = Joiner::Connector {

@@ -627,7 +627,7 @@ async fn invite(
     let session = session_or_deny(&s, &headers, &meeting).await?;
     let now = now_ms();
     let (invitation, roster) = s
-        .run(|c| c.invite(now, &meeting, &session, req.kind))
+        .run(|c| c.invite(now, &meeting, &session, req.kind, req.target))
         .await?;
     Ok(Json(api::InviteResponse {
         invitation,

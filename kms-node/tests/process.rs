@@ -195,7 +195,7 @@ async fn access_matrix_refuses_and_audits() {
         }
         // Participant acting as host.
         let err = c
-            .invite(&bob.meeting, &bob.session(), ConnectorKind::Recording)
+            .invite(&bob.meeting, &bob.session(), ConnectorKind::Recording, None)
             .await
             .unwrap_err();
         assert_eq!(err.code(), Some("not_host"));
@@ -284,7 +284,12 @@ async fn invited_connector_joins_and_records() {
             async move { rec.assignments(10_000).await }
         });
         let inv = c
-            .invite(&host.meeting, &host.session(), ConnectorKind::Recording)
+            .invite(
+                &host.meeting,
+                &host.session(),
+                ConnectorKind::Recording,
+                None,
+            )
             .await
             .unwrap();
         let vk = vk(&kms).await;
@@ -402,6 +407,145 @@ async fn invited_connector_joins_and_records() {
 /// kill -9 while 1,000 joins run concurrently, three times: every acknowledged
 /// join survives (its session still works) and its key release is in an
 /// audit chain that verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invitation_target_reaches_the_connector_and_never_the_audit_or_log() {
+    tokio::time::timeout(LIMIT, async {
+        let kms = Kms::start("target", "");
+        kms.register_relay().await;
+        let c = kms.anonymous();
+        let host = join_with_token(&c, "m1", kms.token("ada", "m1", Role::Host))
+            .await
+            .unwrap();
+        let admin = kms.admin();
+        let audit_len = |admin: kms_client::KmsClient| async move {
+            admin.audit(0, 1000).await.unwrap().entries.len()
+        };
+        let before = audit_len(admin.clone()).await;
+        let vk = vk(&kms).await;
+        let version = |roster: &api::SignedRoster| roster.verify(&vk).unwrap().version;
+        let start_version = version(&host.joined.roster);
+        // Each bad target: 400 with a clear code, one denial entry, nothing else.
+        let long = format!("rtmps://live.example.com/app/{}", "k".repeat(3000));
+        let bad = [
+            (
+                ConnectorKind::Recording,
+                "rtmps://live.example.com/app/SK-SECRET",
+                "target_not_allowed",
+            ),
+            (
+                ConnectorKind::LiveStreaming,
+                "https://live.example.com/app/SK-SECRET",
+                "bad_target",
+            ),
+            (
+                ConnectorKind::LiveStreaming,
+                "rtmp://user:SK-SECRET@live.example.com/app",
+                "bad_target",
+            ),
+            (
+                ConnectorKind::LiveStreaming,
+                "rtmp://live.example.com/app/SK-SECRET\n",
+                "bad_target",
+            ),
+            (ConnectorKind::Telephony, "call SK-SECRET", "bad_target"),
+            (ConnectorKind::LiveStreaming, long.as_str(), "bad_target"),
+        ];
+        for (i, (kind, target, code)) in bad.into_iter().enumerate() {
+            let err = c
+                .invite(&host.meeting, &host.session(), kind, Some(target))
+                .await
+                .unwrap_err();
+            assert_eq!(
+                (err.status(), err.code()),
+                (Some(400), Some(code)),
+                "{target}"
+            );
+            assert!(!err.to_string().contains("SK-SECRET"), "{err}");
+            let page = admin.audit(0, 1000).await.unwrap();
+            assert_eq!(page.entries.len(), before + i + 1, "{target}");
+            let last = page.entries.last().unwrap();
+            assert_eq!(last.kind, AuditKind::Denial);
+            assert!(last.detail.starts_with(code), "{}", last.detail);
+        }
+        // The refusals changed nothing: no invitation, same roster version.
+        let ev = c
+            .events(&host.meeting, &host.session(), 0, 0)
+            .await
+            .unwrap();
+        let roster = ev.roster.unwrap();
+        assert_eq!(version(&roster), start_version);
+        assert!(roster.verify(&vk).unwrap().invitations.is_empty());
+        assert!(
+            kms.streamer()
+                .assignments(0)
+                .await
+                .unwrap()
+                .assignments
+                .is_empty()
+        );
+
+        // A good target reaches the connector's assignment, and only it.
+        let stream = "rtmps://live.example.com:443/app/SK-SECRET-0123";
+        let inv = c
+            .invite(
+                &host.meeting,
+                &host.session(),
+                ConnectorKind::LiveStreaming,
+                Some(stream),
+            )
+            .await
+            .unwrap();
+        assert!(!inv.roster.roster_json.contains("SK-SECRET"));
+        let got = kms.streamer().assignments(0).await.unwrap().assignments;
+        assert_eq!(got.len(), 1);
+        assert_eq!(
+            (got[0].invitation, got[0].kind, got[0].target.as_deref()),
+            (
+                inv.invitation.id,
+                ConnectorKind::LiveStreaming,
+                Some(stream)
+            )
+        );
+        // An old-style invitation (no target) still works; its assignment has none.
+        let plain = c
+            .invite(
+                &host.meeting,
+                &host.session(),
+                ConnectorKind::Recording,
+                None,
+            )
+            .await
+            .unwrap();
+        let rec = kms.recorder().assignments(0).await.unwrap().assignments;
+        assert_eq!(
+            (rec[0].invitation, rec[0].target.clone()),
+            (plain.invitation.id, None)
+        );
+        assert!(
+            audit_has(&admin, |e| e.kind == AuditKind::Invitation
+                && e.detail
+                    == "invited connector:liveStreaming to rtmps://live.example.com")
+            .await
+        );
+        // Nowhere in the audit chain or the server log is the stream key.
+        let page = admin.audit(0, 1000).await.unwrap();
+        let audit = serde_json::to_string(&page.entries).unwrap();
+        assert!(
+            !audit.contains("SK-SECRET") && !audit.contains("/app/"),
+            "{audit}"
+        );
+        let log = kms.log();
+        assert!(log.contains("kms listening"), "log is captured");
+        assert!(
+            !log.contains("SK-SECRET") && !log.contains("/app/"),
+            "{log}"
+        );
+        assert!(admin.verify_audit().await.unwrap().ok);
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_joins_survive_kill_9() {
     tokio::time::timeout(Duration::from_secs(300), async {

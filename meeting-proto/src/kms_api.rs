@@ -455,9 +455,25 @@ pub struct RemoveResponse {
     pub epoch: u64,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 pub struct InviteRequest {
     pub kind: ConnectorKind,
+    /// Where the connector sends the meeting, chosen by the host (see
+    /// [`check_invite_target`]): an `rtmp://`/`rtmps://` URL for
+    /// liveStreaming, an E.164 number or `sip:`/`sips:` URI for telephony.
+    /// Absent: the connector pool's own configured target. Older clients
+    /// never send it, and it is omitted when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+}
+
+impl fmt::Debug for InviteRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InviteRequest")
+            .field("kind", &self.kind)
+            .field("target", &self.target.as_deref().map(redacted_target))
+            .finish()
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -473,11 +489,181 @@ pub struct AssignmentsQuery {
     pub wait_ms: u64,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Assignment {
     pub meeting: MeetingId,
     pub invitation: u64,
     pub kind: ConnectorKind,
+    /// The host's [`InviteRequest::target`], already checked by the KMS with
+    /// [`check_invite_target`]. It may carry a stream key: do not log it
+    /// (log [`redacted_target`] instead).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+}
+
+impl fmt::Debug for Assignment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Assignment")
+            .field("meeting", &self.meeting)
+            .field("invitation", &self.invitation)
+            .field("kind", &self.kind)
+            .field("target", &self.target.as_deref().map(redacted_target))
+            .finish()
+    }
+}
+
+/// Longest invitation target accepted, in bytes (stream URLs with long keys fit).
+pub const MAX_TARGET_LEN: usize = 2048;
+
+/// Why a host-chosen invitation target was refused. Messages never quote the
+/// target: a stream URL carries its stream key in the path.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TargetError {
+    #[error("connector kind {0} takes no target")]
+    NotAllowed(ConnectorKind),
+    #[error("target is longer than {MAX_TARGET_LEN} bytes")]
+    TooLong,
+    #[error("target contains whitespace, control or non-ASCII characters (percent-encode them)")]
+    BadCharacters,
+    #[error("liveStreaming target must be an rtmp:// or rtmps:// URL")]
+    NotStreamUrl,
+    #[error("stream URL needs a host name or IP address, and an optional numeric port")]
+    BadHost,
+    #[error("stream URL must not carry user:password@ (put the stream key in the path)")]
+    Credentials,
+    #[error("telephony target must be an E.164 number (+ then 8 to 15 digits) or a sip:/sips: URI")]
+    NotDialable,
+}
+
+/// A checked target, reduced to what may be written to logs and the audit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TargetSummary {
+    /// Scheme and host (and port) of a stream URL; the path, which usually
+    /// holds the stream key, is dropped.
+    Stream(String),
+    /// The domain of a SIP URI, e.g. `sip:pbx.example.com`; the user part is
+    /// a phone number or account name.
+    Sip(String),
+    /// A phone number: personal data, so only that it was one.
+    Phone,
+}
+
+impl fmt::Display for TargetSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Stream(s) | Self::Sip(s) => f.write_str(s),
+            Self::Phone => f.write_str("a phone number"),
+        }
+    }
+}
+
+fn valid_host(host: &str) -> bool {
+    if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        return v6.parse::<std::net::Ipv6Addr>().is_ok();
+    }
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+/// Splits `host[:port]` (IPv6 in brackets) and checks both.
+fn host_port(authority: &str) -> Option<&str> {
+    let host = match authority.rfind(':') {
+        Some(i) if !authority[i..].contains(']') => {
+            let port = &authority[i + 1..];
+            if port.is_empty() || port.len() > 5 || port.parse::<u16>().is_err() {
+                return None;
+            }
+            &authority[..i]
+        }
+        _ => authority,
+    };
+    valid_host(host).then_some(host)
+}
+
+/// Checks a host-chosen invitation target for its connector kind and returns
+/// what may be recorded about it. The KMS refuses an invitation whose target
+/// fails this; connectors may rely on it having passed.
+pub fn check_invite_target(
+    kind: ConnectorKind,
+    target: &str,
+) -> Result<TargetSummary, TargetError> {
+    if !matches!(
+        kind,
+        ConnectorKind::LiveStreaming | ConnectorKind::Telephony
+    ) {
+        return Err(TargetError::NotAllowed(kind));
+    }
+    if target.len() > MAX_TARGET_LEN {
+        return Err(TargetError::TooLong);
+    }
+    // These end up on a child process's command line or in SIP headers:
+    // nothing that could split an argument or a header line.
+    if target.is_empty() || !target.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(TargetError::BadCharacters);
+    }
+    let (scheme, rest) = target.split_once(':').unwrap_or(("", target));
+    let scheme = scheme.to_ascii_lowercase();
+    match kind {
+        ConnectorKind::LiveStreaming => {
+            if !matches!(scheme.as_str(), "rtmp" | "rtmps") {
+                return Err(TargetError::NotStreamUrl);
+            }
+            let rest = rest.strip_prefix("//").ok_or(TargetError::NotStreamUrl)?;
+            let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+            if authority.contains('@') {
+                return Err(TargetError::Credentials);
+            }
+            let host = host_port(authority).ok_or(TargetError::BadHost)?;
+            Ok(TargetSummary::Stream(format!(
+                "{scheme}://{}",
+                host.to_ascii_lowercase()
+            )))
+        }
+        _ => {
+            if let Some(digits) = target.strip_prefix('+') {
+                let ok = (8..=15).contains(&digits.len())
+                    && digits.bytes().all(|b| b.is_ascii_digit())
+                    && !digits.starts_with('0');
+                return if ok {
+                    Ok(TargetSummary::Phone)
+                } else {
+                    Err(TargetError::NotDialable)
+                };
+            }
+            if !matches!(scheme.as_str(), "sip" | "sips") || target.len() > 256 {
+                return Err(TargetError::NotDialable);
+            }
+            // sip:user@host[:port][;params][?headers]; the user part is optional.
+            let uri = rest.split('?').next().unwrap_or_default();
+            let hostpart = uri
+                .rsplit_once('@')
+                .map_or(uri, |(user, host)| if user.is_empty() { "" } else { host });
+            let authority = hostpart.split(';').next().unwrap_or_default();
+            let host = host_port(authority).ok_or(TargetError::NotDialable)?;
+            Ok(TargetSummary::Sip(format!(
+                "{scheme}:{}",
+                host.to_ascii_lowercase()
+            )))
+        }
+    }
+}
+
+/// What a log line may say about a target: the [`TargetSummary`] if it
+/// checks, else only that it is invalid.
+pub fn redacted_target(target: &str) -> String {
+    // Kind-agnostic: try both kinds that take targets.
+    check_invite_target(ConnectorKind::LiveStreaming, target)
+        .or_else(|_| check_invite_target(ConnectorKind::Telephony, target))
+        .map_or_else(|_| "<invalid target>".to_owned(), |s| s.to_string())
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -708,6 +894,113 @@ mod tests {
             base,
             meeting_key_info(&MeetingId::new("n").unwrap(), 1, ParticipantId(1))
         );
+    }
+
+    #[test]
+    fn invite_targets_are_checked_per_kind() {
+        use ConnectorKind::*;
+        let ok = [
+            (
+                LiveStreaming,
+                "rtmp://live.example.com/app/sk-123",
+                "rtmp://live.example.com",
+            ),
+            (
+                LiveStreaming,
+                "RTMPS://Live.Example.com:443/app/sk",
+                "rtmps://live.example.com",
+            ),
+            (
+                LiveStreaming,
+                "rtmp://127.0.0.1:1935/live/key",
+                "rtmp://127.0.0.1",
+            ),
+            (LiveStreaming, "rtmp://[::1]:1935/live", "rtmp://[::1]"),
+            (Telephony, "+15551234567", "a phone number"),
+            (
+                Telephony,
+                "sip:+15551234567@pbx.example.com;transport=tls",
+                "sip:pbx.example.com",
+            ),
+            (Telephony, "sips:alice@10.0.0.1:5061", "sips:10.0.0.1"),
+            (Telephony, "sip:pbx.example.com", "sip:pbx.example.com"),
+        ];
+        for (kind, target, summary) in ok {
+            let s = check_invite_target(kind, target).unwrap_or_else(|e| panic!("{target}: {e}"));
+            assert_eq!(s.to_string(), summary);
+        }
+        let long = format!("rtmp://h/{}", "k".repeat(MAX_TARGET_LEN));
+        let bad = [
+            (Recording, "rtmp://h/k", TargetError::NotAllowed(Recording)),
+            (RoomSystem, "sip:h", TargetError::NotAllowed(RoomSystem)),
+            (LiveStreaming, long.as_str(), TargetError::TooLong),
+            (LiveStreaming, "", TargetError::BadCharacters),
+            (LiveStreaming, "rtmp://h/a b", TargetError::BadCharacters),
+            (
+                LiveStreaming,
+                "rtmp://h/a\nX-Evil: 1",
+                TargetError::BadCharacters,
+            ),
+            (LiveStreaming, "rtmp://h/\u{e9}", TargetError::BadCharacters),
+            (LiveStreaming, "http://h/live", TargetError::NotStreamUrl),
+            (LiveStreaming, "rtmp:h/live", TargetError::NotStreamUrl),
+            (
+                LiveStreaming,
+                "file:///etc/passwd",
+                TargetError::NotStreamUrl,
+            ),
+            (LiveStreaming, "rtmp:///live", TargetError::BadHost),
+            (LiveStreaming, "rtmp://h:99999/live", TargetError::BadHost),
+            (LiveStreaming, "rtmp://-h/live", TargetError::BadHost),
+            (LiveStreaming, "rtmp://u:p@h/live", TargetError::Credentials),
+            (Telephony, "+1555", TargetError::NotDialable),
+            (Telephony, "+1555123456789012", TargetError::NotDialable),
+            (Telephony, "+1555-123-4567", TargetError::NotDialable),
+            (Telephony, "15551234567", TargetError::NotDialable),
+            (Telephony, "tel:+15551234567", TargetError::NotDialable),
+            (Telephony, "rtmp://h/live", TargetError::NotDialable),
+            (Telephony, "sip:@h", TargetError::NotDialable),
+            (Telephony, "sip:a@", TargetError::NotDialable),
+        ];
+        for (kind, target, want) in bad {
+            let got = check_invite_target(kind, target).unwrap_err();
+            assert_eq!(got, want, "{kind} {target:?}");
+            // The refusal never quotes the target.
+            if target.len() > 3 {
+                assert!(!got.to_string().contains(target));
+            }
+        }
+    }
+
+    #[test]
+    fn invite_target_is_optional_on_the_wire_and_redacted_in_debug() {
+        // An old client's body still parses, and no target means no field.
+        let old: InviteRequest = serde_json::from_str(r#"{"kind":"recording"}"#).unwrap();
+        assert_eq!(old.target, None);
+        assert_eq!(
+            serde_json::to_string(&old).unwrap(),
+            r#"{"kind":"recording"}"#
+        );
+        let a: Assignment =
+            serde_json::from_str(r#"{"meeting":"m","invitation":1,"kind":"liveStreaming"}"#)
+                .unwrap();
+        assert_eq!(a.target, None);
+        let req = InviteRequest {
+            kind: ConnectorKind::LiveStreaming,
+            target: Some("rtmps://live.example.com/app/sk-secret".into()),
+        };
+        let back: InviteRequest =
+            serde_json::from_str(&serde_json::to_string(&req).unwrap()).unwrap();
+        assert_eq!(back.target, req.target);
+        let a = Assignment {
+            target: req.target.clone(),
+            ..a
+        };
+        for debug in [format!("{req:?}"), format!("{a:?}")] {
+            assert!(!debug.contains("sk-secret"), "{debug}");
+            assert!(debug.contains("rtmps://live.example.com"), "{debug}");
+        }
+        assert_eq!(redacted_target("rtmp://u:p@h/x"), "<invalid target>");
     }
 
     #[test]

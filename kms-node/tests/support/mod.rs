@@ -11,7 +11,7 @@ use meeting_proto::token::{Claims, DevIssuerKey, Role};
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub const AUDIENCE: &str = "conclave-kms";
@@ -34,6 +34,8 @@ pub struct Kms {
     pub issuer: DevIssuerKey,
     pub port: u16,
     child: Option<Child>,
+    /// Every line the server wrote to stderr (its log), across restarts.
+    log: Arc<Mutex<Vec<String>>>,
 }
 
 impl Drop for Kms {
@@ -74,6 +76,7 @@ issuers:
 admins: [\"conclave://{NS}/admin/auditor\"]
 connectorPools:
   - {{identity: \"conclave://{NS}/connector/rec\", kind: recording}}
+  - {{identity: \"conclave://{NS}/connector/live\", kind: liveStreaming}}
 recordingKeyReaders: [\"token:portal:auditor\"]
 {limits}{extra}",
             d = dir.display(),
@@ -90,6 +93,7 @@ recordingKeyReaders: [\"token:portal:auditor\"]
             issuer,
             port,
             child: None,
+            log: Arc::default(),
         };
         kms.restart();
         kms
@@ -102,19 +106,21 @@ recordingKeyReaders: [\"token:portal:auditor\"]
             .arg("serve")
             .arg("--config")
             .arg(self.dir.join("kms.yaml"))
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", "info,kms_node=debug")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .expect("kms-node binary (cargo builds it for these tests)");
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = mpsc::channel();
+        let log = self.log.clone();
         std::thread::spawn(move || {
             let mut seen = Vec::new();
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if line.contains("kms listening (https)") {
                     let _ = tx.send(Ok(()));
                 }
+                log.lock().unwrap().push(line.clone());
                 seen.push(line);
                 if seen.len() > 50 {
                     seen.remove(0);
@@ -170,6 +176,21 @@ recordingKeyReaders: [\"token:portal:auditor\"]
             Identity::new(NS, Kind::Relay, "zone-a")
                 .unwrap()
                 .with_pod("relay-0")
+                .unwrap(),
+        )
+    }
+
+    /// The server's log so far (stderr lines).
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    pub fn streamer(&self) -> KmsClient {
+        self.as_identity(
+            "live0",
+            Identity::new(NS, Kind::Connector, "live")
+                .unwrap()
+                .with_pod("live-0")
                 .unwrap(),
         )
     }
