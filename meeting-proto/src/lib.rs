@@ -16,6 +16,8 @@ pub mod kms_api;
 pub mod media_crypto;
 #[cfg(feature = "keys")]
 pub mod media_keys;
+#[cfg(feature = "keys")]
+pub mod sframe;
 pub mod ticket;
 pub mod token;
 pub mod wire;

@@ -1,0 +1,178 @@
+//! SFrame protect+unprotect throughput against the raw AEAD it uses (ring
+//! AES-128-GCM seal+open of the same payload and AAD size), measured in the
+//! same run. Prints `BENCH` lines.
+//!
+//! The machine is shared, so the two loops run in alternating short rounds
+//! and the ratio is the median of the per-round ratios: a burst of load
+//! elsewhere hits both sides of a round alike instead of one whole side.
+//!
+//! Both sides do the same work a client does per frame: copy the payload into
+//! the send buffer and seal it, then open the received datagram in place.
+//! `sframe_open_copy_vs_aead_ratio` is the same with [`Receiver::open`], which
+//! also allocates and copies the plaintext out.
+
+use std::time::{Duration, Instant};
+
+use meeting_proto::ids::MeetingId;
+use meeting_proto::media_crypto::{Receiver, Sender};
+use meeting_proto::media_keys::EpochKey;
+use meeting_proto::wire::{ROUTING_HEADER_LEN, RoutingHeader, StreamKind, flags};
+use ring::aead::{AES_128_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+
+const PAYLOAD: usize = 1000;
+const ROUND: Duration = Duration::from_millis(50);
+const ROUNDS: usize = 30;
+
+fn bench(name: &str, value: f64, unit: &str, baseline: Option<f64>) {
+    let b = baseline.map_or("null".to_string(), |b| format!("{b}"));
+    println!(
+        "BENCH {{\"name\": \"{name}\", \"value\": {value}, \"unit\": \"{unit}\", \"baseline\": {b}}}"
+    );
+}
+
+/// Runs `step` in batches for one round; returns operations per second.
+fn round(mut step: impl FnMut()) -> f64 {
+    let mut n = 0u64;
+    let start = Instant::now();
+    while start.elapsed() < ROUND {
+        for _ in 0..64 {
+            step();
+        }
+        n += 64;
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+struct Sframe {
+    tx: Sender,
+    rx: Receiver,
+    t0: Instant,
+    seq: u32,
+    payload: Vec<u8>,
+    out: Vec<u8>,
+}
+
+impl Sframe {
+    fn new() -> Self {
+        let meeting = MeetingId::new("bench").unwrap();
+        let key = EpochKey::new(meeting.clone(), 1, &[3u8; 32]).unwrap();
+        let tx = Sender::new(&key, 1);
+        let mut rx = Receiver::new(meeting, Duration::from_secs(5));
+        let t0 = Instant::now();
+        rx.set_epoch(key, t0);
+        Self {
+            tx,
+            rx,
+            t0,
+            seq: 0,
+            payload: vec![0x5au8; PAYLOAD],
+            out: Vec::with_capacity(PAYLOAD + 64),
+        }
+    }
+
+    fn protect(&mut self) {
+        self.seq = self.seq.wrapping_add(1);
+        let h = RoutingHeader {
+            slot: 1,
+            sender: 1,
+            kind: StreamKind::Video,
+            flags: flags::FRAME_START | flags::FRAME_END,
+            seq: self.seq,
+            timestamp: self.seq,
+        };
+        self.tx.protect(&h, &self.payload, &mut self.out).unwrap();
+    }
+
+    fn in_place(&mut self) {
+        self.protect();
+        let opened = self.rx.open_in_place(&mut self.out, self.t0).unwrap();
+        assert_eq!(opened.payload.len(), PAYLOAD);
+    }
+
+    fn copy(&mut self) {
+        self.protect();
+        let opened = self.rx.open(&self.out, self.t0).unwrap();
+        assert_eq!(opened.payload.len(), PAYLOAD);
+    }
+}
+
+struct RawAead {
+    key: LessSafeKey,
+    n: u64,
+    payload: Vec<u8>,
+    buf: Vec<u8>,
+}
+
+impl RawAead {
+    fn new() -> Self {
+        Self {
+            key: LessSafeKey::new(UnboundKey::new(&AES_128_GCM, &[3u8; 16]).unwrap()),
+            n: 0,
+            payload: vec![0x5au8; PAYLOAD],
+            buf: Vec::with_capacity(PAYLOAD + 16),
+        }
+    }
+
+    fn step(&mut self) {
+        // Same AAD length as a MEDIA datagram: routing header + a 3-byte SFrame header.
+        let aad = [7u8; ROUTING_HEADER_LEN + 3];
+        self.n += 1;
+        let mut nonce = [0u8; 12];
+        nonce[4..].copy_from_slice(&self.n.to_be_bytes());
+        self.buf.clear();
+        self.buf.extend_from_slice(&self.payload);
+        self.key
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(&aad),
+                &mut self.buf,
+            )
+            .unwrap();
+        let plain = self
+            .key
+            .open_in_place(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(&aad),
+                &mut self.buf,
+            )
+            .unwrap();
+        assert_eq!(plain.len(), PAYLOAD);
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    let mut raw = RawAead::new();
+    let mut sf = Sframe::new();
+    // Warm-up: caches, CPU frequency, the receiver's per-sender key.
+    round(|| raw.step());
+    round(|| sf.in_place());
+    let (mut aead, mut in_place, mut copy) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        aead.push(round(|| raw.step()));
+        in_place.push(round(|| sf.in_place()));
+        copy.push(round(|| sf.copy()));
+    }
+    let ratios = |side: &[f64]| median(side.iter().zip(&aead).map(|(s, a)| s / a).collect());
+    let (ratio, ratio_copy) = (ratios(&in_place), ratios(&copy));
+    let (aead_ops, sframe_ops) = (median(aead.clone()), median(in_place));
+    let mb = |ops: f64| ops * PAYLOAD as f64 / 1e6;
+    bench(
+        "sframe_protect_unprotect_ops",
+        sframe_ops,
+        "ops/s",
+        Some(aead_ops),
+    );
+    bench(
+        "sframe_protect_unprotect_throughput",
+        mb(sframe_ops),
+        "MB/s",
+        Some(mb(aead_ops)),
+    );
+    bench("sframe_vs_aead_ratio", ratio, "ratio", None);
+    bench("sframe_open_copy_vs_aead_ratio", ratio_copy, "ratio", None);
+}
