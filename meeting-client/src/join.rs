@@ -13,7 +13,9 @@ use kms_client::KmsClient;
 use meeting_proto::ids::MeetingId;
 use meeting_proto::ids::ParticipantId;
 use meeting_proto::key_release::EphemeralKey;
-use meeting_proto::kms_api::{Hex, JoinRequest, SealedKey};
+use meeting_proto::kms_api::{
+    ConnectorKind, Hex, JoinRequest, Role, Roster, SealedKey, SignedRoster,
+};
 use meeting_proto::media_keys::EpochKey;
 use meeting_proto::wire::{StreamKind, flags};
 use serde::Serialize;
@@ -40,6 +42,91 @@ pub enum Update {
     Key(EpochKey),
     /// The meeting moved to another relay (or the ticket was renewed).
     Relay { addr: SocketAddr, ticket: Vec<u8> },
+    /// A new roster version, its KMS signature checked.
+    Roster(Vec<RosterEntry>),
+}
+
+/// One roster member as this participant saw it (KMS signature checked).
+#[derive(Debug, Serialize, Clone, PartialEq, Eq)]
+pub struct RosterEntry {
+    pub participant: u64,
+    pub sender_index: u16,
+    /// Display name: the token's `name`, or what the connector joined as.
+    pub name: String,
+    /// `participant` for people (hosts included), else the connector kind
+    /// (`recording`, `liveStreaming`, `telephony`, `roomSystem`).
+    pub kind: String,
+    /// `host`, `participant` or `connector:<kind>`.
+    pub role: String,
+}
+
+impl RosterEntry {
+    pub fn from_roster(r: &Roster) -> Vec<Self> {
+        r.members
+            .iter()
+            .map(|m| Self {
+                participant: m.participant.0,
+                sender_index: m.sender_index,
+                name: m.name.clone(),
+                kind: match &m.role {
+                    Role::Host | Role::Participant => "participant".to_string(),
+                    Role::Connector(k) => k.to_string(),
+                },
+                role: m.role.to_string(),
+            })
+            .collect()
+    }
+}
+
+/// A connector the host asks the KMS to bring in: `KIND` or `KIND=TARGET`
+/// (a stream URL for liveStreaming, a number or SIP URI for telephony).
+#[derive(Clone, PartialEq, Eq)]
+pub struct InviteSpec {
+    pub kind: ConnectorKind,
+    pub target: Option<String>,
+}
+
+impl std::fmt::Debug for InviteSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // A stream URL carries its stream key: never print the target.
+        f.debug_struct("InviteSpec")
+            .field("kind", &self.kind)
+            .field("target", &self.target.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl std::str::FromStr for InviteSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (kind, target) = match s.split_once('=') {
+            Some((k, t)) => (k, Some(t)),
+            None => (s, None),
+        };
+        let kind: ConnectorKind = kind.parse().map_err(|_| {
+            format!(
+                "unknown connector kind {:?}: expected recording, liveStreaming, telephony or roomSystem",
+                kind.chars().take(40).collect::<String>()
+            )
+        })?;
+        match target {
+            Some("") => Err(format!("--invite {kind}=: the target is empty")),
+            Some(_) if matches!(kind, ConnectorKind::Recording | ConnectorKind::RoomSystem) => {
+                Err(format!("--invite {kind} takes no target"))
+            }
+            t => Ok(Self {
+                kind,
+                target: t.map(str::to_owned),
+            }),
+        }
+    }
+}
+
+/// What an invitation became: the KMS put it in the roster at once.
+#[derive(Debug, Serialize, Clone)]
+pub struct Invited {
+    pub kind: String,
+    pub invitation: u64,
 }
 
 /// This participant's standing with the KMS after joining.
@@ -48,6 +135,11 @@ pub struct KmsLink {
     pub meeting: MeetingId,
     pub session: kms_client::Session,
     pub participant: ParticipantId,
+    /// The roster as of the join (KMS signature checked).
+    pub roster: Vec<RosterEntry>,
+    /// This participant's role in that roster.
+    pub role: Role,
+    verifier: ed25519_dalek::VerifyingKey,
     ephemeral: EphemeralKey,
     version: u64,
 }
@@ -82,13 +174,29 @@ fn open_key(link: &KmsLink, sealed: &SealedKey) -> anyhow::Result<EpochKey> {
     )?)
 }
 
+fn verify_roster(
+    verifier: &ed25519_dalek::VerifyingKey,
+    signed: &SignedRoster,
+) -> anyhow::Result<Roster> {
+    signed
+        .verify(verifier)
+        .context("the roster's KMS signature does not verify")
+}
+
 /// Joins through the KMS with a join token: a fresh X25519 key per join,
-/// the meeting key opened with HPKE, the relay and ticket from placement.
+/// the meeting key opened with HPKE, the relay and ticket from placement,
+/// the roster checked against the KMS's signing key.
 pub async fn kms_join(
     client: KmsClient,
     meeting: MeetingId,
     token: &str,
 ) -> anyhow::Result<(Credentials, KmsLink)> {
+    let info = client.info().await.context("KMS info")?;
+    let verifier = info
+        .signing_public_key
+        .array()
+        .and_then(|b| ed25519_dalek::VerifyingKey::from_bytes(&b).ok())
+        .context("the KMS's roster signing key is malformed")?;
     let ephemeral = EphemeralKey::generate();
     let req = JoinRequest {
         token: Some(token.to_owned()),
@@ -96,11 +204,21 @@ pub async fn kms_join(
         public_key: Hex(ephemeral.public_key().to_vec()),
     };
     let resp = client.join(&meeting, &req).await.context("KMS join")?;
+    let roster = verify_roster(&verifier, &resp.roster)?;
+    let role = roster
+        .members
+        .iter()
+        .find(|m| m.participant == resp.participant)
+        .map(|m| m.role.clone())
+        .context("the KMS's roster does not list this participant")?;
     let link = KmsLink {
         client,
         meeting: meeting.clone(),
         session: kms_client::Session(resp.session.clone()),
         participant: resp.participant,
+        roster: RosterEntry::from_roster(&roster),
+        role,
+        verifier,
         ephemeral,
         version: 0,
     };
@@ -138,6 +256,20 @@ pub fn follow_events(
                 }
             };
             link.version = link.version.max(ev.version);
+            if let Some(signed) = &ev.roster {
+                match verify_roster(&link.verifier, signed) {
+                    Ok(r) => {
+                        if tx
+                            .send(Update::Roster(RosterEntry::from_roster(&r)))
+                            .await
+                            .is_err()
+                        {
+                            return link;
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "roster ignored"),
+                }
+            }
             if let Some(sealed) = &ev.key {
                 match open_key(&link, sealed) {
                     Ok(k) => {
@@ -200,6 +332,46 @@ pub struct JoinReport {
     /// Longest silence between two received audio frames (ms): covers a
     /// relay failure and the re-join.
     pub max_audio_gap_ms: u64,
+    /// Everyone this participant saw in the (signed) roster during the
+    /// meeting, in order of first appearance; empty without a KMS.
+    pub roster: Vec<RosterEntry>,
+    /// Connectors this participant (a host) invited.
+    pub invited: Vec<Invited>,
+}
+
+impl JoinReport {
+    /// Adds members of a roster version not seen before.
+    pub fn saw_roster(&mut self, members: Vec<RosterEntry>) {
+        for m in members {
+            if !self.roster.iter().any(|r| r.participant == m.participant) {
+                self.roster.push(m);
+            }
+        }
+    }
+}
+
+/// Asks the KMS to invite each connector. Only a host may: anyone else gets
+/// a clear error before the KMS is asked.
+pub async fn invite(link: &KmsLink, specs: &[InviteSpec]) -> anyhow::Result<Vec<Invited>> {
+    if !specs.is_empty() && !link.role.is_host() {
+        anyhow::bail!(
+            "--invite is for the meeting's host: this join token's role is {}",
+            link.role
+        );
+    }
+    let mut out = Vec::new();
+    for s in specs {
+        let r = link
+            .client
+            .invite(&link.meeting, &link.session, s.kind, s.target.as_deref())
+            .await
+            .with_context(|| format!("inviting a {} connector", s.kind))?;
+        out.push(Invited {
+            kind: s.kind.to_string(),
+            invitation: r.invitation.id,
+        });
+    }
+    Ok(out)
 }
 
 #[derive(Debug, Serialize, Clone)]
@@ -247,7 +419,18 @@ pub async fn flush(session: &mut Session, socket: &UdpSocket) -> std::io::Result
 pub async fn run(
     creds: Credentials,
     opts: JoinOptions,
+    updates: Option<mpsc::Receiver<Update>>,
+) -> anyhow::Result<JoinReport> {
+    run_with(creds, opts, updates, Vec::new(), Vec::new()).await
+}
+
+/// [`run`], with the roster seen at join and the invitations made.
+pub async fn run_with(
+    creds: Credentials,
+    opts: JoinOptions,
     mut updates: Option<mpsc::Receiver<Update>>,
+    roster: Vec<RosterEntry>,
+    invited: Vec<Invited>,
 ) -> anyhow::Result<JoinReport> {
     let mut socket = relay_socket(creds.relay)
         .await
@@ -277,7 +460,10 @@ pub async fn run(
         epochs: vec![first_epoch],
         rejoins: 0,
         max_audio_gap_ms: 0,
+        roster: Vec::new(),
+        invited,
     };
+    report.saw_roster(roster);
     let mut last_audio: Option<Instant> = None;
     let mut audio_pos = 0usize;
     let mut ts: u32 = 0;
@@ -305,6 +491,7 @@ pub async fn run(
                     session.rejoin(ticket, rand::random(), Instant::now());
                     report.rejoins += 1;
                 }
+                Some(Update::Roster(members)) => report.saw_roster(members),
                 None => updates = None,
             },
             _ = tokio::time::sleep_until(chat_at.unwrap_or(end)), if chat_at.is_some() => {
@@ -397,4 +584,61 @@ pub async fn run(
         }
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invite_specs_parse_kinds_and_targets() {
+        let r: InviteSpec = "recording".parse().unwrap();
+        assert_eq!((r.kind, r.target), (ConnectorKind::Recording, None));
+        let s: InviteSpec = "liveStreaming=rtmp://127.0.0.1/live/x".parse().unwrap();
+        assert_eq!(s.kind, ConnectorKind::LiveStreaming);
+        assert_eq!(s.target.as_deref(), Some("rtmp://127.0.0.1/live/x"));
+        assert!(
+            !format!("{s:?}").contains("rtmp"),
+            "Debug hides the stream URL"
+        );
+        let t: InviteSpec = "telephony=+15550123".parse().unwrap();
+        assert_eq!(t.target.as_deref(), Some("+15550123"));
+        let e = "recorder".parse::<InviteSpec>().unwrap_err();
+        assert!(e.contains("unknown connector kind \"recorder\""), "{e}");
+        let e = "recording=somewhere".parse::<InviteSpec>().unwrap_err();
+        assert!(e.contains("takes no target"), "{e}");
+        let e = "telephony=".parse::<InviteSpec>().unwrap_err();
+        assert!(e.contains("target is empty"), "{e}");
+    }
+
+    #[test]
+    fn report_keeps_everyone_seen_once() {
+        let entry = |p: u64, kind: &str| RosterEntry {
+            participant: p,
+            sender_index: p as u16,
+            name: format!("m{p}"),
+            kind: kind.into(),
+            role: "participant".into(),
+        };
+        let mut report = JoinReport {
+            sender_index: 1,
+            joined: true,
+            moved: false,
+            stats: SessionStats::default(),
+            audio_frames: BTreeMap::new(),
+            dominant_hz: BTreeMap::new(),
+            chats: Vec::new(),
+            epochs: vec![1],
+            rejoins: 0,
+            max_audio_gap_ms: 0,
+            roster: Vec::new(),
+            invited: Vec::new(),
+        };
+        report.saw_roster(vec![entry(1, "participant")]);
+        report.saw_roster(vec![entry(1, "participant"), entry(2, "recording")]);
+        // Someone who left stays in what this participant saw.
+        report.saw_roster(vec![entry(2, "recording")]);
+        let seen: Vec<u64> = report.roster.iter().map(|m| m.participant).collect();
+        assert_eq!(seen, vec![1, 2]);
+    }
 }
