@@ -211,8 +211,8 @@ pub async fn run(cfg: ConnectorConfig, metrics: Arc<Metrics>) -> anyhow::Result<
                                 if !started.insert(a.invitation) {
                                     continue;
                                 }
-                                // Until invitations carry a host-chosen target: one
-                                // stream per meeting under the pool's first target.
+                                // Without a host-chosen target: one stream per
+                                // meeting under the pool's first allowed target.
                                 let target = format!("{}/{}", base.trim_end_matches('/'), a.meeting.as_str());
                                 let (client, ss, stop, metrics) =
                                     (client.clone(), ss.clone(), stop_rx.clone(), metrics.clone());

@@ -8,6 +8,7 @@
 
 use crate::metrics::Metrics;
 use meeting_proto::config::connector::StreamingSettings;
+use meeting_proto::kms_api::redacted_target;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -25,7 +26,7 @@ pub const RATE: u32 = 48_000;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum StreamError {
-    #[error("stream target {0:?} is not in this pool's allow-list")]
+    #[error("stream target {0} is not in this pool's allow-list")]
     NotAllowed(String),
     #[error("credentials file unreadable: {0}")]
     Credentials(String),
@@ -40,7 +41,8 @@ pub fn resolve_target(
 ) -> Result<PushUrl, StreamError> {
     if !settings.allows(target) {
         metrics.stream_refused();
-        return Err(StreamError::NotAllowed(target.to_string()));
+        // A host-chosen URL may carry its stream key in the path.
+        return Err(StreamError::NotAllowed(redacted_target(target)));
     }
     let url = match &settings.credentials_file {
         Some(p) => {
@@ -52,7 +54,7 @@ pub fn resolve_target(
     };
     Ok(PushUrl {
         url,
-        shown: target.to_string(),
+        shown: redacted_target(target),
     })
 }
 
@@ -263,22 +265,21 @@ async fn wait_or_stop(
 
 /// Serve one KMS assignment for a liveStreaming pool: join with the
 /// invitation (in the roster as `connector:liveStreaming`), mix everyone's
-/// audio and push it to `target` through a supervised ffmpeg until stopped
-/// or the meeting link ends.
-///
-/// The KMS invitation does not carry a host-chosen target yet, so the
-/// caller derives it (the service uses the pool's first allowed target plus
-/// the meeting id); the allow-list check still applies.
+/// audio and push it through a supervised ffmpeg until stopped or the
+/// meeting link ends. The target is the host's (the invitation's), else
+/// `default_target`; either must pass the pool's allow-list, checked before
+/// joining.
 pub async fn stream_assignment(
     client: kms_client::KmsClient,
     assignment: meeting_proto::kms_api::Assignment,
     settings: &StreamingSettings,
-    target: &str,
+    default_target: &str,
     mut stop: watch::Receiver<bool>,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<StreamStatus> {
     use crate::meeting::MeetingEvent;
     use anyhow::Context;
+    let target = assignment.target.as_deref().unwrap_or(default_target);
     let url = resolve_target(settings, target, &metrics)?;
     let (membership, creds) = crate::kms::join_assignment(&client, &assignment)
         .await

@@ -278,7 +278,7 @@ async fn invited_recorder_records_under_a_kms_key_only_readers_decrypt() {
             ),
         );
         let inv = people
-            .invite(&meeting, &session, ConnectorKind::Recording)
+            .invite(&meeting, &session, ConnectorKind::Recording, None)
             .await
             .unwrap();
         let got = recorder.assignments(5000).await.unwrap();
@@ -514,10 +514,13 @@ async fn invited_streamer_pushes_the_meeting_to_nginx_rtmp() {
             .await
             .unwrap();
         let session = kms_client::Session(host.session.clone());
-        people.invite(&meeting, &session, ConnectorKind::LiveStreaming).await.unwrap();
+        // The host picks where the stream goes (a path of the pool's allowed ingest).
+        let target = format!("rtmp://127.0.0.1:{rtmp_port}/live/host-chosen");
+        people.invite(&meeting, &session, ConnectorKind::LiveStreaming, Some(&target)).await.unwrap();
         let streamer = w.client("live0", Some(Identity::new(NS, Kind::Connector, "live").unwrap().with_pod("live-0").unwrap()));
         let a = streamer.assignments(5000).await.unwrap().assignments.remove(0);
         assert_eq!(a.kind, ConnectorKind::LiveStreaming);
+        assert_eq!(a.target.as_deref(), Some(target.as_str()), "the assignment carries the host's target");
         let settings = meeting_proto::config::connector::StreamingSettings {
             allowed_targets: vec![format!("rtmp://127.0.0.1:{rtmp_port}/live")],
             credentials_file: None,
@@ -525,19 +528,22 @@ async fn invited_streamer_pushes_the_meeting_to_nginx_rtmp() {
         };
         let metrics = std::sync::Arc::new(Metrics::new());
         // A target outside the allow-list is refused before anything starts.
+        let elsewhere = api::Assignment { target: Some("rtmp://203.0.113.9/live/x".into()), ..a.clone() };
         let refused = connector_node::streaming::stream_assignment(
-            streamer.clone(), a.clone(), &settings, "rtmp://203.0.113.9/live/x", watch::channel(false).1, metrics.clone(),
+            streamer.clone(), elsewhere, &settings, &format!("rtmp://127.0.0.1:{rtmp_port}/live/default"),
+            watch::channel(false).1, metrics.clone(),
         )
         .await
         .unwrap_err();
         assert!(refused.to_string().contains("not in this pool's allow-list"), "{refused}");
 
         let (stop_tx, stop_rx) = watch::channel(false);
-        let target = format!("rtmp://127.0.0.1:{rtmp_port}/live/townhall");
+        // The pool's default (its first allowed target + meeting) applies only without a host target.
+        let default = format!("rtmp://127.0.0.1:{rtmp_port}/live/townhall");
         let task = tokio::spawn({
             let (streamer, settings, metrics) = (streamer.clone(), settings.clone(), metrics.clone());
             async move {
-                connector_node::streaming::stream_assignment(streamer, a, &settings, &target, stop_rx, metrics).await
+                connector_node::streaming::stream_assignment(streamer, a, &settings, &default, stop_rx, metrics).await
             }
         });
         // Wait until the streamer is in the roster, then speak for 4 s.
@@ -561,7 +567,8 @@ async fn invited_streamer_pushes_the_meeting_to_nginx_rtmp() {
         assert_eq!(status.restarts, 0, "{status:?}");
         hb.abort();
 
-        let flv = ndir.join("rec/townhall.flv");
+        assert!(!ndir.join("rec/townhall.flv").exists(), "nothing went to the pool's default target");
+        let flv = ndir.join("rec/host-chosen.flv");
         let o = Command::new("ffprobe")
             .args(["-v", "error", "-show_entries", "format=duration:stream=codec_type", "-of", "json"])
             .arg(&flv)
@@ -658,7 +665,7 @@ async fn invited_phone_bridges_a_baresip_caller_into_the_meeting() {
 
         // The host invites a phone; the host's own link listens and speaks.
         people
-            .invite(&meeting, &session, ConnectorKind::Telephony)
+            .invite(&meeting, &session, ConnectorKind::Telephony, None)
             .await
             .unwrap();
         let mut link = meeting::join(
