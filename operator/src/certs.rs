@@ -97,6 +97,31 @@ pub struct CertRequest {
     pub identity: Identity,
     /// DNS names for a server certificate; `None` issues a client certificate.
     pub server_names: Option<Vec<String>>,
+    /// Lifetime of a newly issued certificate. A live one issued for longer is replaced, so
+    /// shortening the lifetime takes effect at once.
+    pub lifetime: Duration,
+}
+
+/// Shortest certificate lifetime a resource may ask for: renewal at two thirds of it must leave
+/// the kubelet time (up to its sync period, about a minute) to update mounted Secrets.
+pub const MIN_LIFETIME: Duration = Duration::from_secs(60);
+
+/// The lifetime of certificates issued for a resource: its `spec.certificateLifetime`, else
+/// `default` (the operator's `--cert-lifetime`). The error names the field.
+pub fn lifetime(spec: Option<&str>, default: Duration) -> std::result::Result<Duration, String> {
+    let Some(s) = spec else {
+        return Ok(default);
+    };
+    match crate::shared::parse_duration(s) {
+        Some(d) if d >= MIN_LIFETIME => Ok(d),
+        Some(_) => Err(format!(
+            "spec.certificateLifetime: {s:?} is shorter than the minimum of {}s",
+            MIN_LIFETIME.as_secs()
+        )),
+        None => Err(format!(
+            "spec.certificateLifetime: {s:?} is not a duration such as 90s, 15m or 24h"
+        )),
+    }
 }
 
 /// Result of [`ensure_cert`].
@@ -143,6 +168,10 @@ fn reusable_at(
     if info.identity.as_ref() != Some(&req.identity) {
         return None;
     }
+    // Issued for longer than now asked (whole seconds, as X.509 stores them).
+    if info.validity.lifetime() > req.lifetime + Duration::from_secs(1) {
+        return None;
+    }
     if let Some(names) = &req.server_names {
         let mut want = names.clone();
         let mut have = info.dns_names.clone();
@@ -176,7 +205,7 @@ pub async fn ensure_cert(
     let (data, validity, renewed) = match kept {
         Some((data, v)) => (data.unwrap_or_default(), v, false),
         None => {
-            let validity = Validity::starting_now(ctx.settings.cert_lifetime);
+            let validity = Validity::starting_now(req.lifetime);
             let issued = match &req.server_names {
                 Some(dns) => ca.issue_server(
                     &req.identity,
@@ -242,6 +271,7 @@ pub async fn ensure_pod_certs(
     ca: &CertificateAuthority,
     meta: ObjectMeta,
     pods: &[(String, Identity)],
+    lifetime: Duration,
 ) -> Result<CertState> {
     let ns = meta
         .namespace
@@ -256,13 +286,14 @@ pub async fn ensure_pod_certs(
         ByteString(ca.cert_pem().as_bytes().to_vec()),
     )]);
     let mut renewed = false;
-    let far = now + ctx.settings.cert_lifetime;
+    let far = now + lifetime;
     let (mut renew_after, mut not_after) = (far, far);
     for (pod, identity) in pods {
         let (ck, kk) = (format!("{pod}.crt"), format!("{pod}.key"));
         let req = CertRequest {
             identity: identity.clone(),
             server_names: None,
+            lifetime,
         };
         let kept = live
             .as_ref()
@@ -275,7 +306,7 @@ pub async fn ensure_pod_certs(
             }
             _ => {
                 let issued = ca
-                    .issue_client(identity, Validity::starting_now(ctx.settings.cert_lifetime))
+                    .issue_client(identity, Validity::starting_now(lifetime))
                     .map_err(pki_err)?;
                 data.insert(ck, ByteString(issued.cert_pem.as_bytes().to_vec()));
                 data.insert(kk, ByteString(issued.key_pem.as_bytes().to_vec()));
@@ -351,6 +382,7 @@ mod tests {
         let req = CertRequest {
             identity: id.clone(),
             server_names: Some(vec!["main-kms.ns.svc".into()]),
+            lifetime: Duration::from_secs(300),
         };
         let validity = Validity::starting_now(Duration::from_secs(300));
         let issued = ca
@@ -369,10 +401,17 @@ mod tests {
         // 2/3 of 300 s = 200 s
         assert!(reusable(&s, &req, &ca, now + Duration::from_secs(199)).is_some());
         assert!(reusable(&s, &req, &ca, now + Duration::from_secs(201)).is_none());
+        // asked for a shorter lifetime now: reissue at once
+        let shorter = CertRequest {
+            lifetime: Duration::from_secs(120),
+            ..req.clone()
+        };
+        assert!(reusable(&s, &shorter, &ca, now).is_none());
         // other names, other identity, other CA: reissue
         let other_names = CertRequest {
             identity: id.clone(),
             server_names: Some(vec!["x".into()]),
+            lifetime: req.lifetime,
         };
         assert!(reusable(&s, &other_names, &ca, now).is_none());
         let other_id = CertRequest {
@@ -385,5 +424,22 @@ mod tests {
                 .unwrap();
         assert!(reusable(&s, &req, &ca2, now).is_none());
         assert!(reusable(&Secret::default(), &req, &ca, now).is_none());
+    }
+
+    #[test]
+    fn lifetime_knob_has_a_minimum_and_names_the_field() {
+        let day = Duration::from_secs(86_400);
+        assert_eq!(lifetime(None, day), Ok(day));
+        assert_eq!(lifetime(Some("90s"), day), Ok(Duration::from_secs(90)));
+        assert!(
+            lifetime(Some("30s"), day)
+                .unwrap_err()
+                .contains("minimum of 60s")
+        );
+        assert!(
+            lifetime(Some("soon"), day)
+                .unwrap_err()
+                .starts_with("spec.certificateLifetime")
+        );
     }
 }

@@ -114,6 +114,35 @@ fn same_ns_refs<K: Resource<DynamicType = ()> + Clone>(
         .collect()
 }
 
+/// Whether an object still waits for a reconcile: its spec generation is not yet the one its
+/// status describes. Deleted objects with finalizers wait too.
+pub fn awaits_reconcile(generation: Option<i64>, observed: Option<i64>, deleting: bool) -> bool {
+    deleting || observed.is_none() || generation > observed
+}
+
+/// Makes `conclave_operator_queue_depth{kind}` count the cached objects that await a reconcile.
+fn backlog_probe<K>(
+    ctx: &Context,
+    store: kube::runtime::reflector::Store<K>,
+    generations: impl Fn(&K) -> (Option<i64>, Option<i64>) + Send + Sync + 'static,
+) where
+    K: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
+{
+    ctx.metrics.set_backlog_probe(
+        &K::kind(&()),
+        Box::new(move || {
+            store
+                .state()
+                .iter()
+                .filter(|o| {
+                    let (g, seen) = generations(o);
+                    awaits_reconcile(g, seen, o.meta().deletion_timestamp.is_some())
+                })
+                .count() as i64
+        }),
+    );
+}
+
 /// Runs the three controllers until `shutdown` resolves (then they finish in-flight work).
 pub async fn run(
     ctx: Arc<Context>,
@@ -135,6 +164,7 @@ pub async fn run(
         watcher::Config::default().any_semantic(),
     );
     let kms_store = kms_ctrl.store();
+    let kms_ctrl_store = kms_ctrl.store();
     let kms_store2 = kms_ctrl.store();
     let mut kms_ctrl = kms_ctrl
         .owns(api::<StatefulSet>(&client, ns), children())
@@ -168,6 +198,7 @@ pub async fn run(
         watcher::Config::default().any_semantic(),
     );
     let zone_store = zone_ctrl.store();
+    let zone_ctrl_store = zone_ctrl.store();
     let mut zone_ctrl = zone_ctrl
         .owns(api::<StatefulSet>(&client, ns), children())
         .owns(api::<Service>(&client, ns), children())
@@ -194,6 +225,7 @@ pub async fn run(
         watcher::Config::default().any_semantic(),
     );
     let pool_store = pool_ctrl.store();
+    let pool_ctrl_store = pool_ctrl.store();
     let pool_ctrl = pool_ctrl
         .owns(api::<Deployment>(&client, ns), children())
         .owns(api::<Service>(&client, ns), children())
@@ -211,6 +243,25 @@ pub async fn run(
                 })
             },
         );
+
+    backlog_probe(&ctx, kms_ctrl_store, |k: &KeyManagementServer| {
+        (
+            k.meta().generation,
+            k.status.as_ref().and_then(|s| s.observed_generation),
+        )
+    });
+    backlog_probe(&ctx, zone_ctrl_store, |z: &MeetingZone| {
+        (
+            z.meta().generation,
+            z.status.as_ref().and_then(|s| s.observed_generation),
+        )
+    });
+    backlog_probe(&ctx, pool_ctrl_store, |p: &ConnectorPool| {
+        (
+            p.meta().generation,
+            p.status.as_ref().and_then(|s| s.observed_generation),
+        )
+    });
 
     let s1 = shared.clone();
     let s2 = shared.clone();
@@ -244,7 +295,7 @@ pub async fn run(
 
 #[cfg(test)]
 mod tests {
-    use super::Backoff;
+    use super::{Backoff, awaits_reconcile};
     use std::time::Duration;
 
     #[test]
@@ -260,5 +311,13 @@ mod tests {
         );
         b.succeed("a");
         assert_eq!(b.fail("a"), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn backlog_counts_unobserved_generations_and_deletions() {
+        assert!(awaits_reconcile(Some(1), None, false), "never reconciled");
+        assert!(awaits_reconcile(Some(3), Some(2), false), "spec changed");
+        assert!(!awaits_reconcile(Some(2), Some(2), false), "up to date");
+        assert!(awaits_reconcile(Some(2), Some(2), true), "deletion pending");
     }
 }

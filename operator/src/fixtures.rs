@@ -53,6 +53,7 @@ pub fn pool(name: &str, zone: &str) -> ConnectorPool {
         image: None,
         resources: None,
         placement: Default::default(),
+        certificate_lifetime: None,
     };
     with_meta(ConnectorPool::new(name, spec), name)
 }
@@ -94,10 +95,13 @@ fn not_found() -> Response<Body> {
         .unwrap()
 }
 
+/// A stored string is served as plain text (a proxied /metrics), anything else as JSON.
 fn ok(v: &Value) -> Response<Body> {
-    Response::builder()
-        .body(Body::from(serde_json::to_vec(v).unwrap()))
-        .unwrap()
+    let body = match v {
+        Value::String(text) => text.clone().into_bytes(),
+        _ => serde_json::to_vec(v).unwrap(),
+    };
+    Response::builder().body(Body::from(body)).unwrap()
 }
 
 fn labels_match(obj: &Value, selector: &str) -> bool {

@@ -3,13 +3,15 @@
 
 use http::{Method, Request};
 use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
 use std::task::{Context as TaskContext, Poll};
 use std::time::Instant;
 
@@ -36,10 +38,16 @@ pub struct CertLabels {
     pub secret: String,
 }
 
+/// Counts objects of one kind waiting to be reconciled (called at every scrape).
+pub type BacklogProbe = Box<dyn Fn() -> i64 + Send + Sync>;
+
 /// Every metric the operator exports.
-#[derive(Debug)]
 pub struct Metrics {
     pub registry: Registry,
+    /// Unprefixed standard process metrics (`process_*`), read from /proc at every scrape.
+    process: Registry,
+    pub queue_depth: Family<KindLabels, Gauge>,
+    backlog: Mutex<Vec<(String, BacklogProbe)>>,
     pub reconciles: Family<KindLabels, Counter>,
     pub errors: Family<ErrorLabels, Counter>,
     pub duration: Family<KindLabels, Histogram>,
@@ -61,6 +69,14 @@ impl Default for Metrics {
         let api_writes = Family::<WriteLabels, Counter>::default();
         let cert_expiry = Family::<CertLabels, Gauge<f64, AtomicU64>>::default();
         let leader = Gauge::default();
+        let queue_depth = Family::<KindLabels, Gauge>::default();
+        registry.register(
+            "queue_depth",
+            "Objects waiting to be reconciled: metadata.generation not yet reflected in status.observedGeneration (from the controller's cache)",
+            queue_depth.clone(),
+        );
+        let mut process = Registry::default();
+        process.register_collector(Box::new(ProcessCollector));
         registry.register(
             "reconciles",
             "Reconciles started, by resource kind",
@@ -100,6 +116,9 @@ impl Default for Metrics {
         );
         Self {
             registry,
+            process,
+            queue_depth,
+            backlog: Mutex::new(Vec::new()),
             reconciles,
             errors,
             duration,
@@ -133,11 +152,30 @@ impl Metrics {
             .inc();
     }
 
+    /// Registers what [`Self::queue_depth`] reports for `kind`.
+    pub fn set_backlog_probe(&self, kind: &str, probe: BacklogProbe) {
+        let mut b = self.backlog.lock().unwrap_or_else(|e| e.into_inner());
+        b.retain(|(k, _)| k != kind);
+        b.push((kind.to_string(), probe));
+    }
+
     /// Text exposition of every metric.
     pub fn encode(&self) -> String {
+        for (kind, probe) in self
+            .backlog
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            self.queue_depth
+                .get_or_create(&KindLabels { kind: kind.clone() })
+                .set(probe());
+        }
         let mut out = String::new();
         // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        let _ = prometheus_client::encoding::text::encode_registry(&mut out, &self.registry);
+        let _ = prometheus_client::encoding::text::encode_registry(&mut out, &self.process);
+        let _ = prometheus_client::encoding::text::encode_eof(&mut out);
         out
     }
 
@@ -151,6 +189,104 @@ impl Metrics {
             .filter(|l| include_leases || !l.contains("resource=\"leases\""))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
             .sum()
+    }
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+/// This process's CPU time and resident memory, as in /proc/self (Linux).
+#[derive(Debug)]
+pub struct ProcessStats {
+    pub cpu_seconds: f64,
+    pub resident_bytes: i64,
+    pub start_time_seconds: Option<f64>,
+}
+
+/// Clock ticks per second of /proc times: USER_HZ, fixed at 100 by the Linux ABI.
+const USER_HZ: f64 = 100.0;
+
+impl ProcessStats {
+    /// Reads /proc/self; `None` where /proc is not available.
+    pub fn read() -> Option<Self> {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let (cpu_seconds, start_ticks) = parse_stat(&stat)?;
+        let resident_bytes = parse_vm_rss(&status)?;
+        let start_time_seconds = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("btime ")?.trim().parse::<f64>().ok())
+            })
+            .map(|boot| boot + start_ticks / USER_HZ);
+        Some(Self {
+            cpu_seconds,
+            resident_bytes,
+            start_time_seconds,
+        })
+    }
+}
+
+/// utime + stime in seconds, and the start time in ticks since boot, from /proc/self/stat.
+pub fn parse_stat(stat: &str) -> Option<(f64, f64)> {
+    // The command name (field 2) may hold spaces and parentheses: fields resume after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state): utime is field 14, stime 15, starttime 22.
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    let start: f64 = f.get(19)?.parse().ok()?;
+    Some(((utime + stime) / USER_HZ, start))
+}
+
+/// Resident set size in bytes from the `VmRSS:` line of /proc/self/status.
+pub fn parse_vm_rss(status: &str) -> Option<i64> {
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: i64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// The standard `process_*` metrics of Prometheus client libraries.
+#[derive(Debug)]
+struct ProcessCollector;
+
+impl prometheus_client::collector::Collector for ProcessCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        let Some(p) = ProcessStats::read() else {
+            return Ok(());
+        };
+        let cpu = ConstCounter::new(p.cpu_seconds);
+        cpu.encode(encoder.encode_descriptor(
+            "process_cpu_seconds",
+            "Total user and system CPU time spent in seconds",
+            None,
+            cpu.metric_type(),
+        )?)?;
+        let rss = ConstGauge::new(p.resident_bytes);
+        rss.encode(encoder.encode_descriptor(
+            "process_resident_memory_bytes",
+            "Resident memory size in bytes",
+            None,
+            rss.metric_type(),
+        )?)?;
+        if let Some(start) = p.start_time_seconds {
+            let g = ConstGauge::new(start);
+            g.encode(encoder.encode_descriptor(
+                "process_start_time_seconds",
+                "Start time of the process since unix epoch in seconds",
+                None,
+                g.metric_type(),
+            )?)?;
+        }
+        Ok(())
     }
 }
 
@@ -289,5 +425,46 @@ mod tests {
         ));
         assert_eq!(m.writes(false), 1);
         assert_eq!(m.writes(true), 4);
+    }
+
+    #[test]
+    fn dashboard_metric_names_are_exported() {
+        let m = Metrics::default();
+        m.set_backlog_probe("MeetingZone", Box::new(|| 7));
+        drop(m.reconcile("MeetingZone"));
+        m.error("MeetingZone", &crate::Error::MissingField("x"));
+        m.cert_expiry
+            .get_or_create(&CertLabels {
+                namespace: "ns".into(),
+                secret: "s".into(),
+            })
+            .set(1.0e9);
+        let text = m.encode();
+        for name in [
+            "conclave_operator_queue_depth{kind=\"MeetingZone\"} 7",
+            "conclave_operator_reconciles_in_flight{kind=\"MeetingZone\"} 0",
+            "conclave_operator_leader 0",
+            "conclave_operator_certificate_expiry_timestamp_seconds{namespace=\"ns\",secret=\"s\"}",
+            "conclave_operator_reconcile_duration_seconds_bucket{",
+            "conclave_operator_reconcile_errors_total{kind=\"MeetingZone\",error=\"missing_field\"} 1",
+            "\nprocess_cpu_seconds_total ",
+            "\nprocess_resident_memory_bytes ",
+            "\nprocess_start_time_seconds ",
+        ] {
+            assert!(text.contains(name), "{name} missing from:\n{text}");
+        }
+        assert_eq!(text.matches("# EOF").count(), 1);
+        assert!(text.trim_end().ends_with("# EOF"));
+    }
+
+    #[test]
+    fn proc_files_are_parsed() {
+        let stat = "1234 (my (odd) name) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 4 0 9000 1000000 500 18446744073709551615";
+        assert_eq!(parse_stat(stat), Some((3.0, 9000.0)));
+        assert_eq!(parse_stat("garbage"), None);
+        let status = "Name:\toperator\nVmRSS:\t   2048 kB\nThreads:\t4\n";
+        assert_eq!(parse_vm_rss(status), Some(2 * 1024 * 1024));
+        let live = ProcessStats::read().expect("/proc/self on Linux");
+        assert!(live.resident_bytes > 0);
     }
 }

@@ -448,3 +448,130 @@ async fn per_relay_services_follow_the_replica_count() {
     })
     .await
 }
+
+#[tokio::test]
+async fn kms_status_reports_the_kek_version_and_writes_only_when_it_changes() {
+    bounded(async {
+        let (ctx, fake) = context(CAPS);
+        let k = kms("main");
+        let port = k.spec.exposure.port;
+        fake.put(&kms_path("main"), serde_json::to_value(&k).unwrap());
+        crate::kms::reconcile(Arc::new(k), ctx.clone())
+            .await
+            .unwrap();
+        // The pod is ready and its /v1/info answers through the service proxy.
+        let sts_path = path("apps/v1", "statefulsets", "main-kms");
+        let mut sts = fake.get(&sts_path).unwrap();
+        sts["status"] = json!({"replicas": 1, "readyReplicas": 1, "updatedReplicas": 1, "observedGeneration": 1});
+        fake.put(&sts_path, sts);
+        let info_path = format!(
+            "/api/v1/namespaces/{NS}/services/https:main-kms:{port}/proxy/v1/info"
+        );
+        let key = "3b6a27bcceb6a42d62a3a8d02a6f0d73653215771de243a63ac048a18b59da29";
+        fake.put(
+            &info_path,
+            json!({"signing_public_key": key, "api_version": "v1", "current_kek_version": 3}),
+        );
+        let again: KeyManagementServer = stored(&fake, &kms_path("main"));
+        crate::kms::reconcile(Arc::new(again), ctx.clone())
+            .await
+            .unwrap();
+        let status = fake.get(&kms_path("main")).unwrap()["status"].clone();
+        assert_eq!(status["currentKekVersion"], 3, "{status}");
+        assert_eq!(status["ticketPublicKey"], key);
+        assert_eq!(status["readyReplicas"], 1);
+
+        // Nothing changed: reading /v1/info again writes nothing.
+        fake.clear_calls();
+        let again: KeyManagementServer = stored(&fake, &kms_path("main"));
+        crate::kms::reconcile(Arc::new(again), ctx.clone())
+            .await
+            .unwrap();
+        assert!(
+            fake.calls().iter().any(|c| c.path == info_path),
+            "the KMS was asked"
+        );
+        assert_eq!(fake.writes(), vec![], "unchanged KEK version must not write");
+
+        // A rotation shows up with exactly one status write.
+        fake.put(
+            &info_path,
+            json!({"signing_public_key": key, "api_version": "v1", "current_kek_version": 4}),
+        );
+        fake.clear_calls();
+        let again: KeyManagementServer = stored(&fake, &kms_path("main"));
+        crate::kms::reconcile(Arc::new(again), ctx).await.unwrap();
+        let writes = non_event_writes(&fake);
+        assert_eq!(writes.len(), 1, "{writes:?}");
+        assert!(writes[0].path.ends_with("/status"));
+        assert_eq!(
+            fake.get(&kms_path("main")).unwrap()["status"]["currentKekVersion"],
+            4
+        );
+    })
+    .await
+}
+
+#[test]
+fn kms_info_without_a_kek_version_still_gives_the_ticket_key() {
+    let key = "3b6a27bcceb6a42d62a3a8d02a6f0d73653215771de243a63ac048a18b59da29";
+    let info =
+        crate::kms::parse_info(&json!({"signing_public_key": key, "api_version": "v1"})).unwrap();
+    assert_eq!(info.ticket_key, key);
+    assert_eq!(info.kek_version, None);
+    let short = crate::kms::parse_info(&json!({"signing_public_key": "abcd", "api_version": "v1"}));
+    assert!(short.unwrap_err().contains("32 bytes"));
+}
+
+#[tokio::test]
+async fn pool_status_counts_active_sessions_from_ready_connectors() {
+    bounded(async {
+        let (ctx, fake) = context(CAPS);
+        ready_kms_with_key(&fake);
+        fake.put(
+            &zone_path("zone-a"),
+            serde_json::to_value(zone("zone-a", "main")).unwrap(),
+        );
+        let p = pool("rec", "zone-a");
+        fake.put(&pool_path("rec"), serde_json::to_value(&p).unwrap());
+        crate::pool::reconcile(Arc::new(p), ctx.clone())
+            .await
+            .unwrap();
+        let dep_path = path("apps/v1", "deployments", "rec-connector");
+        let mut dep = fake.get(&dep_path).unwrap();
+        dep["status"] = json!({"replicas": 1, "readyReplicas": 1, "updatedReplicas": 1, "observedGeneration": 1});
+        fake.put(&dep_path, dep);
+        let labels = crate::pod::labels("connector", "rec");
+        for (pod, ready, active) in [("rec-a", "True", 2), ("rec-b", "False", 5)] {
+            fake.put(
+                &path("v1", "pods", pod),
+                json!({"apiVersion": "v1", "kind": "Pod",
+                       "metadata": {"name": pod, "namespace": NS, "labels": labels},
+                       "status": {"conditions": [{"type": "Ready", "status": ready}]}}),
+            );
+            fake.put(
+                &format!("/api/v1/namespaces/{NS}/pods/{pod}:{}/proxy/metrics", crate::pod::HTTP_PORT),
+                json!(format!("# TYPE conclave_connector_recordings_active gauge\nconclave_connector_recordings_active {active}\nconclave_connector_recording_bytes_total 100\n# EOF\n")),
+            );
+        }
+        let again: ConnectorPool = stored(&fake, &pool_path("rec"));
+        crate::pool::reconcile(Arc::new(again), ctx.clone())
+            .await
+            .unwrap();
+        let status = fake.get(&pool_path("rec")).unwrap()["status"].clone();
+        assert_eq!(status["activeSessions"], 2, "only the ready pod counts: {status}");
+
+        fake.clear_calls();
+        let again: ConnectorPool = stored(&fake, &pool_path("rec"));
+        crate::pool::reconcile(Arc::new(again), ctx).await.unwrap();
+        assert_eq!(fake.writes(), vec![], "unchanged sessions must not write");
+    })
+    .await
+}
+
+#[test]
+fn sessions_are_summed_from_the_connector_gauges_only() {
+    let text = "conclave_connector_phone_legs_active 3\nconclave_connector_ffmpeg_running 1\nconclave_connector_sip_calls_total{direction=\"in\"} 9\n";
+    assert_eq!(crate::pool::sessions_in_exposition(text), Some(4));
+    assert_eq!(crate::pool::sessions_in_exposition("up 1\n"), None);
+}

@@ -36,6 +36,7 @@ EXPECTED_RULES = {
     ("", "persistentvolumeclaims"): {"get", "list", "create", "delete"},
     ("", "pods"): {"list"},
     ("", "services/proxy"): {"get"},
+    ("", "pods/proxy"): {"get"},
     ("networking.k8s.io", "networkpolicies"): {"get", "list", "watch", "create", "patch"},
     ("policy", "poddisruptionbudgets"): {"get", "list", "watch", "create", "patch"},
     ("events.k8s.io", "events"): {"create", "patch"},

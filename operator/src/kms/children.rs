@@ -35,6 +35,22 @@ pub fn tls_name(name: &str) -> String {
 pub fn root_key_name(name: &str) -> String {
     format!("{name}-kms-root-key")
 }
+/// Secret with the client certificate of the KMS's admin identity.
+pub fn admin_tls_name(name: &str) -> String {
+    format!("{name}-kms-admin-tls")
+}
+
+/// The identity allowed to read and verify the audit log and export rosters. The operator
+/// issues its certificate into [`admin_tls_name`], so who may audit is decided by Kubernetes
+/// RBAC on that one Secret rather than by a CA key handed to people.
+pub fn admin_identity(kms: &KeyManagementServer) -> Result<conclave_pki::Identity, String> {
+    conclave_pki::Identity::new(
+        kms.namespace().unwrap_or_default(),
+        conclave_pki::Kind::Admin,
+        kms.name_any(),
+    )
+    .map_err(|e| format!("admin identity: {e}"))
+}
 
 /// In-cluster URL of KMS `name` in `ns`: what relays and connectors use.
 pub fn internal_url(name: &str, ns: &str, port: i32) -> String {
@@ -116,6 +132,7 @@ pub fn config(kms: &KeyManagementServer, pools: &[PoolGrant]) -> Result<KmsConfi
             "kekIntervalS": dur("spec.keyRotation.kekInterval", &s.key_rotation.kek_interval)?.as_secs(),
         },
         "audit": {"retentionDays": retention.as_secs().div_ceil(86_400)},
+        "admins": [admin_identity(kms)?.to_uri()],
         "connectorPools": pools,
     });
     let config: KmsConfig = serde_json::from_value(v).map_err(|e| format!("kms config: {e}"))?;

@@ -4,7 +4,7 @@ mod children;
 mod reconcile;
 
 pub use children::*;
-pub use reconcile::{FINALIZER, reconcile, validate};
+pub use reconcile::{FINALIZER, INFO_KEK_VERSION, KmsInfo, parse_info, reconcile, validate};
 
 use crate::shared::{DURATION_PATTERN, Placement, SecretKeyRef};
 use k8s_openapi::api::core::v1::ResourceRequirements;
@@ -68,6 +68,12 @@ pub struct KeyManagementServerSpec {
     /// Node selection, tolerations and affinity of the kms-node pods.
     #[serde(default)]
     pub placement: Placement,
+    /// Lifetime of the KMS server certificate, e.g. `24h`; renewed at two thirds of it without
+    /// restarting pods. At least `60s` (a shorter one would renew faster than Secrets reach the
+    /// pods). Defaults to the operator's `--cert-lifetime` (chart value `certificates.lifetime`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub certificate_lifetime: Option<String>,
 }
 
 fn one() -> i32 {

@@ -110,6 +110,7 @@ pub fn validate(kms: &KeyManagementServer) -> std::result::Result<(), String> {
     {
         return Err("spec.rootKey.secretRef.name: must be set".into());
     }
+    crate::certs::lifetime(s.certificate_lifetime.as_deref(), std::time::Duration::ZERO)?;
     // Durations and everything the kms-node validates itself.
     config(kms, &[]).map(|_| ())
 }
@@ -148,12 +149,39 @@ pub async fn pool_grants(
     Ok((zone_names, grants))
 }
 
-/// Reads the KMS's public ticket key through the API server's service proxy.
-async fn ticket_key(
+/// What the operator reads from the KMS's `/v1/info`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KmsInfo {
+    /// Hex Ed25519 ticket-signing public key.
+    pub ticket_key: String,
+    /// Current KEK version, when the KMS reports it.
+    pub kek_version: Option<i64>,
+}
+
+/// Name of the KEK version field in `/v1/info`. `InfoResponse` of meeting-proto does not carry
+/// it yet; it is read when present so the status fills in as soon as kms-node reports it.
+pub const INFO_KEK_VERSION: &str = "current_kek_version";
+
+/// Parses a `/v1/info` body.
+pub fn parse_info(body: &serde_json::Value) -> std::result::Result<KmsInfo, String> {
+    let info: meeting_proto::kms_api::InfoResponse =
+        serde_json::from_value(body.clone()).map_err(|e| format!("KMS info: {e}"))?;
+    if info.signing_public_key.0.len() != 32 {
+        return Err("KMS reported a signing key that is not 32 bytes".into());
+    }
+    Ok(KmsInfo {
+        ticket_key: hex::encode(&info.signing_public_key.0),
+        kek_version: body.get(INFO_KEK_VERSION).and_then(|v| v.as_i64()),
+    })
+}
+
+/// Reads the KMS's `/v1/info` (unauthenticated) through the API server's service proxy: the
+/// operator's NetworkPolicy lets it reach the API server only.
+async fn kms_info(
     ctx: &Context,
     kms: &KeyManagementServer,
     ns: &str,
-) -> std::result::Result<String, String> {
+) -> std::result::Result<KmsInfo, String> {
     let path = format!(
         "/api/v1/namespaces/{ns}/services/https:{}:{}/proxy{}",
         workload_name(&kms.name_any()),
@@ -163,12 +191,8 @@ async fn ticket_key(
     let req = http::Request::get(path)
         .body(Vec::new())
         .map_err(|e| e.to_string())?;
-    let info: meeting_proto::kms_api::InfoResponse =
-        ctx.client.request(req).await.map_err(|e| e.to_string())?;
-    if info.signing_public_key.0.len() != 32 {
-        return Err("KMS reported a signing key that is not 32 bytes".into());
-    }
-    Ok(hex::encode(&info.signing_public_key.0))
+    let body: serde_json::Value = ctx.client.request(req).await.map_err(|e| e.to_string())?;
+    parse_info(&body)
 }
 
 fn fingerprint(hex_key: &str) -> String {
@@ -315,6 +339,11 @@ impl KeyManagementServer {
         };
 
         let ca = certs::ensure_ca(ctx, &ns).await?;
+        let lifetime = certs::lifetime(
+            self.spec.certificate_lifetime.as_deref(),
+            ctx.settings.cert_lifetime,
+        )
+        .map_err(Error::Config)?;
         let identity =
             Identity::new(&ns, Kind::Kms, &name).map_err(|e| Error::Certificate(e.to_string()))?;
         let cert = certs::ensure_cert(
@@ -324,10 +353,23 @@ impl KeyManagementServer {
             &CertRequest {
                 identity,
                 server_names: Some(server_dns_names(self, &ctx.settings.cluster_domain)),
+                lifetime,
             },
         )
         .await?;
         note(cert.renewed, "TLS certificate".into());
+        let admin = certs::ensure_cert(
+            ctx,
+            &ca,
+            child_meta(self, &admin_tls_name(&name), COMPONENT),
+            &CertRequest {
+                identity: admin_identity(self).map_err(Error::Certificate)?,
+                server_names: None,
+                lifetime,
+            },
+        )
+        .await?;
+        note(admin.renewed, "admin certificate".into());
 
         let svc_api: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
         note(
@@ -402,9 +444,13 @@ impl KeyManagementServer {
         let ready = sts_status.ready_replicas.unwrap_or(0);
         let old = self.old_status();
         let (mut ticket, mut ticket_err) = (old.ticket_public_key.clone(), None);
+        let mut kek_version = old.current_kek_version;
         if ready > 0 {
-            match ticket_key(ctx, self, &ns).await {
-                Ok(k) => ticket = Some(k),
+            match kms_info(ctx, self, &ns).await {
+                Ok(info) => {
+                    ticket = Some(info.ticket_key);
+                    kek_version = info.kek_version.or(kek_version);
+                }
                 Err(e) => ticket_err = Some(e),
             }
         }
@@ -440,7 +486,7 @@ impl KeyManagementServer {
                 endpoint: Some(endpoint),
                 ticket_signing_key_fingerprint: ticket.as_deref().map(fingerprint),
                 ticket_public_key: ticket,
-                current_kek_version: old.current_kek_version,
+                current_kek_version: kek_version,
                 root_key: Some(root_key_state.into()),
                 ..Default::default()
             },

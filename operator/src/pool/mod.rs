@@ -5,7 +5,7 @@ mod children;
 mod reconcile;
 
 pub use children::*;
-pub use reconcile::{reconcile, validate};
+pub use reconcile::{SESSION_GAUGES, reconcile, sessions_in_exposition, validate};
 
 use crate::shared::{
     ConnectorType, DURATION_PATTERN, ExternalKms, LocalRef, Placement, SecretKeyRef,
@@ -76,6 +76,12 @@ pub struct ConnectorPoolSpec {
     /// Node selection, tolerations and affinity of the connector pods.
     #[serde(default)]
     pub placement: Placement,
+    /// Lifetime of the connectors' certificate, e.g. `24h`; renewed at two thirds of it without
+    /// restarting pods. At least `60s` (a shorter one would renew faster than Secrets reach the
+    /// pods). Defaults to the operator's `--cert-lifetime` (chart value `certificates.lifetime`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub certificate_lifetime: Option<String>,
 }
 
 fn one() -> i32 {

@@ -5,14 +5,14 @@ use crate::apply::apply;
 use crate::certs::{self, CertRequest};
 use crate::conditions::{Assessment, Verdict, conditions, reason};
 use crate::context::Context;
-use crate::pod::{child_meta, config_hash};
+use crate::pod::{child_meta, config_hash, selector_string};
 use crate::zone::{MeetingZone, Resolved, resolve_external, resolve_local, validate_external};
 use crate::{Error, Result, status};
 use conclave_pki::{Identity, Kind};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use kube::api::{Api, PostParams};
+use kube::api::{Api, ListParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use std::sync::Arc;
@@ -20,6 +20,69 @@ use std::time::Duration;
 
 pub const KIND: &str = "ConnectorPool";
 pub const NOT_ALLOWED: &str = "ConnectorNotAllowed";
+
+/// Gauges of connector-node's /metrics that count sessions in progress, one per pool type.
+pub const SESSION_GAUGES: [&str; 3] = [
+    "conclave_connector_phone_legs_active",
+    "conclave_connector_recordings_active",
+    "conclave_connector_ffmpeg_running",
+];
+
+/// Sessions in progress in one connector's /metrics exposition, or `None` when it exports
+/// none of [`SESSION_GAUGES`] (not a connector-node, or not started).
+pub fn sessions_in_exposition(text: &str) -> Option<i64> {
+    let mut found = None;
+    for line in text.lines() {
+        let Some((name, value)) = line.split_once(' ') else {
+            continue;
+        };
+        // Unlabelled gauges: the name is the whole first token.
+        if SESSION_GAUGES.contains(&name)
+            && let Ok(v) = value.trim().parse::<f64>()
+        {
+            *found.get_or_insert(0) += v as i64;
+        }
+    }
+    found
+}
+
+/// Sessions in progress across the pool's ready pods, read from each pod's /metrics through the
+/// API server's pod proxy (the operator's NetworkPolicy lets it reach the API server only).
+/// `None` when no pod answered.
+async fn active_sessions(ctx: &Context, pool: &ConnectorPool, ns: &str) -> Result<Option<i64>> {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let lp = ListParams::default().labels(&selector_string(COMPONENT, &pool.name_any()));
+    let mut total = None;
+    for p in pods.list(&lp).await? {
+        let ready = p
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        if !ready {
+            continue;
+        }
+        let path = format!(
+            "/api/v1/namespaces/{ns}/pods/{}:{}/proxy/metrics",
+            p.name_any(),
+            crate::pod::HTTP_PORT
+        );
+        let Ok(req) = http::Request::get(path).body(Vec::new()) else {
+            continue;
+        };
+        match ctx.client.request_text(req).await {
+            Ok(text) => {
+                if let Some(n) = sessions_in_exposition(&text) {
+                    *total.get_or_insert(0) += n;
+                }
+            }
+            Err(e) => {
+                tracing::debug!(pod = %p.name_any(), error = %e, "connector metrics not read")
+            }
+        }
+    }
+    Ok(total)
+}
 
 pub async fn reconcile(pool: Arc<ConnectorPool>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.reconcile(KIND);
@@ -29,6 +92,7 @@ pub async fn reconcile(pool: Arc<ConnectorPool>, ctx: Arc<Context>) -> Result<Ac
 /// The checks the CRD schema and CEL rules make, for servers that do not enforce them.
 pub fn validate(pool: &ConnectorPool) -> std::result::Result<(), String> {
     let s = &pool.spec;
+    crate::certs::lifetime(s.certificate_lifetime.as_deref(), std::time::Duration::ZERO)?;
     let name = pool.name_any();
     if name.len() > 40 || Identity::new("x", Kind::Connector, name.as_str()).is_err() {
         return Err(
@@ -304,6 +368,11 @@ impl ConnectorPool {
                 &CertRequest {
                     identity,
                     server_names,
+                    lifetime: certs::lifetime(
+                        self.spec.certificate_lifetime.as_deref(),
+                        ctx.settings.cert_lifetime,
+                    )
+                    .map_err(Error::Config)?,
                 },
             )
             .await?;
@@ -379,11 +448,20 @@ impl ConnectorPool {
                 reach.message.clone().unwrap_or_default(),
             );
         }
+        let sessions = if ready > 0 {
+            active_sessions(ctx, self, &ns)
+                .await?
+                .or(old.active_sessions)
+        } else if want == 0 {
+            Some(0)
+        } else {
+            old.active_sessions
+        };
         let new = self.status_with(
             &a,
             ConnectorPoolStatus {
                 ready_replicas: ready,
-                active_sessions: old.active_sessions,
+                active_sessions: sessions,
                 kms: Some(reach),
                 ..Default::default()
             },

@@ -9,7 +9,7 @@ pub use reconcile::{
 };
 
 use crate::kms::ServiceType;
-use crate::shared::{ConnectorType, ExternalKms, LocalRef, Placement};
+use crate::shared::{ConnectorType, DURATION_PATTERN, ExternalKms, LocalRef, Placement};
 use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
@@ -65,6 +65,12 @@ pub struct MeetingZoneSpec {
     /// Node selection, tolerations and affinity of the relay pods.
     #[serde(default)]
     pub placement: Placement,
+    /// Lifetime of the relays' client certificates, e.g. `24h`; renewed at two thirds of it without
+    /// restarting pods. At least `60s` (a shorter one would renew faster than Secrets reach the
+    /// pods). Defaults to the operator's `--cert-lifetime` (chart value `certificates.lifetime`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub certificate_lifetime: Option<String>,
 }
 
 /// Relay pool size.

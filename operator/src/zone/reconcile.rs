@@ -30,6 +30,7 @@ pub async fn reconcile(zone: Arc<MeetingZone>, ctx: Arc<Context>) -> Result<Acti
 /// The checks the CRD schema and CEL rules make, for servers that do not enforce them.
 pub fn validate(zone: &MeetingZone) -> std::result::Result<(), String> {
     let s = &zone.spec;
+    crate::certs::lifetime(s.certificate_lifetime.as_deref(), std::time::Duration::ZERO)?;
     let name = zone.name_any();
     if name.len() > 40 || Identity::new("x", Kind::Relay, name.as_str()).is_err() {
         return Err(
@@ -405,7 +406,12 @@ impl MeetingZone {
                 pods.push((pod, identity));
             }
             let meta = child_meta(self, &tls_name(&name), COMPONENT);
-            let cert = certs::ensure_pod_certs(ctx, &ca, meta, &pods).await?;
+            let lifetime = certs::lifetime(
+                self.spec.certificate_lifetime.as_deref(),
+                ctx.settings.cert_lifetime,
+            )
+            .map_err(Error::Config)?;
+            let cert = certs::ensure_pod_certs(ctx, &ca, meta, &pods, lifetime).await?;
             if cert.renewed {
                 changed.push("TLS certificates");
             }
