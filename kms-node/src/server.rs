@@ -6,7 +6,7 @@
 use crate::audit::AuditRecord;
 use crate::core::{Claims, Core, CoreConfig, Denial, Effects, Joiner, Placement, Reader, Release};
 use crate::keys::{self, KeyRing, RootKey, SecretKey};
-use crate::metrics::{CodeLabels, KindLabels, Metrics, RequestLabels};
+use crate::metrics::{KindLabels, Metrics, RequestLabels, RouteLabels};
 use crate::rate::RateLimiter;
 use crate::store::{Committer, Store};
 use axum::extract::{DefaultBodyLimit, Extension, MatchedPath, Path, Query, Request, State};
@@ -64,6 +64,11 @@ impl std::fmt::Debug for Shared {
     }
 }
 
+/// The code of an error response, for the metrics middleware (429s are
+/// counted as denials there: they never reach the audit log).
+#[derive(Clone, Copy, Debug)]
+struct Refused(&'static str);
+
 /// An HTTP error: the core's denial as JSON [`api::ErrorBody`].
 #[derive(Debug)]
 pub struct ApiError(pub Denial, pub Option<u64>);
@@ -83,6 +88,7 @@ impl IntoResponse for ApiError {
             error: self.0.message,
         });
         let mut resp = (status, body).into_response();
+        resp.extensions_mut().insert(Refused(self.0.code));
         if let Some(ms) = self.1 {
             let secs = ms.div_ceil(1000).max(1);
             if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
@@ -224,23 +230,18 @@ impl Shared {
                 AuditKind::EpochChange => {
                     self.metrics
                         .rotations
-                        .get_or_create(&KindLabels {
-                            kind: "epoch".into(),
-                        })
+                        .get_or_create(&KindLabels { kind: "epoch" })
                         .inc();
                 }
                 AuditKind::Admin if a.detail.starts_with("KEK rotated") => {
                     self.metrics
                         .rotations
-                        .get_or_create(&KindLabels { kind: "kek".into() })
+                        .get_or_create(&KindLabels { kind: "kek" })
                         .inc();
                 }
                 AuditKind::Denial => {
-                    let code = a.detail.split(':').next().unwrap_or("unknown").to_owned();
                     self.metrics
-                        .denials
-                        .get_or_create(&CodeLabels { code })
-                        .inc();
+                        .deny(a.detail.split(':').next().unwrap_or_default());
                 }
                 _ => {}
             }
@@ -390,6 +391,69 @@ impl Shared {
 
     pub fn is_healthy(&self) -> bool {
         !self.committer.is_poisoned()
+    }
+
+    /// Walks the audit chain (off the async threads) and counts the outcome.
+    async fn verify_audit(&self) -> Result<api::AuditVerifyResponse, String> {
+        let store = self.store.clone();
+        let result = tokio::task::spawn_blocking(move || store.verify_audit())
+            .await
+            .map_err(|_| "audit verification task failed".to_owned())?
+            .map_err(|e| e.to_string());
+        self.metrics.audit_verifications.inc();
+        if !result.as_ref().is_ok_and(|r| r.ok) {
+            self.metrics.audit_verify_failures.inc();
+        }
+        result
+    }
+
+    /// A TLS handshake refused for its client certificate never reaches a
+    /// route, so it is recorded here: a denial metric always, and an audit
+    /// entry while the source address is within its refusal budget (the same
+    /// budget that answers 429 to floods of bad credentials, so a flood of
+    /// handshakes cannot flood the audit log).
+    ///
+    /// The handshake itself stays refused rather than accepted and answered
+    /// with 401: accepting certificates that do not chain to our CA would put
+    /// every route's authorisation one bug away from trusting a forged
+    /// identity, and the TLS alert (unknown_ca / bad_certificate) is already
+    /// a clear answer to the client.
+    async fn refused_handshake(&self, remote: std::net::IpAddr, error: &std::io::Error) {
+        let Some(code) = certificate_refusal(error) else {
+            return;
+        };
+        let ip = remote.to_string();
+        let now = now_ms();
+        let audited = {
+            let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+            failures.has_budget(&ip, now).is_ok() && failures.check(&ip, now).is_ok()
+        };
+        if !audited {
+            self.metrics.deny(code);
+            return;
+        }
+        let message = match code {
+            "foreign_ca" => "client certificate is not issued by this KMS's CA".to_owned(),
+            _ => format!("client certificate refused: {error}"),
+        };
+        let _ = self
+            .deny(&format!("tls:{ip}"), None, Denial::new(401, code, message))
+            .await;
+    }
+}
+
+/// The denial code for a handshake that failed on the client certificate,
+/// or None for other failures (scanners, clients that hang up).
+fn certificate_refusal(e: &std::io::Error) -> Option<&'static str> {
+    use rustls::{CertificateError, Error};
+    match e.get_ref()?.downcast_ref::<Error>()? {
+        // Another CA's certificate: its issuer is unknown here, or (when
+        // the other CA reuses our CA's name) its signature does not verify.
+        Error::InvalidCertificate(
+            CertificateError::UnknownIssuer | CertificateError::BadSignature,
+        ) => Some("foreign_ca"),
+        Error::InvalidCertificate(_) => Some("bad_certificate"),
+        _ => None,
     }
 }
 
@@ -903,11 +967,10 @@ async fn audit_verify(
     Extension(peer): Extension<Peer>,
 ) -> ApiResult<api::AuditVerifyResponse> {
     let admin = admin_or_deny(&s, &peer, "verifying the audit log").await?;
-    let store = s.store.clone();
-    let result = tokio::task::spawn_blocking(move || store.verify_audit())
+    let result = s
+        .verify_audit()
         .await
-        .map_err(|_| Denial::new(500, "internal", "audit verify failed"))?
-        .map_err(|e| Denial::new(500, "store", e.to_string()))?;
+        .map_err(|e| Denial::new(500, "store", e))?;
     let detail = format!(
         "audit verified: ok={} entries={}",
         result.ok, result.entries
@@ -981,6 +1044,7 @@ async fn metrics_handler(State(s): State<Arc<Shared>>) -> impl IntoResponse {
         s.metrics.live_relays.set(core.live_relays(now) as i64);
     }
     s.metrics.store_bytes.set(s.store.size_bytes() as i64);
+    s.metrics.ready.set(i64::from(s.is_healthy()));
     (
         [(
             header::CONTENT_TYPE,
@@ -1032,6 +1096,11 @@ async fn track(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Respon
     {
         let _ = failures().check(ip, now_ms());
     }
+    if response.status() == StatusCode::TOO_MANY_REQUESTS
+        && let Some(Refused(code)) = response.extensions().get::<Refused>()
+    {
+        s.metrics.deny(code);
+    }
     s.metrics
         .requests
         .get_or_create(&RequestLabels {
@@ -1041,7 +1110,7 @@ async fn track(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Respon
         .inc();
     s.metrics
         .request_seconds
-        .get_or_create(&KindLabels { kind: route })
+        .get_or_create(&RouteLabels { route })
         .observe(started.elapsed().as_secs_f64());
     response
 }
@@ -1119,6 +1188,21 @@ async fn ticker(s: Arc<Shared>) {
                 }
             }
         }
+        // Verify the chain a minute after start and hourly, so tampering
+        // with the store is noticed (conclave_kms_audit_verify_failures_total)
+        // without waiting for an admin to ask.
+        if seconds % 3600 == 60 {
+            let s = s.clone();
+            tokio::spawn(async move {
+                match s.verify_audit().await {
+                    Ok(r) if r.ok => {
+                        tracing::info!(entries = r.entries, "audit chain verified")
+                    }
+                    Ok(r) => tracing::error!(error = ?r.error, "audit chain is broken"),
+                    Err(e) => tracing::error!(error = %e, "audit chain verification failed"),
+                }
+            });
+        }
         if seconds.is_multiple_of(3600) && s.config.audit.retention_days > 0 {
             let before = now.saturating_sub(s.config.audit.retention_days * 86_400_000);
             let store = s.store.clone();
@@ -1158,7 +1242,8 @@ pub async fn serve(config: KmsConfig) -> anyhow::Result<()> {
         });
     }
     tokio::spawn(ticker(shared.clone()));
-    let app = router(shared);
+    let app = router(shared.clone());
+    shared.metrics.ready.set(1);
     loop {
         let (tcp, remote) = match listener.accept().await {
             Ok(c) => c,
@@ -1171,12 +1256,14 @@ pub async fn serve(config: KmsConfig) -> anyhow::Result<()> {
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let app = app.clone();
+        let shared = shared.clone();
         tokio::spawn(async move {
             let tls =
                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
                         tracing::debug!(%remote, error = %e, "TLS handshake failed");
+                        shared.refused_handshake(remote.ip(), &e).await;
                         return;
                     }
                     Err(_) => return,

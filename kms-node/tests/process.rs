@@ -17,6 +17,59 @@ use support::*;
 
 const LIMIT: Duration = Duration::from_secs(120);
 
+/// `promtool check metrics` (Debian package prometheus) finds no problem.
+/// promtool reads the classic text format, where a counter's HELP/TYPE name
+/// carries `_total`; the server speaks OpenMetrics, so convert like
+/// observability/check_metrics.py does.
+fn promtool_accepts(openmetrics: &str) {
+    use std::io::Write;
+    let counters: Vec<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut text = String::new();
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|p| {
+            let rest = line.strip_prefix(p)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(&name)
+                .then(|| format!("{p}{name}_total {tail}"))
+        });
+        text.push_str(renamed.as_deref().unwrap_or(line));
+        text.push('\n');
+    }
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus) must be installed");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool check metrics:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The value of one sample line (`name{labels}`) in a metrics text.
+fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
 async fn vk(kms: &Kms) -> VerifyingKey {
     let info = kms.anonymous().info().await.unwrap();
     VerifyingKey::from_bytes(&info.signing_public_key.array().unwrap()).unwrap()
@@ -239,7 +292,13 @@ async fn access_matrix_refuses_and_audits() {
             c.verify_audit().await.unwrap_err().code(),
             Some("not_admin")
         );
-        // A certificate from another CA never gets past TLS.
+        // A certificate from another CA never gets past TLS, but the refusal
+        // is audited and counted.
+        let foreign_before = metric_value(
+            &c.metrics_text().await.unwrap(),
+            "conclave_kms_denials_total{reason=\"foreign_ca\"}",
+        );
+        assert_eq!(foreign_before, Some(0.0), "pre-created at 0");
         let other = DevPki::create(kms.dir.join("other-pki"), NS).unwrap();
         let files = other
             .client("admin", &Identity::new(NS, Kind::Admin, "auditor").unwrap())
@@ -253,6 +312,28 @@ async fn access_matrix_refuses_and_audits() {
         .unwrap();
         let err = rogue.audit(0, 10).await.unwrap_err();
         assert!(matches!(err, kms_client::Error::Transport(_)), "{err}");
+        // The server records the refusal right after the handshake fails;
+        // poll (bounded) until it is there.
+        let mut audited = false;
+        for _ in 0..100 {
+            if audit_has(&admin, |e| {
+                e.kind == AuditKind::Denial
+                    && e.detail.starts_with("foreign_ca:")
+                    && e.actor == "tls:127.0.0.1"
+            })
+            .await
+            {
+                audited = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(audited, "foreign-CA handshake refusal was not audited");
+        let foreign = metric_value(
+            &c.metrics_text().await.unwrap(),
+            "conclave_kms_denials_total{reason=\"foreign_ca\"}",
+        );
+        assert_eq!(foreign, Some(1.0));
         // None of the refusals changed the roster: still ada, bob, dan.
         let roster = admin
             .export_roster(&MeetingId::new("m1").unwrap())
@@ -677,6 +758,15 @@ async fn audit_tampering_is_detected_offline_and_online() {
         kms.restart();
         let online = kms.admin().verify_audit().await.unwrap();
         assert!(!online.ok);
+        let text = c.metrics_text().await.unwrap();
+        assert_eq!(
+            metric_value(&text, "conclave_kms_audit_verifications_total"),
+            Some(1.0)
+        );
+        assert_eq!(
+            metric_value(&text, "conclave_kms_audit_verify_failures_total"),
+            Some(1.0)
+        );
         // Restore fails closed without the right root key.
         kms.kill9();
         let cfg = std::fs::read_to_string(kms.config_path()).unwrap();
@@ -775,9 +865,21 @@ async fn overload_and_bad_input_get_clear_errors_and_metrics_count_them() {
             "conclave_kms_audit_commit_seconds_bucket",
             "conclave_kms_store_size_bytes",
             "conclave_kms_active_meetings 1",
+            "conclave_kms_ready 1",
+            "conclave_kms_request_duration_seconds_count{route=\"/v1/meetings/{meeting}/join\"}",
+            "conclave_kms_denials_total{reason=\"not_member\"}",
+            "\nprocess_cpu_seconds_total ",
+            "\nprocess_resident_memory_bytes ",
         ] {
             assert!(text.contains(needle), "{needle} missing from metrics:\n{text}");
         }
+        // 429s never reach the audit log but are counted as denials.
+        assert!(
+            metric_value(&text, "conclave_kms_denials_total{reason=\"rate_limited\"}")
+                .is_some_and(|v| v >= 1.0),
+            "{text}"
+        );
+        promtool_accepts(&text);
         // A flood of bad credentials from one address: the first few are
         // refused and audited, then refused with 429 before reaching the core.
         let mut codes = Vec::new();
