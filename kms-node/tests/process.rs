@@ -1119,3 +1119,68 @@ async fn issuer_keys_reload_without_restart() {
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interval_rotation_reaches_joined_members() {
+    tokio::time::timeout(LIMIT, async {
+        // 10 s is the shortest interval the config accepts.
+        let kms = Kms::start("interval", "rotation: {meetingKeyIntervalS: 10}\n");
+        kms.register_relay().await;
+        let c = kms.anonymous();
+        let ada = join_with_token(&c, "m1", kms.token("ada", "m1", Role::Host))
+            .await
+            .unwrap();
+        let bob = join_with_token(&c, "m1", kms.token("bob", "m1", Role::Participant))
+            .await
+            .unwrap();
+        let vk = vk(&kms).await;
+        let since = bob.joined.roster.verify(&vk).unwrap().version;
+        let k1 = ada.open(&ada.joined.key);
+        assert_eq!(ada.joined.key.epoch, 1);
+        // Nobody leaves; the KMS rotates on its own. Long-poll (bounded by
+        // LIMIT) until the new epoch's key arrives.
+        let next_key = |m: &Member, since: u64| {
+            let c = c.clone();
+            let (meeting, session) = (m.meeting.clone(), m.session());
+            async move {
+                loop {
+                    let ev = c
+                        .events(&meeting, &session, since, api::MAX_WAIT_MS)
+                        .await
+                        .unwrap();
+                    if let Some(key) = ev.key {
+                        return (key, ev.roster);
+                    }
+                }
+            }
+        };
+        let (ka, roster) = next_key(&ada, since).await;
+        let (kb, _) = next_key(&bob, since).await;
+        assert_eq!((ka.epoch, kb.epoch), (2, 2));
+        let k2 = ada.open(&ka);
+        assert_eq!(bob.open(&kb), k2);
+        assert_ne!(k2, k1);
+        let roster = roster
+            .expect("roster with the new epoch")
+            .verify(&vk)
+            .unwrap();
+        assert_eq!((roster.epoch, roster.members.len()), (2, 2));
+        let admin = kms.admin();
+        assert!(
+            audit_has(&admin, |e| e.kind == AuditKind::EpochChange
+                && e.epoch == Some(2)
+                && e.actor == "kms"
+                && e.detail == "interval rotation")
+            .await
+        );
+        let text = c.metrics_text().await.unwrap();
+        assert!(
+            metric_value(&text, "conclave_kms_rotations_total{kind=\"epoch\"}")
+                .is_some_and(|v| v >= 1.0),
+            "{text}"
+        );
+        assert!(admin.verify_audit().await.unwrap().ok);
+    })
+    .await
+    .unwrap();
+}
