@@ -21,6 +21,8 @@ REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "charts" / "conclave" / "dashboards"
 DS = {"type": "prometheus", "uid": "${datasource}"}
 RATE = "$__rate_interval"
+# Denial reasons of requests refused with 429 (kms-node DENIAL_REASONS, load shedding).
+SHED = "rate_limited|overloaded|too_many_failures"
 
 NS = 'namespace=~"$namespace"'
 RELAY = f'{NS}, zone=~"$zone"'
@@ -142,17 +144,21 @@ def relays():
 
 def kms():
     return "conclave-kms", "Conclave / KMS", [NAMESPACE_VAR], [
+        stat("KMS ready", "short", t(f"sum(conclave_kms_ready{{{NS}}})", "ready"),
+             desc="KMS pods whose store and audit log are open and whose API is serving."),
         stat("Active meetings", "short", t(f"sum(conclave_kms_active_meetings{{{NS}}})", "meetings")),
         stat("Relays heartbeating", "short", t(f"sum(conclave_kms_live_relays{{{NS}}})", "relays")),
         stat("Key releases/s", "ops", t(f"sum(rate(conclave_kms_key_releases_total{{{NS}}}[{RATE}]))", "releases")),
         stat("Denials/s", "ops", t(f"sum(rate(conclave_kms_denials_total{{{NS}}}[{RATE}]))", "denials")),
         stat("Store size", "bytes", t(f"sum(conclave_kms_store_size_bytes{{{NS}}})", "bytes")),
-        stat("KMS pods up", "short", t(f'sum(up{{component="kms", {NS}}})', "up")),
+        stat("Audit verify failures", "short",
+             t(f"sum(conclave_kms_audit_verify_failures_total{{{NS}}})", "failures"),
+             desc="Audit chain verifications (a minute after start, hourly, and on request) that found the chain broken."),
         ts("Key releases/s", "ops",
            t(f"sum by (pod) (rate(conclave_kms_key_releases_total{{{NS}}}[{RATE}]))", "{{pod}}"),
            desc="Meeting keys sealed to a participant and committed to the audit log."),
         ts("Denials/s by reason", "ops",
-           t(f"sum by (code) (rate(conclave_kms_denials_total{{{NS}}}[{RATE}]))", "{{code}}"), stack=True),
+           t(f"sum by (reason) (rate(conclave_kms_denials_total{{{NS}}}[{RATE}]))", "{{reason}}"), stack=True),
         ts("Rotations/s", "ops",
            t(f"sum by (kind) (rate(conclave_kms_rotations_total{{{NS}}}[{RATE}]))", "{{kind}}"),
            desc="kind=epoch: a meeting key rotated (someone left); kind=kek: key-encryption key rotated."),
@@ -164,13 +170,26 @@ def kms():
         ts("Requests/s by route", "reqps",
            t(f"sum by (route) (rate(conclave_kms_requests_total{{{NS}}}[{RATE}]))", "{{route}}"), stack=True),
         ts("Request latency p99 by route", "s",
-           t(f"histogram_quantile(0.99, sum by (le, kind) (rate(conclave_kms_request_duration_seconds_bucket{{{NS}}}[{RATE}])))", "{{kind}}")),
+           t(f"histogram_quantile(0.99, sum by (le, route) (rate(conclave_kms_request_duration_seconds_bucket{{{NS}}}[{RATE}])))", "{{route}}"),
+           desc="Long polls (events) include their wait."),
         ts("Responses/s by status", "reqps",
            t(f"sum by (status) (rate(conclave_kms_requests_total{{{NS}}}[{RATE}]))", "{{status}}"), stack=True),
         ts("Rate limiting: 429 responses/s", "reqps",
-           t(f'sum by (route) (rate(conclave_kms_requests_total{{status="429", {NS}}}[{RATE}]))', "{{route}}"),
-           t(f'sum by (code) (rate(conclave_kms_denials_total{{code=~"rate_limited|overloaded", {NS}}}[{RATE}]))', "{{code}}"),
-           desc="Requests refused by per-identity/per-meeting limits or load shedding."),
+           t(f'sum by (reason) (rate(conclave_kms_denials_total{{reason=~"{SHED}", {NS}}}[{RATE}]))', "{{reason}}"),
+           desc="Requests refused by per-identity/per-meeting limits, repeated failures or load shedding.", w=8),
+        ts("Audit verifications", "short",
+           t(f"sum(increase(conclave_kms_audit_verifications_total{{{NS}}}[1h]))", "verifications (1h)"),
+           t(f"sum(increase(conclave_kms_audit_verify_failures_total{{{NS}}}[1h]))", "failures (1h)"),
+           desc="Verifications of the tamper-evident audit chain in the last hour; any failure fires ConclaveAuditVerifyFailed.",
+           w=8),
+        ts("CPU per KMS pod", "percentunit",
+           t(f'sum by (pod) (rate(process_cpu_seconds_total{{component="kms", {NS}}}[{RATE}]))', "{{pod}}"),
+           desc="Cores used (process_cpu_seconds_total).", w=8),
+        ts("Memory per KMS pod", "bytes",
+           t(f'sum by (pod) (process_resident_memory_bytes{{component="kms", {NS}}})', "{{pod}}"), w=12),
+        ts("KMS ready", "short",
+           t(f"sum by (pod) (conclave_kms_ready{{{NS}}})", "{{pod}}"),
+           desc="0 while a pod answers its scrape but is not serving (ConclaveKmsNotReady fires after 2 minutes).", w=12),
     ]
 
 
@@ -220,15 +239,17 @@ def operator():
         stat("API writes/s", "ops", t(f"sum(rate(conclave_operator_api_writes_total[{RATE}]))", "writes"),
              desc="Zero in steady state (no reconcile storms)."),
         stat("Soonest certificate expiry", "s", t(f"min({cert}) - time()", "remaining")),
-        stat("Reconciles in flight", "short", t("sum(conclave_operator_reconciles_in_flight)", "in flight")),
+        stat("Queue depth", "short", t("sum(conclave_operator_queue_depth)", "waiting"),
+             desc="Objects whose latest generation is not reconciled yet (max over replicas is what the leader sees)."),
         ts("Reconciles/s by kind", "ops",
            t(f"sum by (kind) (rate(conclave_operator_reconciles_total[{RATE}]))", "{{kind}}")),
         ts("Reconcile errors/s by kind and error", "ops",
            t(f"sum by (kind, error) (rate(conclave_operator_reconcile_errors_total[{RATE}]))", "{{kind}} {{error}}"),
            stack=True),
-        ts("Queue: reconciles in flight", "short",
-           t("sum by (kind) (conclave_operator_reconciles_in_flight)", "{{kind}}"),
-           desc="Reconciles the controller has handed out and not finished."),
+        ts("Queue depth and reconciles in flight", "short",
+           t("max by (kind) (conclave_operator_queue_depth)", "{{kind}} waiting"),
+           t("sum by (kind) (conclave_operator_reconciles_in_flight)", "{{kind}} in flight"),
+           desc="Objects whose metadata.generation is not yet in status.observedGeneration, and reconciles running now."),
         ts("Reconcile duration", "s", *quantiles("conclave_operator_reconcile_duration_seconds", "", by="kind", qs=(0.5, 0.99))),
         ts("API writes/s by verb and resource", "ops",
            t(f"sum by (verb, resource) (rate(conclave_operator_api_writes_total[{RATE}]))", "{{verb}} {{resource}}"),
@@ -236,6 +257,10 @@ def operator():
         ts("Certificate time left", "s",
            t(f"{cert} - time()", "{{exported_namespace}}/{{secret}}"),
            desc="Seconds until each certificate the operator issued expires; renewed at two thirds of its life."),
+        ts("CPU per operator replica", "percentunit",
+           t(f'sum by (pod) (rate(process_cpu_seconds_total{{component="operator"}}[{RATE}]))', "{{pod}}")),
+        ts("Memory per operator replica", "bytes",
+           t('sum by (pod) (process_resident_memory_bytes{component="operator"})', "{{pod}}")),
     ]
 
 

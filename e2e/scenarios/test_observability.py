@@ -69,11 +69,6 @@ ALLOWED_EMPTY = {
     ("connectors.json", "Failures/s", "C"): NO_STREAM + " (conclave_connector_ffmpeg_exits_total{kind})",
     ("connectors.json", "RTP packets/s", "A"): NO_CALLS + " (conclave_connector_rtp_packets_total{direction})",
     ("connectors.json", "RTP packets/s", "B"): NO_CALLS + " (conclave_connector_rtp_packets_dropped_total{reason})",
-    ("kms.json", "Denials/s by reason", "A"): "nobody is refused in a good meeting; conclave_kms_denials_total{code} "
-                                              "gets its first series on the first denial",
-    ("kms.json", "Denials/s", "A"): "same as 'Denials/s by reason'",
-    ("kms.json", "Rate limiting: 429 responses/s", "A"): "no request is rate limited in this scenario",
-    ("kms.json", "Rate limiting: 429 responses/s", "B"): "no request is rate limited in this scenario",
     ("operator.json", "Reconcile errors/s", "A"): "no reconcile fails in this scenario; "
                                                   "conclave_operator_reconcile_errors_total gets its first series on the first error",
     ("operator.json", "Reconcile errors/s by kind and error", "A"): "same as 'Reconcile errors/s'",
