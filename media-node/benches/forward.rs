@@ -1,5 +1,6 @@
 //! Relay forwarding against a plain UDP reflector built on the same socket
-//! code (quinn-udp recvmmsg + sendmsg), in the same run, on loopback.
+//! code (quinn-udp recvmmsg, batched send: sendmmsg and UDP GSO), in the same
+//! run, on loopback.
 //!
 //! 1. Maximum rate: a generator thread floods 200-byte MEDIA datagrams from a
 //!    bound participant; the figure is datagrams forwarded per second by the
@@ -20,7 +21,7 @@ use ed25519_dalek::SigningKey;
 use media_node::core::Relay;
 use media_node::metrics::{Kind, RelayMetrics};
 use media_node::server::{self, Health};
-use media_node::udp::{MediaSocket, RecvBuffers};
+use media_node::udp::{MediaSocket, Outgoing, RecvBuffers};
 use meeting_proto::config::relay::RelayLimits;
 use meeting_proto::ids::{MeetingId, ParticipantId};
 use meeting_proto::ticket::Ticket;
@@ -72,13 +73,16 @@ fn reflector(sink: SocketAddr) -> Forwarder {
             let mut bufs = RecvBuffers::default();
             while !s.load(Ordering::Relaxed) {
                 let n = bufs.recv_from(&sock).await.unwrap_or(0);
-                for i in 0..n {
-                    for (_, d) in bufs.datagrams(i) {
-                        if sock.send_to(sink, d).await.is_ok() {
-                            c.fetch_add(1, Ordering::Relaxed);
-                        }
+                let out: Vec<Outgoing<'_>> = (0..n)
+                    .flat_map(|i| bufs.datagrams(i))
+                    .map(|(_, data)| Outgoing { to: sink, data })
+                    .collect();
+                sock.send_batch(&out, |_, r| {
+                    if r.is_ok() {
+                        c.fetch_add(1, Ordering::Relaxed);
                     }
-                }
+                })
+                .await;
             }
         });
     });

@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 
 use crate::core::{Action, Relay};
 use crate::metrics::{Kind, RelayMetrics};
-use crate::udp::{MediaSocket, RecvBuffers};
+use crate::udp::{MediaSocket, Outgoing, RecvBuffers};
 
 /// What `/readyz` reports.
 #[derive(Debug, Default)]
@@ -37,6 +37,8 @@ fn unix_now() -> u64 {
 /// Receive batches handled per wake-up before timers and control get a turn.
 const BATCHES_PER_WAKEUP: usize = 64;
 
+/// Handles one receive batch and sends everything it produced in one go
+/// (sendmmsg/GSO, [`MediaSocket::send_batch`]).
 async fn forward_batch(
     socket: &MediaSocket,
     relay: &mut Relay,
@@ -45,26 +47,49 @@ async fn forward_batch(
     n: usize,
 ) {
     let now = unix_now();
+    let mut out: Vec<Outgoing<'_>> = Vec::new();
+    let mut kinds: Vec<Kind> = Vec::new();
+    let mut replies: Vec<(std::net::SocketAddr, Vec<u8>)> = Vec::new();
+    // Media datagrams that were forwarded, for the latency histogram.
+    let mut forwarded: Vec<Instant> = Vec::new();
     for i in 0..n {
         for (from, data) in bufs.datagrams(i) {
             let started = Instant::now();
             match relay.handle(from, data, now) {
                 Action::None => {}
-                Action::Reply(bytes) => {
-                    send(socket, metrics, from, &bytes, Kind::Control).await;
-                }
+                Action::Reply(bytes) => replies.push((from, bytes)),
                 Action::Forward { kind, to } => {
                     for dest in to {
-                        send(socket, metrics, *dest, data, kind).await;
+                        out.push(Outgoing { to: *dest, data });
+                        kinds.push(kind);
                     }
                     if matches!(kind, Kind::Media(_)) && !to.is_empty() {
-                        metrics
-                            .forwarding_latency
-                            .observe(started.elapsed().as_secs_f64());
+                        forwarded.push(started);
                     }
                 }
             }
         }
+    }
+    for (to, bytes) in &replies {
+        out.push(Outgoing {
+            to: *to,
+            data: bytes,
+        });
+        kinds.push(Kind::Control);
+    }
+    socket
+        .send_batch(&out, |k, r| match r {
+            Ok(()) => metrics.sent(kinds[k], out[k].data.len()),
+            Err(e) => {
+                metrics.send_error();
+                tracing::debug!(error = %e, to = %out[k].to, "send failed");
+            }
+        })
+        .await;
+    for started in forwarded {
+        metrics
+            .forwarding_latency
+            .observe(started.elapsed().as_secs_f64());
     }
 }
 

@@ -1,8 +1,16 @@
-//! The media socket: batched receive (recvmmsg, GRO) and per-destination
-//! send through quinn-udp, which wraps the syscalls without `unsafe` here.
+//! The media socket: batched receive (recvmmsg, GRO) through quinn-udp and
+//! batched send: datagrams of one receive batch go out together, runs of
+//! equal-size datagrams to one destination as one UDP GSO send (quinn-udp,
+//! when the kernel and device support it; it probes at bind time and turns
+//! GSO off on the first send the device refuses, and those datagrams are
+//! then resent one by one), everything else through sendmmsg (nix). No
+//! `unsafe` here: both crates wrap the syscalls.
 
-use std::io::{self, IoSliceMut};
+use std::io::{self, IoSlice, IoSliceMut};
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+
+use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, sendmmsg};
 
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
 use tokio::io::Interest;
@@ -61,6 +69,142 @@ impl MediaSocket {
         })
     }
 
+    /// Most datagrams one GSO send may carry (1 when GSO is unavailable).
+    pub fn max_gso_segments(&self) -> usize {
+        self.state.max_gso_segments()
+    }
+
+    /// Sends every datagram of `out`, waiting while the socket buffer is
+    /// full, and reports each one's outcome through `done(index, result)`.
+    /// Order is kept per destination.
+    pub async fn send_batch(
+        &self,
+        out: &[Outgoing<'_>],
+        mut done: impl FnMut(usize, io::Result<()>),
+    ) {
+        let mut order: Vec<usize> = (0..out.len()).collect();
+        order.sort_by_key(|&i| out[i].to);
+        let mut singles: Vec<usize> = Vec::with_capacity(out.len());
+        let mut arena = Vec::new();
+        let mut i = 0;
+        while i < order.len() {
+            let run = self.gso_run(out, &order[i..]);
+            if run < 2 {
+                singles.push(order[i]);
+                i += 1;
+                continue;
+            }
+            // Earlier datagrams to this destination may be waiting in `singles`.
+            self.send_singles(out, &mut singles, &mut done).await;
+            let items = &order[i..i + run];
+            arena.clear();
+            for &k in items {
+                arena.extend_from_slice(out[k].data);
+            }
+            let t = Transmit {
+                destination: out[items[0]].to,
+                ecn: None,
+                contents: &arena,
+                segment_size: Some(out[items[0]].data.len()),
+                src_ip: None,
+            };
+            let sent = self
+                .io
+                .async_io(Interest::WRITABLE, || {
+                    self.state.try_send((&self.io).into(), &t)
+                })
+                .await;
+            match sent {
+                Ok(()) => items.iter().for_each(|&k| done(k, Ok(()))),
+                // The device refused segmentation (quinn-udp has now turned
+                // it off) or the send failed: retry them one by one.
+                Err(_) => singles.extend_from_slice(items),
+            }
+            i += run;
+        }
+        self.send_singles(out, &mut singles, &mut done).await;
+    }
+
+    /// How many datagrams from the start of `order` fit one GSO send: same
+    /// destination, same size (the last may be shorter), within the kernel's
+    /// segment and 64 KiB limits.
+    fn gso_run(&self, out: &[Outgoing<'_>], order: &[usize]) -> usize {
+        let max = self.state.max_gso_segments();
+        let first = &out[order[0]];
+        let size = first.data.len();
+        if max < 2 || size == 0 {
+            return 1;
+        }
+        let mut n = 1;
+        let mut total = size;
+        for &k in &order[1..] {
+            let d = &out[k];
+            if n == max || d.to != first.to || d.data.len() > size || total + d.data.len() > 65_000
+            {
+                break;
+            }
+            n += 1;
+            total += d.data.len();
+            if d.data.len() < size {
+                break;
+            }
+        }
+        n
+    }
+
+    /// Sends the datagrams listed in `pending` with sendmmsg and empties it.
+    async fn send_singles(
+        &self,
+        out: &[Outgoing<'_>],
+        pending: &mut Vec<usize>,
+        done: &mut impl FnMut(usize, io::Result<()>),
+    ) {
+        const CHUNK: usize = 64;
+        let mut next = 0;
+        while next < pending.len() {
+            let chunk = &pending[next..(next + CHUNK).min(pending.len())];
+            let r = self
+                .io
+                .async_io(Interest::WRITABLE, || self.sendmmsg(out, chunk))
+                .await;
+            match r {
+                Ok(n) => {
+                    chunk[..n].iter().for_each(|&k| done(k, Ok(())));
+                    next += n.max(1).min(chunk.len());
+                    if n == 0 {
+                        done(chunk[0], Err(io::Error::other("sendmmsg sent nothing")));
+                    }
+                }
+                // sendmmsg reports an error only for the first datagram of
+                // a call: count it and go on with the rest.
+                Err(e) => {
+                    done(chunk[0], Err(e));
+                    next += 1;
+                }
+            }
+        }
+        pending.clear();
+    }
+
+    fn sendmmsg(&self, out: &[Outgoing<'_>], chunk: &[usize]) -> io::Result<usize> {
+        let slices: Vec<[IoSlice<'_>; 1]> =
+            chunk.iter().map(|&k| [IoSlice::new(out[k].data)]).collect();
+        let addrs: Vec<Option<SockaddrStorage>> = chunk
+            .iter()
+            .map(|&k| Some(SockaddrStorage::from(out[k].to)))
+            .collect();
+        let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(chunk.len(), None);
+        let sent = sendmmsg(
+            self.io.as_raw_fd(),
+            &mut headers,
+            &slices,
+            &addrs,
+            [],
+            MsgFlags::MSG_DONTWAIT,
+        )?;
+        Ok(sent.count())
+    }
+
     /// Sends one datagram, waiting while the socket buffer is full.
     pub async fn send_to(&self, destination: SocketAddr, contents: &[u8]) -> io::Result<()> {
         let t = Transmit {
@@ -76,6 +220,13 @@ impl MediaSocket {
             })
             .await
     }
+}
+
+/// One datagram to send.
+#[derive(Debug, Clone, Copy)]
+pub struct Outgoing<'a> {
+    pub to: SocketAddr,
+    pub data: &'a [u8],
 }
 
 /// Owned receive buffers for one batch.
