@@ -74,10 +74,30 @@ impl Call {
 /// An API server keeping objects by path, good enough for reconciles: GET, LIST (with
 /// label selectors), POST, server-side-apply PATCH (stores the applied object), status PATCH
 /// (merges status), JSON PATCH (answers with the stored object), DELETE.
+///
+/// [`FakeApi::serve`] also serves it over HTTP with cluster-wide lists and watches, so the real
+/// operator binary can run against it (the benchmark does).
 #[derive(Debug, Default)]
 pub struct FakeApi {
     pub objects: Mutex<BTreeMap<String, Value>>,
     pub calls: Mutex<Vec<Call>>,
+    /// Last resourceVersion handed out.
+    version: std::sync::atomic::AtomicU64,
+    /// Open watches: every change is sent to each as (event type, path, object).
+    watchers: Mutex<Vec<tokio::sync::mpsc::UnboundedSender<(String, String, Value)>>>,
+}
+
+/// A namespaced collection path without its `/namespaces/<ns>`: the cluster-wide collection.
+fn without_namespace(path: &str) -> String {
+    let segs: Vec<&str> = path.split('/').collect();
+    match segs.iter().position(|s| *s == "namespaces") {
+        Some(i) if segs.len() > i + 2 => {
+            let mut v = segs[..i].to_vec();
+            v.extend_from_slice(&segs[i + 2..]);
+            v.join("/")
+        }
+        _ => path.to_string(),
+    }
 }
 
 fn collection_and_name(path: &str) -> (String, String) {
@@ -127,6 +147,90 @@ impl FakeApi {
         self.objects.lock().unwrap().insert(path.into(), obj);
     }
 
+    /// Stores `obj` as a client would create it: with a resourceVersion, announced to watches.
+    pub fn create(&self, path: &str, mut obj: Value) {
+        self.stamp(&mut obj);
+        self.objects
+            .lock()
+            .unwrap()
+            .insert(path.into(), obj.clone());
+        self.notify("ADDED", path, &obj);
+    }
+
+    fn stamp(&self, obj: &mut Value) -> u64 {
+        let rv = self
+            .version
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        if obj["metadata"].is_object() {
+            obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+        }
+        rv
+    }
+
+    /// Every later change as (event type, path, object).
+    pub fn subscribe(&self) -> tokio::sync::mpsc::UnboundedReceiver<(String, String, Value)> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        self.watchers.lock().unwrap().push(tx);
+        rx
+    }
+
+    fn notify(&self, kind: &str, path: &str, obj: &Value) {
+        self.watchers
+            .lock()
+            .unwrap()
+            .retain(|w| w.send((kind.into(), path.into(), obj.clone())).is_ok());
+    }
+
+    /// Serves the API over plain HTTP on `listener` until the task is dropped.
+    pub async fn serve(self: Arc<Self>, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+        let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
+            let api = self.clone();
+            async move { api.http(req).await }
+        });
+        axum::serve(listener, app).await
+    }
+
+    async fn http(self: Arc<Self>, req: axum::extract::Request) -> axum::response::Response {
+        use futures::StreamExt;
+        let (parts, body) = req.into_parts();
+        let bytes = axum::body::to_bytes(body, usize::MAX)
+            .await
+            .unwrap_or_default();
+        let query = parts.uri.query().unwrap_or("").to_string();
+        let path = parts.uri.path().to_string();
+        let watching = query_param(&query, "watch").is_some_and(|w| w == "true" || w == "1");
+        if parts.method == Method::GET && watching {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            self.watchers.lock().unwrap().push(tx);
+            let selector = query_param(&query, "labelSelector").unwrap_or_default();
+            let stream = futures::stream::unfold(rx, |mut rx| async move {
+                let ev = rx.recv().await?;
+                Some((ev, rx))
+            })
+            .filter_map(move |(kind, p, obj)| {
+                let (coll, _) = collection_and_name(&p);
+                let hit = (coll == path || without_namespace(&coll) == path)
+                    && labels_match(&obj, &selector);
+                futures::future::ready(hit.then(|| {
+                    let mut line = serde_json::to_vec(&json!({"type": kind, "object": obj}))
+                        .unwrap_or_default();
+                    line.push(b'\n');
+                    Ok::<_, std::convert::Infallible>(line)
+                }))
+            });
+            return axum::response::Response::new(axum::body::Body::from_stream(stream));
+        }
+        let (status, body) = self.respond(parts.method, path, query, &bytes).await;
+        let mut resp = axum::response::Response::new(axum::body::Body::from(body));
+        *resp.status_mut() = status;
+        resp.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        resp
+    }
+
     pub fn get(&self, path: &str) -> Option<Value> {
         self.objects.lock().unwrap().get(path).cloned()
     }
@@ -148,6 +252,34 @@ impl FakeApi {
         let path = req.uri().path().to_string();
         let query = req.uri().query().unwrap_or("").to_string();
         let body = req.into_body().collect_bytes().await.unwrap();
+        let (status, body) = self.respond(method, path, query, &body).await;
+        Response::builder()
+            .status(status)
+            .body(Body::from(body))
+            .unwrap()
+    }
+
+    async fn respond(
+        &self,
+        method: Method,
+        path: String,
+        query: String,
+        body: &[u8],
+    ) -> (StatusCode, Vec<u8>) {
+        let r = self.respond_inner(method, path, query, body);
+        (
+            r.status(),
+            r.into_body().collect_bytes().await.unwrap().to_vec(),
+        )
+    }
+
+    fn respond_inner(
+        &self,
+        method: Method,
+        path: String,
+        query: String,
+        body: &[u8],
+    ) -> Response<Body> {
         self.calls.lock().unwrap().push(Call {
             method: method.clone(),
             path: path.clone(),
@@ -165,42 +297,58 @@ impl FakeApi {
                 let selector = query_param(&query, "labelSelector").unwrap_or_default();
                 let items: Vec<Value> = objects
                     .iter()
-                    .filter(|(p, o)| collection_and_name(p).0 == path && labels_match(o, &selector))
+                    .filter(|(p, o)| {
+                        let coll = collection_and_name(p).0;
+                        (coll == path || without_namespace(&coll) == path)
+                            && labels_match(o, &selector)
+                    })
                     .map(|(_, o)| o.clone())
                     .collect();
                 let segs = path.trim_start_matches('/').split('/').count();
-                let collection = if path.starts_with("/api/") {
-                    segs == 5
-                } else {
-                    segs == 6
+                let collection = match (path.starts_with("/api/"), path.contains("/namespaces/")) {
+                    (true, true) => segs == 5,
+                    (true, false) => segs == 3,
+                    (false, true) => segs == 6,
+                    (false, false) => segs == 4,
                 };
                 if collection {
+                    let rv = self
+                        .version
+                        .load(std::sync::atomic::Ordering::Relaxed)
+                        .max(1);
                     ok(
-                        &json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "1"}, "items": items}),
+                        &json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": rv.to_string()}, "items": items}),
                     )
                 } else {
                     not_found()
                 }
             }
             Method::POST => {
-                let obj: Value = serde_json::from_slice(&body).unwrap();
+                let mut obj: Value = serde_json::from_slice(body).unwrap();
                 let name = obj["metadata"]["name"]
                     .as_str()
                     .unwrap_or("event")
                     .to_string();
                 if !path.ends_with("/events") {
-                    objects.insert(format!("{path}/{name}"), obj.clone());
+                    self.stamp(&mut obj);
+                    let at = format!("{path}/{name}");
+                    objects.insert(at.clone(), obj.clone());
+                    self.notify("ADDED", &at, &obj);
                 }
                 ok(&obj)
             }
             Method::PATCH => {
-                let patch: Value = serde_json::from_slice(&body).unwrap();
+                let patch: Value = serde_json::from_slice(body).unwrap();
                 if let Some(parent) = path.strip_suffix("/status") {
                     let Some(o) = objects.get_mut(parent) else {
                         return not_found();
                     };
                     o["status"] = patch["status"].clone();
-                    return ok(o);
+                    let mut o = o.clone();
+                    self.stamp(&mut o);
+                    objects.insert(parent.to_string(), o.clone());
+                    self.notify("MODIFIED", parent, &o);
+                    return ok(&o);
                 }
                 if patch.is_array() {
                     // JSON patch (finalizers): answer with the stored object.
@@ -211,11 +359,21 @@ impl FakeApi {
                     obj["status"] = st.clone();
                 }
                 obj["metadata"]["generation"] = json!(1);
-                objects.insert(path, obj.clone());
+                let kind = if objects.contains_key(&path) {
+                    "MODIFIED"
+                } else {
+                    "ADDED"
+                };
+                self.stamp(&mut obj);
+                objects.insert(path.clone(), obj.clone());
+                self.notify(kind, &path, &obj);
                 ok(&obj)
             }
             Method::DELETE => match objects.remove(&path) {
-                Some(o) => ok(&o),
+                Some(o) => {
+                    self.notify("DELETED", &path, &o);
+                    ok(&o)
+                }
                 None => not_found(),
             },
             _ => not_found(),
