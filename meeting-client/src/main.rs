@@ -42,20 +42,6 @@ enum Command {
     },
 }
 
-/// Credentials without a KMS: a dev ticket signer and a meeting key.
-#[derive(Args, Debug)]
-struct DevCreds {
-    /// Relay media address (host:port).
-    #[arg(long)]
-    relay: SocketAddr,
-    /// The relay's identity (its `relayId`).
-    #[arg(long)]
-    relay_id: String,
-    /// 32-byte Ed25519 seed of the dev ticket signer, hex.
-    #[arg(long, env = "CONCLAVE_DEV_TICKET_SEED")]
-    dev_ticket_seed: String,
-}
-
 #[derive(Args, Debug)]
 struct JoinArgs {
     /// KMS URL (https://host:port): join with a token; the KMS picks the
@@ -151,14 +137,47 @@ struct TokenArgs {
 
 #[derive(Args, Debug)]
 struct LoadArgs {
-    #[command(flatten)]
-    dev: DevCreds,
+    /// KMS URL (https://host:port): every participant joins through the KMS
+    /// with its own join token, minted from the dev issuer key
+    /// (--issuer-seed); the KMS places meetings on relays and releases keys.
+    #[arg(long, requires = "kms_ca", conflicts_with = "relay")]
+    kms: Option<String>,
+    /// CA bundle that signs the KMS's certificate.
+    #[arg(long)]
+    kms_ca: Option<PathBuf>,
+    /// 32-byte Ed25519 seed of the dev issuer key that mints the join tokens
+    /// (with --kms), hex.
+    #[arg(long, env = "CONCLAVE_DEV_ISSUER_SEED", hide_env_values = true)]
+    issuer_seed: Option<String>,
+    /// Key id (`kid`) the KMS's JWKS knows the issuer key by.
+    #[arg(long, default_value = "dev")]
+    kid: String,
+    /// Audience (`aud`) the KMS expects in join tokens.
+    #[arg(long, default_value = "conclave")]
+    aud: String,
+    /// Issuer (`iss`) of the join tokens, if the KMS checks it.
+    #[arg(long)]
+    iss: Option<String>,
+    /// Relay media address (dev mode, without a KMS).
+    #[arg(long, requires = "relay_id")]
+    relay: Option<SocketAddr>,
+    /// The relay's identity (its `relayId`, dev mode).
+    #[arg(long)]
+    relay_id: Option<String>,
+    /// 32-byte Ed25519 seed of the dev ticket signer, hex (dev mode).
+    #[arg(long, env = "CONCLAVE_DEV_TICKET_SEED", hide_env_values = true)]
+    dev_ticket_seed: Option<String>,
+    /// Meetings are named PREFIX-0, PREFIX-1, ...; default: load-<random>,
+    /// so runs against a long-lived KMS or relay never share a meeting.
+    #[arg(long)]
+    meeting_prefix: Option<String>,
     /// Meetings (M).
     #[arg(long, default_value_t = 2)]
     meetings: usize,
     /// Participants per meeting (N).
     #[arg(long, default_value_t = 3)]
     participants: usize,
+    /// Seconds of traffic once everyone has joined.
     #[arg(long, default_value_t = 5.0)]
     duration: f64,
     /// Also send video (30 fps, ~1.2 Mb/s).
@@ -169,11 +188,45 @@ struct LoadArgs {
     screen: bool,
 }
 
-fn issuer(d: &DevCreds) -> anyhow::Result<DevIssuer> {
-    Ok(DevIssuer::new(
-        hex_array("--dev-ticket-seed", &d.dev_ticket_seed)?,
-        d.relay_id.clone(),
-    ))
+impl LoadArgs {
+    fn source(&self) -> anyhow::Result<load::Source> {
+        match (&self.kms, self.relay) {
+            (Some(url), _) => {
+                let ca = self.kms_ca.as_deref().context("--kms-ca is required with --kms")?;
+                let tls = conclave_pki::tls::anonymous_client_config(ca)
+                    .with_context(|| format!("loading {}", ca.display()))?;
+                let client = kms_client::KmsClient::new(url, tls)?;
+                let seed = self.issuer_seed.as_deref().context(
+                    "--issuer-seed (or CONCLAVE_DEV_ISSUER_SEED) is required with --kms",
+                )?;
+                let key = meeting_proto::token::DevIssuerKey::from_seed(
+                    self.kid.clone(),
+                    &hex_array("--issuer-seed", seed)?,
+                )?;
+                Ok(load::Source::Kms {
+                    client,
+                    tokens: load::TokenMinter {
+                        key,
+                        audience: self.aud.clone(),
+                        issuer: self.iss.clone(),
+                    },
+                })
+            }
+            (None, Some(relay)) => {
+                let seed = self.dev_ticket_seed.as_deref().context(
+                    "--dev-ticket-seed (or CONCLAVE_DEV_TICKET_SEED) is required with --relay",
+                )?;
+                let relay_id = self.relay_id.clone().context("--relay-id")?;
+                Ok(load::Source::Dev {
+                    relay,
+                    issuer: DevIssuer::new(hex_array("--dev-ticket-seed", seed)?, relay_id),
+                })
+            }
+            (None, None) => {
+                anyhow::bail!("give --kms (with --kms-ca and --issuer-seed) or --relay (dev mode)")
+            }
+        }
+    }
 }
 
 #[tokio::main]
@@ -316,15 +369,19 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Command::Load(a) => {
+            let source = a.source()?;
             let opts = load::LoadOptions {
-                relay: a.dev.relay,
+                meeting_prefix: a
+                    .meeting_prefix
+                    .clone()
+                    .unwrap_or_else(|| format!("load-{:08x}", rand::random::<u32>())),
                 meetings: a.meetings,
                 participants: a.participants,
                 duration: Duration::from_secs_f64(a.duration),
                 video: a.video,
                 screen: a.screen,
             };
-            let report = load::run(opts, issuer(&a.dev)?).await?;
+            let report = load::run(opts, source).await?;
             println!("{}", serde_json::json!({ "report": report }));
         }
     }
