@@ -99,35 +99,198 @@ pub async fn run(mut leg: PhoneLeg, mut link: MeetingLink) -> String {
     why
 }
 
+fn has_port(host: &str) -> bool {
+    match host.strip_prefix('[') {
+        // An IPv6 literal: only a colon after the bracket starts a port.
+        Some(rest) => rest
+            .split_once(']')
+            .is_some_and(|(_, after)| after.starts_with(':')),
+        None => host.contains(':'),
+    }
+}
+
+/// How host-chosen dial-out targets are reached.
+#[derive(Debug, Clone, Default)]
+pub struct DialOut {
+    /// The pool's trunk (`host:port`): numbers are called through it.
+    pub trunk: Option<String>,
+    /// SIP over TLS: the default port is 5061 instead of 5060.
+    pub tls: bool,
+}
+
+impl DialOut {
+    /// The request URI and the `host:port` to send the INVITE to: a SIP URI
+    /// goes to its own host, a number through the trunk.
+    pub fn plan(&self, target: &str) -> Result<(String, String), String> {
+        let default_port = if self.tls || target.starts_with("sips:") {
+            5061
+        } else {
+            5060
+        };
+        if let Some(rest) = target
+            .strip_prefix("sip:")
+            .or_else(|| target.strip_prefix("sips:"))
+        {
+            let uri = rest.split(['?', ';']).next().unwrap_or_default();
+            let host = uri.rsplit_once('@').map_or(uri, |(_, h)| h);
+            if host.is_empty() {
+                return Err("the SIP URI names no host".into());
+            }
+            let peer = if has_port(host) {
+                host.to_string()
+            } else {
+                format!("{host}:{default_port}")
+            };
+            return Ok((target.to_string(), peer));
+        }
+        let trunk = self
+            .trunk
+            .as_deref()
+            .ok_or("calling a number needs the pool's trunk (spec.telephony.trunkAddress)")?;
+        let (host, peer) = if has_port(trunk) {
+            (
+                trunk.rsplit_once(':').map_or(trunk, |(h, _)| h),
+                trunk.to_string(),
+            )
+        } else {
+            (trunk, format!("{trunk}:{default_port}"))
+        };
+        Ok((format!("sip:{target}@{host}"), peer))
+    }
+}
+
+/// Join the meeting of `a` for an answered leg and bridge them until either ends.
+async fn connect_leg(
+    client: kms_client::KmsClient,
+    telephony: crate::telephony::Telephony,
+    leg: PhoneLeg,
+    a: meeting_proto::kms_api::Assignment,
+) {
+    let call = leg.call;
+    match crate::kms::join_assignment(&client, &a).await {
+        Ok((membership, creds)) => {
+            let (meeting, session) = (membership.meeting.clone(), membership.session.clone());
+            match crate::meeting::join(creds, Duration::from_secs(10)).await {
+                Ok(link) => {
+                    let (roster_tx, mut roster) =
+                        tokio::sync::watch::channel(membership.roster.clone());
+                    tokio::spawn(crate::kms::follow_epochs(
+                        client.clone(),
+                        membership,
+                        link.keys.clone(),
+                        roster_tx,
+                    ));
+                    // The host removing the phone ends the call.
+                    let removal = tokio::spawn({
+                        let telephony = telephony.clone();
+                        async move {
+                            if roster.wait_for(|r| !r.member).await.is_ok() {
+                                telephony.hangup(call).await;
+                            }
+                        }
+                    });
+                    let why = run(leg, link).await;
+                    removal.abort();
+                    tracing::info!(meeting = %meeting, why, "phone leg left the meeting");
+                }
+                Err(e) => tracing::warn!(error = %e, "relay unreachable"),
+            }
+            if let Err(e) = client.leave(&meeting, &session).await {
+                tracing::warn!(error = %e, "KMS leave failed");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "joining with the invitation failed"),
+    }
+    telephony.hangup(call).await;
+}
+
+/// Place the host's dial-out call of `a` and, once answered, join the meeting.
+async fn dial_out(
+    client: kms_client::KmsClient,
+    telephony: crate::telephony::Telephony,
+    plan: DialOut,
+    a: meeting_proto::kms_api::Assignment,
+) {
+    let target = a.target.clone().unwrap_or_default();
+    // Logs name only what the KMS's summary shows (never a full number).
+    let shown = meeting_proto::kms_api::redacted_target(&target);
+    let placed = async {
+        let (uri, peer) = plan.plan(&target)?;
+        let addr = tokio::net::lookup_host(&peer)
+            .await
+            .map_err(|e| format!("resolving {peer}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("{peer} resolves to nothing"))?;
+        telephony
+            .dial(addr, &uri, a.meeting.clone())
+            .await
+            .map_err(|e| e.to_string())
+    };
+    match placed.await {
+        Ok(leg) => {
+            tracing::info!(meeting = %a.meeting.as_str(), target = %shown, "dial-out answered");
+            connect_leg(client, telephony, leg, a).await;
+        }
+        Err(e) => {
+            tracing::warn!(meeting = %a.meeting.as_str(), target = %shown, error = %e, "dial-out failed")
+        }
+    }
+}
+
 /// Connect phone legs to meetings through the KMS: each leg needs an open
 /// invitation of this pool for its meeting (the host invited a phone), which
 /// it uses to join; the connector then appears in the roster as
 /// `connector:telephony` / `connector:roomSystem`. A leg for a meeting with
-/// no invitation is hung up: nobody joins a meeting uninvited.
+/// no invitation is hung up: nobody joins a meeting uninvited. An
+/// invitation with a target (a number or SIP URI the host chose) is a
+/// dial-out: the connector calls it and joins once it answers.
 pub async fn serve_legs(
     client: kms_client::KmsClient,
     mut legs: tokio::sync::mpsc::Receiver<PhoneLeg>,
     telephony: crate::telephony::Telephony,
+    plan: DialOut,
 ) {
     use meeting_proto::kms_api::Assignment;
     use std::sync::{Arc, Mutex};
-    let open: Arc<Mutex<BTreeMap<String, VecDeque<Assignment>>>> = Arc::default();
+    type Open = Arc<Mutex<BTreeMap<String, VecDeque<Assignment>>>>;
+    let open: Open = Arc::default();
+    // Dial-outs already placed: their invitations stay open until answered.
+    let dialed: Arc<Mutex<std::collections::HashSet<u64>>> = Arc::default();
+    let sort = {
+        let (client, telephony, open, dialed) = (
+            client.clone(),
+            telephony.clone(),
+            open.clone(),
+            dialed.clone(),
+        );
+        move |assignments: Vec<Assignment>| {
+            let mut o = open.lock().unwrap_or_else(|p| p.into_inner());
+            for a in assignments {
+                if a.target.is_some() {
+                    if dialed
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(a.invitation)
+                    {
+                        tokio::spawn(dial_out(client.clone(), telephony.clone(), plan.clone(), a));
+                    }
+                    continue;
+                }
+                let q = o.entry(a.meeting.as_str().to_string()).or_default();
+                if !q.iter().any(|x| x.invitation == a.invitation) {
+                    q.push_back(a);
+                }
+            }
+        }
+    };
     let poller = tokio::spawn({
-        let (client, open) = (client.clone(), open.clone());
+        let (client, sort) = (client.clone(), sort.clone());
         async move {
             loop {
                 match client.assignments(25_000).await {
                     Ok(r) => {
                         let pending = !r.assignments.is_empty();
-                        {
-                            let mut o = open.lock().unwrap_or_else(|p| p.into_inner());
-                            for a in r.assignments {
-                                let q = o.entry(a.meeting.as_str().to_string()).or_default();
-                                if !q.iter().any(|x| x.invitation == a.invitation) {
-                                    q.push_back(a);
-                                }
-                            }
-                        }
+                        sort(r.assignments);
                         if pending {
                             // Open invitations answer the long-poll at once until
                             // a call uses them: pace the polling meanwhile.
@@ -153,62 +316,17 @@ pub async fn serve_legs(
         if assignment.is_none() {
             // The invitation may be newer than the poller's last answer: ask now.
             if let Ok(r) = client.assignments(0).await {
-                let mut o = open.lock().unwrap_or_else(|p| p.into_inner());
-                for a in r.assignments {
-                    let q = o.entry(a.meeting.as_str().to_string()).or_default();
-                    if !q.iter().any(|x| x.invitation == a.invitation) {
-                        q.push_back(a);
-                    }
-                }
+                sort(r.assignments);
             }
             assignment = take(&open, leg.meeting.as_str());
         }
         let Some(a) = assignment else {
-            tracing::warn!(meeting = %leg.meeting.as_str(), caller = %leg.display_name,
+            tracing::warn!(meeting = %leg.meeting.as_str(),
                 "no invitation for this meeting: hanging up (the host must invite a phone)");
             telephony.hangup(leg.call).await;
             continue;
         };
-        let (client, telephony) = (client.clone(), telephony.clone());
-        tokio::spawn(async move {
-            let call = leg.call;
-            match crate::kms::join_assignment(&client, &a).await {
-                Ok((membership, creds)) => {
-                    let (meeting, session) =
-                        (membership.meeting.clone(), membership.session.clone());
-                    match crate::meeting::join(creds, Duration::from_secs(10)).await {
-                        Ok(link) => {
-                            let (roster_tx, mut roster) =
-                                tokio::sync::watch::channel(membership.roster.clone());
-                            tokio::spawn(crate::kms::follow_epochs(
-                                client.clone(),
-                                membership,
-                                link.keys.clone(),
-                                roster_tx,
-                            ));
-                            // The host removing the phone ends the call.
-                            let removal = tokio::spawn({
-                                let telephony = telephony.clone();
-                                async move {
-                                    if roster.wait_for(|r| !r.member).await.is_ok() {
-                                        telephony.hangup(call).await;
-                                    }
-                                }
-                            });
-                            let why = run(leg, link).await;
-                            removal.abort();
-                            tracing::info!(meeting = %meeting, why, "phone leg left the meeting");
-                        }
-                        Err(e) => tracing::warn!(error = %e, "relay unreachable"),
-                    }
-                    if let Err(e) = client.leave(&meeting, &session).await {
-                        tracing::warn!(error = %e, "KMS leave failed");
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "joining with the invitation failed"),
-            }
-            telephony.hangup(call).await;
-        });
+        tokio::spawn(connect_leg(client.clone(), telephony.clone(), leg, a));
     }
     poller.abort();
 }
@@ -217,6 +335,42 @@ pub async fn serve_legs(
 mod tests {
     use super::*;
     use crate::media::tone;
+
+    #[test]
+    fn dial_out_plans_uris_and_numbers() {
+        let udp = DialOut {
+            trunk: Some("trunk.example:5080".into()),
+            tls: false,
+        };
+        assert_eq!(
+            udp.plan("sip:alice@127.0.0.1:5090;transport=udp").unwrap(),
+            (
+                "sip:alice@127.0.0.1:5090;transport=udp".to_string(),
+                "127.0.0.1:5090".to_string()
+            )
+        );
+        assert_eq!(
+            udp.plan("sip:room@pbx.example").unwrap().1,
+            "pbx.example:5060"
+        );
+        assert_eq!(
+            udp.plan("+15550123").unwrap(),
+            (
+                "sip:+15550123@trunk.example".to_string(),
+                "trunk.example:5080".to_string()
+            )
+        );
+        let tls = DialOut {
+            trunk: Some("sip.example.net".into()),
+            tls: true,
+        };
+        assert_eq!(tls.plan("+15550123").unwrap().1, "sip.example.net:5061");
+        assert_eq!(tls.plan("sips:bob@[::1]").unwrap().1, "[::1]:5061");
+        assert_eq!(tls.plan("sips:bob@[::1]:5071").unwrap().1, "[::1]:5071");
+        let none = DialOut::default();
+        assert!(none.plan("+15550123").unwrap_err().contains("trunk"));
+        assert!(none.plan("sip:").unwrap_err().contains("no host"));
+    }
 
     #[test]
     fn resampling_keeps_tones() {

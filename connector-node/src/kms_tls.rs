@@ -106,3 +106,56 @@ pub fn client_config(
         None => builder.with_no_client_auth(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+
+    fn verifier(ca: &rcgen::Certificate, name: &str) -> NamedVerifier {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.der().clone()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        NamedVerifier {
+            inner: WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .unwrap(),
+            name: ServerName::try_from(name.to_string()).unwrap(),
+        }
+    }
+
+    #[test]
+    fn checks_the_certificate_against_the_given_name_not_the_address() {
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, &ca_key);
+        let key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec!["main-kms.ns.svc".to_string()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        let pod_ip = ServerName::try_from("198.18.0.7").unwrap();
+        let now = UnixTime::now();
+        let ok =
+            verifier(&ca, "main-kms.ns.svc").verify_server_cert(leaf.der(), &[], &pod_ip, &[], now);
+        assert!(ok.is_ok(), "{ok:?}");
+        let wrong =
+            verifier(&ca, "other.ns.svc").verify_server_cert(leaf.der(), &[], &pod_ip, &[], now);
+        assert!(wrong.is_err(), "a certificate for another name is refused");
+        // A certificate from another CA is refused whatever its name.
+        let other_key = KeyPair::generate().unwrap();
+        let mut other_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        other_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let other = other_params.self_signed(&other_key).unwrap();
+        let bad = verifier(&other, "main-kms.ns.svc").verify_server_cert(
+            leaf.der(),
+            &[],
+            &pod_ip,
+            &[],
+            now,
+        );
+        assert!(bad.is_err());
+    }
+}

@@ -110,7 +110,11 @@ pub async fn run(cfg: ConnectorConfig, metrics: Arc<Metrics>) -> anyhow::Result<
                 legs_tx,
             );
             tracing::info!(pool = %cfg.pool, kind = cfg.kind.as_str(), listen = %sip.listen, "SIP connector running");
-            crate::bridge::serve_legs(kms, legs, tel).await;
+            let plan = crate::bridge::DialOut {
+                trunk: sip.trunk.clone(),
+                tls: t == Transport::Tls,
+            };
+            crate::bridge::serve_legs(kms, legs, tel, plan).await;
             Ok(())
         }
         ConnectorKind::Recording => {

@@ -661,7 +661,12 @@ async fn invited_phone_bridges_a_baresip_caller_into_the_meeting() {
             std::sync::Arc::new(Metrics::new()),
             legs_tx,
         );
-        tokio::spawn(connector_node::bridge::serve_legs(phones, legs_rx, tel));
+        tokio::spawn(connector_node::bridge::serve_legs(
+            phones,
+            legs_rx,
+            tel,
+            Default::default(),
+        ));
 
         // The host invites a phone; the host's own link listens and speaks.
         people
@@ -792,6 +797,190 @@ async fn invited_phone_bridges_a_baresip_caller_into_the_meeting() {
         assert!(
             best > 0.7,
             "the phone does not hear the meeting (ratio {best:.2})"
+        );
+        hb.abort();
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_invites_a_phone_by_sip_uri_and_the_connector_dials_out() {
+    use connector_node::sip::{transport, ua};
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let w = World::start(TempDir::new("kms-dialout"));
+        let (_relay, hb) = start_relay(&w).await;
+        let people = w.client("anon", None);
+        let host_key = EphemeralKey::generate();
+        let meeting = MeetingId::new("callout").unwrap();
+        let host = people
+            .join(
+                &meeting,
+                &api::JoinRequest {
+                    token: Some(w.token("ada", "callout", Role::Host)),
+                    invitation: None,
+                    public_key: Hex(host_key.public_key().to_vec()),
+                },
+            )
+            .await
+            .unwrap();
+        let session = kms_client::Session(host.session.clone());
+        let phones = w.client(
+            "phones0",
+            Some(
+                Identity::new(NS, Kind::Connector, "phones")
+                    .unwrap()
+                    .with_pod("phones-0")
+                    .unwrap(),
+            ),
+        );
+        let agent = ua::UserAgent::new(ua::UaConfig {
+            local: "127.0.0.1:0".parse().unwrap(),
+            transport: ua::Transport::Udp,
+            user: "phones".into(),
+            display_name: "Conclave".into(),
+            credentials: None,
+            max_calls: 4,
+            invites_per_second: 10,
+        });
+        let (ev_tx, ev_rx) = tokio::sync::mpsc::channel(64);
+        let sip = transport::spawn(
+            agent,
+            "127.0.0.1:0".parse().unwrap(),
+            ua::Transport::Udp,
+            None,
+            ev_tx,
+        )
+        .await
+        .unwrap();
+        let (legs_tx, legs_rx) = tokio::sync::mpsc::channel(4);
+        let tel = connector_node::telephony::start(
+            sip,
+            ev_rx,
+            connector_node::telephony::TelephonySettings {
+                media_ip: "127.0.0.1".parse().unwrap(),
+                srtp: meeting_proto::config::connector::SrtpPolicy::Preferred,
+                dial_in: Default::default(),
+                name_prefix: Some("Phone".into()),
+                media_timeout: Duration::from_secs(5),
+            },
+            std::sync::Arc::new(Metrics::new()),
+            legs_tx,
+        );
+        tokio::spawn(connector_node::bridge::serve_legs(
+            phones,
+            legs_rx,
+            tel,
+            Default::default(),
+        ));
+
+        // The callee: baresip answering automatically, saying 1000 Hz.
+        let wav = w._dir.0.join("phone.wav");
+        common::write_wav(
+            &wav,
+            8000,
+            &connector_node::media::tone::sine(1000.0, 8000, 8000.0, 0, 8000 * 30),
+        );
+        let phone_dir = w._dir.0.join("baresip");
+        std::fs::create_dir_all(&phone_dir).unwrap();
+        let mut phone = common::Baresip::start(
+            &phone_dir,
+            &wav,
+            common::BaresipOpts {
+                transport: "udp",
+                mediaenc: None,
+                tls: None,
+                dial: None,
+                codecs: None,
+            },
+        );
+
+        // The host chooses whom to call; the connector dials and joins on answer.
+        let target = format!("sip:phone@127.0.0.1:{}", phone.port);
+        people
+            .invite(&meeting, &session, ConnectorKind::Telephony, Some(&target))
+            .await
+            .unwrap();
+        let mut link = meeting::join(
+            host_creds(&host, &host_key, &meeting),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            link.events.recv().await,
+            Some(meeting::MeetingEvent::Joined)
+        );
+        let vk = ed25519_dalek::VerifyingKey::from_bytes(
+            &people
+                .info()
+                .await
+                .unwrap()
+                .signing_public_key
+                .array()
+                .unwrap(),
+        )
+        .unwrap();
+        let mut since = host.roster.verify(&vk).unwrap().version;
+        let phone_sender = loop {
+            let ev = people
+                .events(&meeting, &session, since, 5000)
+                .await
+                .unwrap();
+            since = ev.version;
+            if let Some(r) = ev.roster
+                && let Some(m) = r
+                    .verify(&vk)
+                    .unwrap()
+                    .members
+                    .iter()
+                    .find(|m| m.role.to_string() == "connector:telephony")
+            {
+                break m.sender_index;
+            }
+        };
+
+        // 4 s: the host says 440 Hz and hears the callee's 1000 Hz.
+        let mut enc = Encoder::new().unwrap();
+        let mut dec = meeting_client::audio::Decoder::new().unwrap();
+        let mut heard = Vec::new();
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        for f in meeting_client::audio::tone(440.0, 4.0).chunks(960) {
+            tick.tick().await;
+            link.audio.send(enc.encode(f).unwrap()).await.unwrap();
+            while let Ok(ev) = link.events.try_recv() {
+                if let meeting::MeetingEvent::Audio { sender, packet, .. } = ev
+                    && sender == phone_sender
+                {
+                    heard.extend(dec.decode(&packet).unwrap());
+                }
+            }
+        }
+        let best = heard
+            .chunks(48000)
+            .map(|c| connector_node::media::tone::tone_ratio(c, 1000.0, 48000))
+            .fold(0f32, f32::max);
+        assert!(
+            best > 0.7,
+            "the meeting does not hear the callee ({best:.2})"
+        );
+        link.leave();
+        phone.stop();
+        let files = phone.heard();
+        assert!(
+            !files.is_empty(),
+            "baresip recorded nothing:\n{}",
+            phone.log()
+        );
+        let (_, got) = common::read_wav(&files[0]);
+        let best = got
+            .chunks(8000)
+            .map(|c| connector_node::media::tone::tone_ratio(c, 440.0, 8000))
+            .fold(0f32, f32::max);
+        assert!(
+            best > 0.7,
+            "the callee does not hear the meeting ({best:.2})"
         );
         hb.abort();
     })
