@@ -297,6 +297,21 @@ fn refusal_label(e: &sdp::SdpError) -> &'static str {
     }
 }
 
+/// A caller's number shown by its last four digits ("…4567"): a phone
+/// number identifies a person, and names and logs only need to tell callers
+/// apart. Anything that is not a number (a room system's name) is unchanged.
+pub fn masked_number(caller: &str) -> String {
+    let digits: String = caller.chars().filter(char::is_ascii_digit).collect();
+    let numberish = caller
+        .chars()
+        .all(|c| c.is_ascii_digit() || matches!(c, '+' | ' ' | '-' | '(' | ')' | '.'));
+    if numberish && digits.len() >= 7 {
+        format!("…{}", &digits[digits.len() - 4..])
+    } else {
+        caller.to_string()
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn incoming(
     sip: &SipHandle,
@@ -343,7 +358,7 @@ async fn incoming(
     let (answer, neg) = match local.answer(&offer) {
         Ok(x) => x,
         Err(e) => {
-            tracing::info!(%caller, reason = %e, "refused call");
+            tracing::info!(caller = %masked_number(&caller), reason = %e, "refused call");
             metrics.call_refused(refusal_label(&e));
             let _ = sip
                 .commands
@@ -354,7 +369,7 @@ async fn incoming(
     };
     let _ = sip.commands.send(Command::Answer(call, answer)).await;
     let display_name = match &settings.name_prefix {
-        Some(p) => format!("{p} {caller}"),
+        Some(p) => format!("{p} {}", masked_number(&caller)),
         None => caller,
     };
     let meeting = dialled
@@ -615,5 +630,20 @@ async fn media_loop(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::masked_number;
+
+    #[test]
+    fn numbers_show_only_their_last_four_digits() {
+        assert_eq!(masked_number("+15551234567"), "…4567");
+        assert_eq!(masked_number("+1 (555) 123-4567"), "…4567");
+        assert_eq!(masked_number("Boardroom"), "Boardroom");
+        assert_eq!(masked_number("phone"), "phone");
+        // Short extensions are not personal numbers.
+        assert_eq!(masked_number("1234"), "1234");
     }
 }
