@@ -116,6 +116,8 @@ def ns(conclave_release):
     wait_ready(NS, "mz", "zone-a", timeout=180)
     yield NS
     kubectl("delete", "namespace", NS, "--wait=true", "--timeout=120s", check=False, timeout=180)
+    # The CA key of the namespace lives in the operator's namespace (no cross-namespace owner).
+    kubectl("delete", "secret", "-n", SYSTEM_NS, f"conclave-ca-{NS}", "--ignore-not-found", check=False)
 
 
 def test_children_exist_with_controller_owner_and_labels(ns):
@@ -136,6 +138,13 @@ def test_children_exist_with_controller_owner_and_labels(ns):
     kms_status = kubectl_json("get", "kms", "-n", ns, "main")["status"]
     assert re.fullmatch(r"[0-9a-f]{64}", kms_status["ticketSigningKeyFingerprint"])
     assert zone_obj["status"]["readyRelays"] == 2
+
+
+def test_the_namespace_ca_key_stays_in_the_operator_namespace(ns):
+    public = kubectl_json("get", "secret", "-n", ns, "conclave-ca")["data"]
+    assert "ca.crt" in public and "ca.key" not in public, sorted(public)
+    private = kubectl_json("get", "secret", "-n", SYSTEM_NS, f"conclave-ca-{ns}")["data"]
+    assert private["ca.crt"] == public["ca.crt"] and "ca.key" in private
 
 
 def test_deleted_children_come_back(ns):

@@ -32,63 +32,155 @@ fn data_str<'a>(s: &'a Secret, key: &str) -> Option<&'a str> {
         .and_then(|b| std::str::from_utf8(&b.0).ok())
 }
 
-/// Loads the namespace CA, creating it when the namespace has none.
-pub async fn ensure_ca(ctx: &Context, ns: &str) -> Result<CertificateAuthority> {
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-    if let Some(s) = api.get_opt(CA_SECRET).await? {
-        let (Some(cert), Some(key)) = (data_str(&s, "ca.crt"), data_str(&s, "ca.key")) else {
-            return Err(Error::Certificate(format!(
-                "Secret {ns}/{CA_SECRET} must hold ca.crt and ca.key (PEM)"
-            )));
-        };
-        return CertificateAuthority::from_pem(cert, key).map_err(pki_err);
+/// Name of the Secret in the operator's namespace that holds namespace `ns`'s CA key.
+pub fn ca_key_secret_name(ns: &str) -> String {
+    format!("{CA_SECRET}-{ns}")
+}
+
+fn ca_labels() -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (crate::pod::LABEL_NAME.into(), "conclave".into()),
+        (crate::pod::LABEL_COMPONENT.into(), "ca".into()),
+        (
+            crate::pod::LABEL_MANAGED_BY.into(),
+            crate::pod::MANAGED_BY.into(),
+        ),
+    ])
+}
+
+fn ca_secret(ns: &str, name: &str, ca: &CertificateAuthority, with_key: bool) -> Secret {
+    let mut data = BTreeMap::from([(
+        "ca.crt".to_string(),
+        ByteString(ca.cert_pem().as_bytes().to_vec()),
+    )]);
+    if with_key {
+        data.insert(
+            "ca.key".into(),
+            ByteString(ca.key_pem().as_bytes().to_vec()),
+        );
     }
-    let ca = CertificateAuthority::generate(ns, Validity::starting_now(ctx.settings.ca_lifetime))
-        .map_err(pki_err)?;
-    let secret = Secret {
+    Secret {
         metadata: ObjectMeta {
-            name: Some(CA_SECRET.into()),
+            name: Some(name.into()),
             namespace: Some(ns.into()),
-            labels: Some(BTreeMap::from([
-                (crate::pod::LABEL_NAME.into(), "conclave".into()),
-                (crate::pod::LABEL_COMPONENT.into(), "ca".into()),
-                (
-                    crate::pod::LABEL_MANAGED_BY.into(),
-                    crate::pod::MANAGED_BY.into(),
-                ),
-            ])),
+            labels: Some(ca_labels()),
             ..Default::default()
         },
         type_: Some("Opaque".into()),
-        data: Some(BTreeMap::from([
-            (
-                "ca.crt".into(),
-                ByteString(ca.cert_pem().as_bytes().to_vec()),
-            ),
-            (
-                "ca.key".into(),
-                ByteString(ca.key_pem().as_bytes().to_vec()),
-            ),
-        ])),
+        data: Some(data),
         ..Default::default()
+    }
+}
+
+fn ca_from(s: &Secret, where_: &str) -> Result<CertificateAuthority> {
+    let (Some(cert), Some(key)) = (data_str(s, "ca.crt"), data_str(s, "ca.key")) else {
+        return Err(Error::Certificate(format!(
+            "Secret {where_} must hold ca.crt and ca.key (PEM)"
+        )));
     };
-    // Create, not apply: if another replica or the user won the race, use theirs.
-    match api.create(&PostParams::default(), &secret).await {
-        Ok(_) => {
-            tracing::info!(namespace = ns, "generated namespace CA");
-            Ok(ca)
-        }
-        Err(kube::Error::Api(e)) if e.code == 409 => {
-            let s = api.get(CA_SECRET).await?;
-            let (Some(cert), Some(key)) = (data_str(&s, "ca.crt"), data_str(&s, "ca.key")) else {
-                return Err(Error::Certificate(format!(
-                    "Secret {ns}/{CA_SECRET} is incomplete"
-                )));
-            };
-            CertificateAuthority::from_pem(cert, key).map_err(pki_err)
-        }
+    CertificateAuthority::from_pem(cert, key).map_err(pki_err)
+}
+
+fn made_by_operator(s: &Secret) -> bool {
+    s.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(crate::pod::LABEL_MANAGED_BY))
+        .is_some_and(|v| v == crate::pod::MANAGED_BY)
+}
+
+/// Creates `secret`; when another replica won the race, returns theirs.
+async fn create_or_get(api: &Api<Secret>, secret: &Secret) -> Result<Option<Secret>> {
+    match api.create(&PostParams::default(), secret).await {
+        Ok(_) => Ok(None),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(Some(
+            api.get(secret.metadata.name.as_deref().unwrap_or(CA_SECRET))
+                .await?,
+        )),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Loads the CA of namespace `ns`, creating it when the namespace has none.
+///
+/// The CA's key stays out of the namespaces it serves: it lives in the Secret
+/// [`ca_key_secret_name`] of the operator's namespace (`Settings::ca_namespace`), and `ns` gets
+/// `conclave-ca` with `ca.crt` only, for whoever must trust the KMS. A key an older operator left
+/// in `ns` is moved there. A `conclave-ca` the user created with `ca.key` (bring your own CA) is
+/// used as it is. Without a CA namespace (running outside a pod without `--ca-namespace`) the
+/// key is kept in `ns`, as before.
+pub async fn ensure_ca(ctx: &Context, ns: &str) -> Result<CertificateAuthority> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let public = api.get_opt(CA_SECRET).await?;
+    let has_key = |s: &Secret| data_str(s, "ca.key").is_some();
+    let Some(key_ns) = ctx.settings.ca_namespace.as_deref() else {
+        if let Some(s) = &public {
+            return ca_from(s, &format!("{ns}/{CA_SECRET}"));
+        }
+        let ca =
+            CertificateAuthority::generate(ns, Validity::starting_now(ctx.settings.ca_lifetime))
+                .map_err(pki_err)?;
+        return match create_or_get(&api, &ca_secret(ns, CA_SECRET, &ca, true)).await? {
+            None => {
+                tracing::info!(namespace = ns, "generated namespace CA");
+                Ok(ca)
+            }
+            Some(theirs) => ca_from(&theirs, &format!("{ns}/{CA_SECRET}")),
+        };
+    };
+    if let Some(s) = public
+        .as_ref()
+        .filter(|s| has_key(s) && !made_by_operator(s))
+    {
+        return ca_from(s, &format!("{ns}/{CA_SECRET}"));
+    }
+    let keys: Api<Secret> = Api::namespaced(ctx.client.clone(), key_ns);
+    let key_name = ca_key_secret_name(ns);
+    let where_ = format!("{key_ns}/{key_name}");
+    let ca = match keys.get_opt(&key_name).await? {
+        Some(s) => ca_from(&s, &where_)?,
+        None => {
+            let (ca, moved) = match public.as_ref().filter(|s| has_key(s)) {
+                Some(s) => (ca_from(s, &format!("{ns}/{CA_SECRET}"))?, true),
+                None => (
+                    CertificateAuthority::generate(
+                        ns,
+                        Validity::starting_now(ctx.settings.ca_lifetime),
+                    )
+                    .map_err(pki_err)?,
+                    false,
+                ),
+            };
+            match create_or_get(&keys, &ca_secret(key_ns, &key_name, &ca, true)).await? {
+                // Another replica won the race: theirs is the CA.
+                Some(theirs) => ca_from(&theirs, &where_)?,
+                None => {
+                    let what = if moved {
+                        "moved namespace CA key"
+                    } else {
+                        "generated namespace CA"
+                    };
+                    tracing::info!(namespace = ns, key_namespace = key_ns, "{what}");
+                    ca
+                }
+            }
+        }
+    };
+    // The served namespace keeps the certificate only. Dropping a key the operator once put
+    // there takes a delete and a create: a server-side apply cannot remove a field another
+    // field manager (the original create) owns, and the role has no `update` on Secrets.
+    let cert_pem = ca.cert_pem();
+    match &public {
+        Some(s) if !has_key(s) && data_str(s, "ca.crt") == Some(cert_pem) => {}
+        Some(_) => {
+            api.delete(CA_SECRET, &Default::default()).await?;
+            create_or_get(&api, &ca_secret(ns, CA_SECRET, &ca, false)).await?;
+        }
+        None => {
+            create_or_get(&api, &ca_secret(ns, CA_SECRET, &ca, false)).await?;
+        }
+    }
+    Ok(ca)
 }
 
 /// A certificate to keep issued in a Secret.

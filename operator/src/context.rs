@@ -23,6 +23,9 @@ pub struct Settings {
     pub resync: Duration,
     /// Cluster DNS suffix used in certificate names and URLs.
     pub cluster_domain: String,
+    /// Namespace holding the namespace CAs' keys (the operator's own). `None`: each CA's key
+    /// stays in the namespace it serves.
+    pub ca_namespace: Option<String>,
 }
 
 impl Default for Settings {
@@ -36,6 +39,7 @@ impl Default for Settings {
             ca_lifetime: Duration::from_secs(10 * 365 * 86_400),
             resync: Duration::from_secs(300),
             cluster_domain: "cluster.local".into(),
+            ca_namespace: None,
         }
     }
 }

@@ -15,6 +15,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 pub const NS: &str = "team";
+/// The operator's own namespace, where CA keys are kept.
+pub const OPERATOR_NS: &str = "conclave-system";
 
 fn with_meta<K: Resource>(mut k: K, name: &str) -> K {
     let m = k.meta_mut();
@@ -392,7 +394,10 @@ pub fn context(caps: Capabilities) -> (Arc<Context>, Arc<FakeApi>) {
         }
     });
     let client = Client::new(svc, NS);
-    let settings = Settings::default();
+    let settings = Settings {
+        ca_namespace: Some(OPERATOR_NS.into()),
+        ..Settings::default()
+    };
     (
         Arc::new(Context::new(
             client,

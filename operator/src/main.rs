@@ -106,6 +106,11 @@ struct RunArgs {
     /// Cluster DNS domain used in certificate names.
     #[arg(long, env = "CONCLAVE_CLUSTER_DOMAIN", default_value = "cluster.local")]
     cluster_domain: String,
+    /// Namespace where the keys of the namespace CAs are kept (Secrets `conclave-ca-<namespace>`);
+    /// served namespaces get only `ca.crt`. Default: the operator's own namespace (POD_NAMESPACE);
+    /// without either, keys stay in the served namespaces.
+    #[arg(long, env = "CONCLAVE_CA_NAMESPACE")]
+    ca_namespace: Option<String>,
     /// Log format: json or text.
     #[arg(long, env = "CONCLAVE_LOG_FORMAT", default_value = "json")]
     log_format: String,
@@ -234,6 +239,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         ca_lifetime: args.ca_lifetime,
         resync: args.resync,
         cluster_domain: args.cluster_domain.clone(),
+        ca_namespace: args
+            .ca_namespace
+            .clone()
+            .or_else(|| std::env::var("POD_NAMESPACE").ok()),
     };
     let ctx = Arc::new(Context::new(
         client.clone(),

@@ -575,3 +575,68 @@ fn sessions_are_summed_from_the_connector_gauges_only() {
     assert_eq!(crate::pool::sessions_in_exposition(text), Some(4));
     assert_eq!(crate::pool::sessions_in_exposition("up 1\n"), None);
 }
+
+#[tokio::test]
+async fn the_ca_key_lives_in_the_operator_namespace_and_an_old_one_is_moved() {
+    bounded(async {
+        let key_path = format!(
+            "/api/v1/namespaces/{OPERATOR_NS}/secrets/{}",
+            crate::certs::ca_key_secret_name(NS)
+        );
+        let public_path = path("v1", "secrets", "conclave-ca");
+
+        // A fresh namespace: the key goes to the operator's namespace only.
+        let (ctx, fake) = context(CAPS);
+        let ca = crate::certs::ensure_ca(&ctx, NS).await.unwrap();
+        let public = fake
+            .get(&public_path)
+            .expect("conclave-ca in the namespace");
+        assert!(public["data"].get("ca.key").is_none(), "{public}");
+        assert!(public["data"]["ca.crt"].is_string());
+        let private = fake.get(&key_path).expect("the key Secret");
+        assert!(private["data"]["ca.key"].is_string());
+        // Steady state: reads only, same CA.
+        fake.clear_calls();
+        let again = crate::certs::ensure_ca(&ctx, NS).await.unwrap();
+        assert_eq!(again.cert_pem(), ca.cert_pem());
+        assert_eq!(fake.writes(), vec![]);
+
+        // A key an older operator left in the namespace is moved, keeping the same CA.
+        let (ctx, fake) = context(CAPS);
+        let old = conclave_pki::CertificateAuthority::generate(
+            NS,
+            conclave_pki::Validity::starting_now(std::time::Duration::from_secs(3600)),
+        )
+        .unwrap();
+        let b64 = |s: &str| {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD.encode(s)
+        };
+        fake.put(
+            &public_path,
+            json!({"apiVersion": "v1", "kind": "Secret",
+                   "metadata": {"name": "conclave-ca", "namespace": NS,
+                                "labels": {"app.kubernetes.io/managed-by": "conclave-operator"}},
+                   "data": {"ca.crt": b64(old.cert_pem()), "ca.key": b64(&old.key_pem())}}),
+        );
+        let moved = crate::certs::ensure_ca(&ctx, NS).await.unwrap();
+        assert_eq!(moved.cert_pem(), old.cert_pem());
+        let public = fake.get(&public_path).unwrap();
+        assert!(public["data"].get("ca.key").is_none(), "{public}");
+        assert!(fake.get(&key_path).unwrap()["data"]["ca.key"].is_string());
+
+        // A CA the user brought (not labelled as ours) stays where they put it.
+        let (ctx, fake) = context(CAPS);
+        fake.put(
+            &public_path,
+            json!({"apiVersion": "v1", "kind": "Secret",
+                   "metadata": {"name": "conclave-ca", "namespace": NS},
+                   "data": {"ca.crt": b64(old.cert_pem()), "ca.key": b64(&old.key_pem())}}),
+        );
+        let theirs = crate::certs::ensure_ca(&ctx, NS).await.unwrap();
+        assert_eq!(theirs.cert_pem(), old.cert_pem());
+        assert_eq!(fake.writes(), vec![]);
+        assert!(fake.get(&key_path).is_none());
+    })
+    .await
+}

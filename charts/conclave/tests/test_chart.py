@@ -164,3 +164,12 @@ def test_every_values_key_is_documented():
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_scoped_rbac_can_keep_ca_keys_in_the_release_namespace():
+    docs, _ = render({"watchNamespace": "team"})
+    (role,) = [r for r in by_kind(docs, "Role") if r["metadata"]["name"].endswith("-ca-keys")]
+    assert role["metadata"]["namespace"] == "conclave-system"
+    assert rules_of(role) == {("", "secrets"): {"get", "create"}}
+    docs, _ = render()
+    assert [r for r in by_kind(docs, "Role") if r["metadata"]["name"].endswith("-ca-keys")] == []
