@@ -7,10 +7,6 @@
 //! to another meeting, epoch or KEK slot fails to unwrap.
 
 use ed25519_dalek::SigningKey;
-use hpke::aead::ChaCha20Poly1305;
-use hpke::kdf::HkdfSha256;
-use hpke::kem::X25519HkdfSha256;
-use hpke::{Deserializable, Kem, OpModeS, Serializable};
 use meeting_proto::ids::MeetingId;
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use ring::rand::{SecureRandom, SystemRandom};
@@ -419,23 +415,150 @@ impl KeyRing {
 
 /// Seals `key` to an X25519 public key with HPKE (the suite in
 /// [`meeting_proto::kms_api::SealedKey`]). Returns (enc, ciphertext).
+///
+/// Implemented on ring rather than with the `hpke` crate: sealing is on the
+/// path of every key release, and ring's X25519 (assembly field arithmetic)
+/// takes a fraction of the time of curve25519-dalek's portable backend.
+/// Recipients open with the `hpke` crate (`meeting_proto::key_release`);
+/// the tests below hold this to RFC 9180's vector and to that crate.
 pub fn seal(
     recipient: &[u8; 32],
     info: &[u8],
     key: &SecretKey,
 ) -> Result<(Vec<u8>, Vec<u8>), KeyError> {
-    let pk = <X25519HkdfSha256 as Kem>::PublicKey::from_bytes(recipient)
-        .map_err(|_| KeyError::BadRecipient)?;
-    let (enc, ct) = hpke::single_shot_seal::<ChaCha20Poly1305, HkdfSha256, X25519HkdfSha256, _>(
-        &OpModeS::Base,
-        &pk,
-        info,
-        key.expose(),
-        &[],
-        &mut rand_core::OsRng,
+    use ring::agreement::{EphemeralPrivateKey, UnparsedPublicKey, X25519, agree_ephemeral};
+    let rng = SystemRandom::new();
+    let ephemeral = EphemeralPrivateKey::generate(&X25519, &rng).map_err(|_| KeyError::Rng)?;
+    let enc: [u8; 32] = ephemeral
+        .compute_public_key()
+        .map_err(|_| KeyError::Rng)?
+        .as_ref()
+        .try_into()
+        .map_err(|_| KeyError::Rng)?;
+    // ring refuses an all-zero shared secret (a small-order recipient key),
+    // as RFC 9180 requires.
+    let dh = agree_ephemeral(
+        ephemeral,
+        &UnparsedPublicKey::new(&X25519, recipient),
+        |dh| Zeroizing::new(<[u8; 32]>::try_from(dh).ok()),
     )
     .map_err(|_| KeyError::BadRecipient)?;
-    Ok((enc.to_bytes().to_vec(), ct))
+    let dh = dh.as_ref().ok_or(KeyError::BadRecipient)?;
+    let ct = hpke::seal_with_dh(dh, &enc, recipient, info, &[], key.expose())?;
+    Ok((enc.to_vec(), ct))
+}
+
+/// RFC 9180 base mode for DHKEM(X25519, HKDF-SHA256), HKDF-SHA256,
+/// ChaCha20-Poly1305, single shot (sequence number 0), given the X25519
+/// shared secret.
+mod hpke {
+    use super::KeyError;
+    use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
+    use ring::hmac::{HMAC_SHA256, Key, sign};
+    use zeroize::Zeroizing;
+
+    /// "KEM" || kem_id 0x0020.
+    const KEM_SUITE: &[u8] = b"KEM\x00\x20";
+    /// "HPKE" || kem_id 0x0020 || kdf_id 0x0001 || aead_id 0x0003.
+    const HPKE_SUITE: &[u8] = b"HPKE\x00\x20\x00\x01\x00\x03";
+
+    /// HKDF-Extract(salt, "HPKE-v1" || suite || label || ikm).
+    fn labeled_extract(salt: &[u8], suite: &[u8], label: &[u8], ikm: &[u8]) -> Zeroizing<[u8; 32]> {
+        let input = Zeroizing::new([b"HPKE-v1", suite, label, ikm].concat());
+        let mut out = Zeroizing::new([0u8; 32]);
+        out.copy_from_slice(sign(&Key::new(HMAC_SHA256, salt), &input).as_ref());
+        out
+    }
+
+    /// HKDF-Expand(prk, I2OSP(L, 2) || "HPKE-v1" || suite || label || info, L)
+    /// for L <= 32: one HMAC block, T(1) = HMAC(prk, info' || 0x01).
+    fn labeled_expand<const L: usize>(
+        prk: &[u8; 32],
+        suite: &[u8],
+        label: &[u8],
+        info: &[u8],
+    ) -> Zeroizing<[u8; L]> {
+        const { assert!(L <= 32) };
+        let len = (L as u16).to_be_bytes();
+        let input = [&len[..], b"HPKE-v1", suite, label, info, &[1]].concat();
+        let mut out = Zeroizing::new([0u8; L]);
+        out.copy_from_slice(&sign(&Key::new(HMAC_SHA256, prk), &input).as_ref()[..L]);
+        out
+    }
+
+    pub(super) fn seal_with_dh(
+        dh: &[u8; 32],
+        enc: &[u8; 32],
+        recipient: &[u8; 32],
+        info: &[u8],
+        aad: &[u8],
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, KeyError> {
+        // DHKEM ExtractAndExpand.
+        let eae_prk = labeled_extract(b"", KEM_SUITE, b"eae_prk", dh);
+        let kem_context = [&enc[..], &recipient[..]].concat();
+        let shared_secret =
+            labeled_expand::<32>(&eae_prk, KEM_SUITE, b"shared_secret", &kem_context);
+        // KeySchedule, mode base (0x00), no PSK.
+        let psk_id_hash = labeled_extract(b"", HPKE_SUITE, b"psk_id_hash", b"");
+        let info_hash = labeled_extract(b"", HPKE_SUITE, b"info_hash", info);
+        let context = [&[0u8][..], &psk_id_hash[..], &info_hash[..]].concat();
+        let secret = labeled_extract(&shared_secret[..], HPKE_SUITE, b"secret", b"");
+        let key = labeled_expand::<32>(&secret, HPKE_SUITE, b"key", &context);
+        let nonce = labeled_expand::<12>(&secret, HPKE_SUITE, b"base_nonce", &context);
+        let key = LessSafeKey::new(
+            UnboundKey::new(&CHACHA20_POLY1305, &key[..]).map_err(|_| KeyError::Rng)?,
+        );
+        let mut out = plaintext.to_vec();
+        key.seal_in_place_append_tag(
+            Nonce::assume_unique_for_key(*nonce),
+            Aad::from(aad),
+            &mut out,
+        )
+        .map_err(|_| KeyError::Rng)?;
+        Ok(out)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use meeting_proto::kms_api::Hex;
+
+        /// RFC 9180 appendix A.2.1 (this suite, base mode), sequence 0:
+        /// the same key schedule and AEAD give the RFC's ciphertext.
+        #[test]
+        fn rfc9180_a2_base_vector() {
+            let h = |s: &str| Hex::decode(s).unwrap();
+            let sk_r: [u8; 32] =
+                h("8057991eef8f1f1af18f4a9491d16a1ce333f695d4db8e38da75975c4478e0fb")
+                    .try_into()
+                    .unwrap();
+            let pk_r: [u8; 32] =
+                h("4310ee97d88cc1f088a5576c77ab0cf5c3ac797f3d95139c6c84b5429c59662a")
+                    .try_into()
+                    .unwrap();
+            let enc: [u8; 32] =
+                h("1afa08d3dec047a643885163f1180476fa7ddb54c6a8029ea33f95796bf2ac4a")
+                    .try_into()
+                    .unwrap();
+            let dh = x25519_dalek::StaticSecret::from(sk_r)
+                .diffie_hellman(&x25519_dalek::PublicKey::from(enc))
+                .to_bytes();
+            let ct = seal_with_dh(
+                &dh,
+                &enc,
+                &pk_r,
+                &h("4f6465206f6e2061204772656369616e2055726e"),
+                &h("436f756e742d30"),
+                &h("4265617574792069732074727574682c20747275746820626561757479"),
+            )
+            .unwrap();
+            assert_eq!(
+                Hex::encode(&ct),
+                "1c5250d8034ec2b784ba2cfd69dbdb8af406cfe3ff938e131f0def8c8b60b4db21993c62ce81883d2dd1b51a28"
+            );
+        }
+    }
 }
 
 #[cfg(test)]
@@ -452,6 +575,40 @@ mod tests {
 
     fn m(s: &str) -> MeetingId {
         MeetingId::new(s).unwrap()
+    }
+
+    #[test]
+    fn sealed_keys_open_with_the_hpke_crate_and_only_for_their_context() {
+        use meeting_proto::ids::ParticipantId;
+        use meeting_proto::key_release::EphemeralKey;
+        use meeting_proto::kms_api::{Hex, SealedKey, meeting_key_info};
+        let ring = ring();
+        let key = ring.random_key().unwrap();
+        let me = EphemeralKey::generate();
+        let (p, meeting) = (ParticipantId(3), m("m1"));
+        let (enc, ct) = seal(&me.public_key(), &meeting_key_info(&meeting, 7, p), &key).unwrap();
+        let sealed = SealedKey {
+            meeting: meeting.clone(),
+            epoch: 7,
+            participant: p,
+            enc: Hex(enc),
+            ciphertext: Hex(ct),
+        };
+        let opened = me.open_meeting_key(&sealed, &meeting, p).unwrap();
+        assert_eq!(opened.as_bytes(), key.expose());
+        // Another epoch in the info (moved key) or another recipient fails.
+        let moved = SealedKey {
+            epoch: 8,
+            ..sealed.clone()
+        };
+        assert!(me.open_meeting_key(&moved, &meeting, p).is_err());
+        let other = EphemeralKey::generate();
+        assert!(other.open_meeting_key(&sealed, &meeting, p).is_err());
+        // Every seal uses a fresh ephemeral key.
+        let (enc2, _) = seal(&me.public_key(), b"i", &key).unwrap();
+        assert_ne!(enc2, sealed.enc.0);
+        // A small-order recipient key (all-zero shared secret) is refused.
+        assert_eq!(seal(&[0; 32], b"i", &key), Err(KeyError::BadRecipient));
     }
 
     #[test]

