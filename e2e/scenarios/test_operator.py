@@ -202,7 +202,7 @@ RECONCILER_REPORTED = [
         "ticketPublicKey": "00" * 32}), "InvalidSpec", "externalKms.url"),
     ("pool whose zone is missing", pool("no-zone", zoneRef={"name": "nowhere"}), "DependencyMissing", "nowhere"),
     ("pool type the zone does not allow", pool("not-allowed", type="liveStreaming",
-                                               liveStreaming={"allowedTargets": ["rtmp://example.com/live"]}),
+                                               liveStreaming={"allowedTargets": ["rtmps://live.example.com/app/"]}),
      "ConnectorNotAllowed", "liveStreaming"),
     ("telephony pool without telephony settings", pool("no-sip", type="telephony"), "InvalidSpec",
      "spec.telephony"),
