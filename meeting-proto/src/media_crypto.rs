@@ -18,7 +18,9 @@
 use crate::ids::MeetingId;
 use crate::media_keys::{EpochKey, kid, split_kid};
 use crate::sframe::{self, CipherSuite, Key, SframeError};
-use crate::wire::{MAX_DATAGRAM, Packet, ROUTING_HEADER_LEN, ReplayWindow, RoutingHeader};
+use crate::wire::{
+    MAX_DATAGRAM, Packet, ROUTING_HEADER_LEN, ReplayWindow, RoutingHeader, WireError,
+};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -335,12 +337,10 @@ impl Receiver {
 /// The routing header, SFrame header and SFrame header length of a MEDIA
 /// datagram.
 fn parse_media(datagram: &[u8]) -> Result<(RoutingHeader, sframe::Header, usize), OpenError> {
-    let Packet::Media {
-        header,
-        payload: frame,
-        ..
-    } = Packet::parse(datagram).map_err(|e| OpenError::Malformed(e.to_string()))?
-    else {
+    let malformed = |e: WireError| OpenError::Malformed(e.to_string());
+    let Some((header, frame)) = Packet::parse_media(datagram).map_err(malformed)? else {
+        // Another packet type: report why it is malformed, if it is.
+        Packet::parse(datagram).map_err(malformed)?;
         return Err(OpenError::Malformed("not a MEDIA packet".into()));
     };
     let (sf, hlen) =

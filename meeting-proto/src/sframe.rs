@@ -179,10 +179,11 @@ impl Key {
     }
 
     fn nonce(&self, ctr: u64) -> aead::Nonce {
+        // salt XOR ctr as a 96-bit big-endian integer (ctr fills the low 64 bits).
         let mut n = self.salt;
-        for (b, c) in n[aead::NONCE_LEN - 8..].iter_mut().zip(ctr.to_be_bytes()) {
-            *b ^= c;
-        }
+        let (_, low) = n.split_at_mut(aead::NONCE_LEN - 8);
+        let mixed = u64::from_be_bytes(low.try_into().expect("8 bytes")) ^ ctr;
+        low.copy_from_slice(&mixed.to_be_bytes());
         aead::Nonce::assume_unique_for_key(n)
     }
 
@@ -229,14 +230,17 @@ impl Key {
     }
 }
 
-/// Runs `f` with `header | metadata` as the AAD, from the stack when it fits
-/// (always, for Conclave's routing header).
+/// AADs up to this size (SFrame header and Conclave's 18-byte routing
+/// header fit) are assembled on the stack.
+const AAD_STACK: usize = MAX_HEADER_LEN + 32;
+
+/// Runs `f` with `header | metadata` as the AAD.
 fn with_aad<T>(
     header: &[u8],
     metadata: &[u8],
     f: impl FnOnce(aead::Aad<&[u8]>) -> Result<T, SframeError>,
 ) -> Result<T, SframeError> {
-    let mut stack = [0u8; MAX_HEADER_LEN + 32];
+    let mut stack = [0u8; AAD_STACK];
     let len = header.len() + metadata.len();
     if len <= stack.len() {
         stack[..header.len()].copy_from_slice(header);

@@ -292,6 +292,21 @@ impl<'a> Packet<'a> {
         }
     }
 
+    /// The routing header and SFrame bytes of a MEDIA datagram, with the
+    /// checks of [`Packet::parse`]; `None` for any other packet type (parse
+    /// those with [`Packet::parse`]). The receive path's shortcut.
+    pub fn parse_media(bytes: &'a [u8]) -> Result<Option<(RoutingHeader, &'a [u8])>, WireError> {
+        if bytes.len() > MAX_DATAGRAM {
+            return Err(WireError::TooLarge(bytes.len()));
+        }
+        match bytes {
+            [] => Err(WireError::Empty),
+            [v, ..] if *v != VERSION => Err(WireError::UnsupportedVersion(*v)),
+            [_, ty, body @ ..] if *ty == PacketType::Media as u8 => media_body(body).map(Some),
+            _ => Ok(None),
+        }
+    }
+
     /// Parses one datagram. Never panics, whatever the bytes.
     pub fn parse(bytes: &'a [u8]) -> Result<Self, WireError> {
         if bytes.len() > MAX_DATAGRAM {
@@ -333,29 +348,9 @@ impl<'a> Packet<'a> {
                 Ok(Self::Reject { nonce, reason })
             }
             4 => {
-                let mut r = Reader::new(body, "MEDIA");
-                let slot = r.u32()?;
-                let sender = r.u16()?;
-                let kind = StreamKind::from_u8(r.u8()?)?;
-                let flags = r.u8()?;
-                if flags & !flags::KNOWN != 0 {
-                    return Err(WireError::UnknownFlags(flags & !flags::KNOWN));
-                }
-                let seq = r.u32()?;
-                let timestamp = r.u32()?;
-                let payload = r.rest();
-                if payload.is_empty() {
-                    return Err(WireError::EmptyMedia);
-                }
+                let (header, payload) = media_body(body)?;
                 Ok(Self::Media {
-                    header: RoutingHeader {
-                        slot,
-                        sender,
-                        kind,
-                        flags,
-                        seq,
-                        timestamp,
-                    },
+                    header,
                     header_bytes: &bytes[..ROUTING_HEADER_LEN],
                     payload,
                 })
@@ -530,6 +525,34 @@ impl<'a> Packet<'a> {
         self.encode_into(&mut out)?;
         Ok(out)
     }
+}
+
+/// A MEDIA datagram after version and type: routing header fields, then
+/// the (non-empty) SFrame.
+fn media_body(body: &[u8]) -> Result<(RoutingHeader, &[u8]), WireError> {
+    let mut r = Reader::new(body, "MEDIA");
+    let slot = r.u32()?;
+    let sender = r.u16()?;
+    let kind = StreamKind::from_u8(r.u8()?)?;
+    let flags = r.u8()?;
+    if flags & !flags::KNOWN != 0 {
+        return Err(WireError::UnknownFlags(flags & !flags::KNOWN));
+    }
+    let seq = r.u32()?;
+    let timestamp = r.u32()?;
+    let payload = r.rest();
+    if payload.is_empty() {
+        return Err(WireError::EmptyMedia);
+    }
+    let header = RoutingHeader {
+        slot,
+        sender,
+        kind,
+        flags,
+        seq,
+        timestamp,
+    };
+    Ok((header, payload))
 }
 
 struct Reader<'a> {
@@ -747,6 +770,37 @@ mod tests {
                     Packet::parse(&longer),
                     Err(WireError::TrailingBytes(_))
                 ));
+            }
+        }
+    }
+
+    #[test]
+    fn parse_media_agrees_with_parse_on_every_prefix_and_bit_flip() {
+        for p in samples() {
+            let bytes = p.to_vec().unwrap();
+            let mut inputs: Vec<Vec<u8>> = (0..=bytes.len()).map(|n| bytes[..n].to_vec()).collect();
+            for i in 0..bytes.len() * 8 {
+                let mut b = bytes.clone();
+                b[i / 8] ^= 1 << (i % 8);
+                inputs.push(b);
+            }
+            for b in inputs {
+                let full = Packet::parse(&b);
+                match Packet::parse_media(&b) {
+                    Ok(Some((header, payload))) => {
+                        let Ok(Packet::Media {
+                            header: h,
+                            payload: pl,
+                            ..
+                        }) = full
+                        else {
+                            panic!("parse_media accepted what parse refuses: {b:?}");
+                        };
+                        assert_eq!((header, payload), (h, pl));
+                    }
+                    Ok(None) => assert!(!matches!(full, Ok(Packet::Media { .. })), "{b:?}"),
+                    Err(e) => assert_eq!(full.err(), Some(e), "{b:?}"),
+                }
             }
         }
     }
