@@ -982,8 +982,17 @@ async fn full_disk_returns_errors_and_corrupts_nothing() {
             .await
             .unwrap_err();
         assert_eq!(err.status(), Some(503));
+        // Not ready any more, and the metrics say so (alert ConclaveKmsNotReady).
+        let text = c.metrics_text().await.unwrap();
+        assert_eq!(
+            metric_value(&text, "conclave_kms_ready"),
+            Some(0.0),
+            "{text}"
+        );
         disk.grow("64m");
         kms.restart();
+        let text = c.metrics_text().await.unwrap();
+        assert_eq!(metric_value(&text, "conclave_kms_ready"), Some(1.0));
         let admin = kms.admin();
         let v = admin.verify_audit().await.unwrap();
         assert!(v.ok, "{v:?}");
