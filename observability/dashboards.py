@@ -52,8 +52,8 @@ def t(expr, legend="__auto"):
     return {"expr": expr, "legendFormat": legend}
 
 
-def stat(title, unit, *targets, desc=""):
-    return {"type": "stat", "title": title, "unit": unit, "targets": list(targets), "description": desc, "w": 4, "h": 4}
+def stat(title, unit, *targets, desc="", w=4):
+    return {"type": "stat", "title": title, "unit": unit, "targets": list(targets), "description": desc, "w": w, "h": 4}
 
 
 def ts(title, unit, *targets, desc="", w=12, stack=False):
@@ -147,10 +147,10 @@ def kms():
         stat("KMS ready", "short", t(f"sum(conclave_kms_ready{{{NS}}})", "ready"),
              desc="KMS pods whose store and audit log are open and whose API is serving."),
         stat("Active meetings", "short", t(f"sum(conclave_kms_active_meetings{{{NS}}})", "meetings")),
-        stat("Relays heartbeating", "short", t(f"sum(conclave_kms_live_relays{{{NS}}})", "relays")),
-        stat("Key releases/s", "ops", t(f"sum(rate(conclave_kms_key_releases_total{{{NS}}}[{RATE}]))", "releases")),
-        stat("Denials/s", "ops", t(f"sum(rate(conclave_kms_denials_total{{{NS}}}[{RATE}]))", "denials")),
-        stat("Store size", "bytes", t(f"sum(conclave_kms_store_size_bytes{{{NS}}})", "bytes")),
+        stat("Relays heartbeating", "short", t(f"sum(conclave_kms_live_relays{{{NS}}})", "relays"), w=3),
+        stat("Key releases/s", "ops", t(f"sum(rate(conclave_kms_key_releases_total{{{NS}}}[{RATE}]))", "releases"), w=3),
+        stat("Denials/s", "ops", t(f"sum(rate(conclave_kms_denials_total{{{NS}}}[{RATE}]))", "denials"), w=3),
+        stat("Store size", "bytes", t(f"sum(conclave_kms_store_size_bytes{{{NS}}})", "bytes"), w=3),
         stat("Audit verify failures", "short",
              t(f"sum(conclave_kms_audit_verify_failures_total{{{NS}}})", "failures"),
              desc="Audit chain verifications (a minute after start, hourly, and on request) that found the chain broken."),
