@@ -62,6 +62,8 @@ fn samples() -> Vec<Vec<u8>> {
         br#"{"participant":1,"sender_index":0,"role":"connector:recording","name":"n","subject":"s","public_key":"01","session_hash":"02","released_epoch":1,"joined_ms":0}"#.to_vec(),
         br#"{"seq":1,"time_ms":2,"kind":"key_release","actor":"a","meeting":"m","participant":1,"epoch":1,"detail":"d","prev":"00","hash":"11"}"#.to_vec(),
         br#"{"version":1,"wrapped":"abcd","created_ms":1,"superseded_ms":null}"#.to_vec(),
+        br#"{"kind":"liveStreaming","target":"rtmps://[::1]:443/app/key?x=1#f"}"#.to_vec(),
+        br#"{"kind":"telephony","target":"sips:+15551234567@pbx.example.com:5061;transport=tls?h=1"}"#.to_vec(),
     ]
 }
 
@@ -88,6 +90,19 @@ fn mutated_bodies_and_records_never_panic() {
             serde_json::from_slice::<StoredKek>(&input).is_ok(),
         ];
         refused += results.iter().filter(|ok| !**ok).count();
+        // Whatever target survives decoding, checking it never panics, and
+        // what it says about an accepted target never holds more than it.
+        if let Ok(req) = serde_json::from_slice::<api::InviteRequest>(&input)
+            && let Some(target) = req.target
+        {
+            use api::ConnectorKind::*;
+            for kind in [Recording, LiveStreaming, Telephony, RoomSystem] {
+                if let Ok(summary) = api::check_invite_target(kind, &target) {
+                    assert!(summary.to_string().len() <= target.len().max(14));
+                }
+            }
+            let _ = api::redacted_target(&target);
+        }
     }
     assert!(refused > 0);
 }

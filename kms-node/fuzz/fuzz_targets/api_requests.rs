@@ -5,7 +5,14 @@ use meeting_proto::kms_api as api;
 
 fuzz_target!(|data: &[u8]| {
     let _ = serde_json::from_slice::<api::JoinRequest>(data);
-    let _ = serde_json::from_slice::<api::InviteRequest>(data);
+    if let Ok(api::InviteRequest {
+        kind,
+        target: Some(target),
+    }) = serde_json::from_slice::<api::InviteRequest>(data)
+    {
+        let _ = api::check_invite_target(kind, &target);
+        let _ = api::redacted_target(&target);
+    }
     let _ = serde_json::from_slice::<api::RelayRegisterRequest>(data);
     let _ = serde_json::from_slice::<api::RelayHeartbeatRequest>(data);
     let _ = serde_json::from_slice::<api::CreateRecordingKeyRequest>(data);
