@@ -14,6 +14,7 @@
 #                                       across runs, so repeated short runs add up)
 #   FUZZ_JOBS=2 FUZZ_SECONDS=3600 e2e/fuzz.sh meeting-proto wire_packet
 #                                       several libFuzzer workers on one target
+#   FUZZ_ARGS="-max_len=1500" e2e/fuzz.sh   extra libFuzzer flags
 #
 # Corpora:   $CONCLAVE_CACHE/fuzz/corpus/<crate>/<target>/ (seeded from
 #            <crate>/fuzz/seeds/<target>/ when that exists)
@@ -70,7 +71,7 @@ for crate in "${CRATES[@]}"; do
     (( JOBS > 1 )) && parallel=(-jobs="$JOBS" -workers="$JOBS")
     # Run from the cache: libFuzzer may write fuzz-N.log files to the cwd.
     if (cd "$CACHE/logs" && "$bin" -max_total_time="$SECONDS_EACH" -timeout=10 \
-        -rss_limit_mb=2048 -print_final_stats=1 "${parallel[@]}" \
+        -rss_limit_mb=2048 -print_final_stats=1 "${parallel[@]}" ${FUZZ_ARGS:-} \
         -artifact_prefix="$artifacts/" "$corpus" "${seeds[@]/#/$REPO_ROOT/}") >"$out" 2>&1; then
       sed -n 's/^stat::number_of_executed_units: */  executions: /p' "$out" | tail -1 >&2
     else
