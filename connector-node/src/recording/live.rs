@@ -66,6 +66,13 @@ async fn record_loop(
                     tracing::info!("the last person left the meeting: recording ends");
                     break;
                 }
+                // Audio can arrive before the roster that names its sender.
+                let names = roster.as_ref().map(|r| r.borrow().names.clone()).unwrap_or_default();
+                for (sender, n) in names {
+                    if seen.contains(&u64::from(sender)) {
+                        rec.rename(u64::from(sender), &n)?;
+                    }
+                }
             }
             _ = tick.tick() => rec.tick()?,
             _ = flush.tick() => {

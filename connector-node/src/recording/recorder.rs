@@ -178,6 +178,22 @@ impl Recorder {
         self.write_manifest()
     }
 
+    /// Names participant `id` (the roster named it after its audio arrived).
+    /// Returns whether the manifest changed.
+    pub fn rename(&mut self, id: u64, name: &str) -> io::Result<bool> {
+        let mut changed = false;
+        for p in self.manifest.participants.iter_mut().filter(|p| p.id == id) {
+            if p.name != name {
+                p.name = name.to_string();
+                changed = true;
+            }
+        }
+        if changed {
+            self.write_manifest()?;
+        }
+        Ok(changed)
+    }
+
     pub fn participant_left(&mut self, id: u64, now_ms: u64) -> io::Result<()> {
         if let Some(t) = self.tracks.remove(&id) {
             t.writer.finish()?.finish()?.sync_data()?;
@@ -310,4 +326,28 @@ fn push_pcm(q: &mut VecDeque<Vec<i16>>, f: Vec<i16>) {
         q.pop_front();
     }
     q.push_back(f);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::recording::container::LocalKek;
+
+    #[test]
+    fn a_participant_named_late_is_renamed_in_the_manifest() {
+        let dir = std::env::temp_dir().join(format!("conclave-rename-{}", std::process::id()));
+        let kek = LocalKek::new(&DataKey::generate());
+        let key = DataKey::generate();
+        let wrapped = kek.wrap(&key);
+        let mut rec = Recorder::create(&dir, "m", key, wrapped, 1).unwrap();
+        rec.participant_joined(2, "participant 2", 2).unwrap();
+        assert!(rec.rename(2, "User 2").unwrap());
+        assert!(
+            !rec.rename(2, "User 2").unwrap(),
+            "no write when nothing changed"
+        );
+        assert_eq!(rec.manifest().participants[0].name, "User 2");
+        rec.finish(3).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
