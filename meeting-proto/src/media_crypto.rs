@@ -304,11 +304,11 @@ impl Receiver {
         {
             self.previous = None;
         }
-        let state = [self.current.as_mut(), self.previous.as_mut()]
-            .into_iter()
-            .flatten()
-            .find(|s| s.key.epoch() == epoch)
-            .ok_or(OpenError::UnknownEpoch(epoch))?;
+        let state = match (&mut self.current, &mut self.previous) {
+            (Some(cur), _) if cur.key.epoch() == epoch => cur,
+            (_, Some(prev)) if prev.key.epoch() == epoch => prev,
+            _ => return Err(OpenError::UnknownEpoch(epoch)),
+        };
         let open = |key: &Key, body: &mut [u8]| {
             key.open_in_place(sf.ctr, sframe_header, routing, body)
                 .map_err(|_| OpenError::Authentication)
