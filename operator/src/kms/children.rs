@@ -40,6 +40,41 @@ pub fn admin_tls_name(name: &str) -> String {
     format!("{name}-kms-admin-tls")
 }
 
+/// Secret with the client certificate of remote client `entry` of KMS `name`.
+pub fn remote_tls_name(name: &str, entry: &str) -> String {
+    format!("{name}-kms-remote-{entry}-tls")
+}
+/// Prefix shared by every [`remote_tls_name`] of KMS `name`: Secrets with it whose entry left
+/// `spec.remoteClients` are deleted.
+pub fn remote_tls_prefix(name: &str) -> String {
+    format!("{name}-kms-remote-")
+}
+
+/// The identity a remote client's certificate carries: `conclave://<namespace>/<kind>/<resourceName>`,
+/// exactly what the remote MeetingZone's or ConnectorPool's local operator would have issued.
+pub fn remote_identity(rc: &super::RemoteClient) -> Result<conclave_pki::Identity, String> {
+    let kind = match rc.kind {
+        super::RemoteClientKind::Relay => conclave_pki::Kind::Relay,
+        super::RemoteClientKind::Connector => conclave_pki::Kind::Connector,
+    };
+    conclave_pki::Identity::new(rc.namespace.as_str(), kind, rc.resource_name.as_str())
+        .map_err(|e| format!("{e}"))
+}
+
+/// Grants for the connector entries of `spec.remoteClients` (invalid entries are left to
+/// `validate`, which runs first).
+pub fn remote_grants(kms: &KeyManagementServer) -> Vec<PoolGrant> {
+    kms.spec
+        .remote_clients
+        .iter()
+        .filter(|rc| rc.kind == super::RemoteClientKind::Connector)
+        .filter_map(|rc| {
+            let t = rc.connector_type?;
+            Some((remote_identity(rc).ok()?.to_uri(), crate::pool::kind_of(t)))
+        })
+        .collect()
+}
+
 /// The identity allowed to read and verify the audit log and export rosters. The operator
 /// issues its certificate into [`admin_tls_name`], so who may audit is decided by Kubernetes
 /// RBAC on that one Secret rather than by a CA key handed to people.

@@ -2,6 +2,8 @@
 
 mod children;
 mod reconcile;
+#[cfg(test)]
+mod remote_tests;
 
 pub use children::*;
 pub use reconcile::{FINALIZER, INFO_KEK_VERSION, KmsInfo, parse_info, reconcile, validate};
@@ -74,6 +76,49 @@ pub struct KeyManagementServerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = DURATION_PATTERN))]
     pub certificate_lifetime: Option<String>,
+    /// Relays and connector pools that run elsewhere (another namespace, cluster or data center)
+    /// and reach this KMS through their `externalKms`. For each entry the operator issues a
+    /// client certificate, signed by this namespace's CA, into the Secret
+    /// `<name>-kms-remote-<entry name>-tls` (`tls.crt`, `tls.key`, `ca.crt`) for you to copy
+    /// where the remote resource runs; connector entries are also granted their connector type,
+    /// so the KMS assigns invitations to the remote pool. Removing an entry deletes its Secret.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remote_clients: Vec<RemoteClient>,
+}
+
+/// What a remote client is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum RemoteClientKind {
+    /// The relays of a MeetingZone with `externalKms`. They share the one certificate, so the
+    /// KMS sees them as one relay: give such a zone `relays.replicas: 1`.
+    Relay,
+    /// The pods of a ConnectorPool with `externalKms`.
+    Connector,
+}
+
+/// A relay zone or connector pool elsewhere that this KMS serves.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.kind == 'connector' ? has(self.connectorType) : !has(self.connectorType)").message("remoteClients: connectorType is required for kind connector and not allowed for kind relay"))]
+pub struct RemoteClient {
+    /// Names this entry and its Secret `<kms>-kms-remote-<name>-tls`. A DNS label, unique in
+    /// the list.
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+    /// `relay` for a MeetingZone, `connector` for a ConnectorPool.
+    pub kind: RemoteClientKind,
+    /// Namespace of the remote MeetingZone or ConnectorPool (in its own cluster). Part of the
+    /// certificate's identity `conclave://<namespace>/<kind>/<resourceName>`.
+    #[schemars(length(min = 1, max = 63))]
+    pub namespace: String,
+    /// Name of the remote MeetingZone or ConnectorPool. A relay registers under its zone's name,
+    /// which must be this.
+    #[schemars(length(min = 1, max = 63))]
+    pub resource_name: String,
+    /// What the remote pool does; required for kind `connector`, not allowed for `relay`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connector_type: Option<crate::shared::ConnectorType>,
 }
 
 fn one() -> i32 {

@@ -111,6 +111,36 @@ pub fn validate(kms: &KeyManagementServer) -> std::result::Result<(), String> {
         return Err("spec.rootKey.secretRef.name: must be set".into());
     }
     crate::certs::lifetime(s.certificate_lifetime.as_deref(), std::time::Duration::ZERO)?;
+    let mut names = std::collections::BTreeSet::new();
+    let mut identities = std::collections::BTreeSet::new();
+    for (i, rc) in s.remote_clients.iter().enumerate() {
+        let field = format!("spec.remoteClients[{i}]");
+        if Identity::new("x", Kind::Relay, rc.name.as_str()).is_err() {
+            return Err(format!(
+                "{field}.name: {:?} is not a DNS label (lowercase letters, digits and '-')",
+                rc.name
+            ));
+        }
+        if !names.insert(rc.name.as_str()) {
+            return Err(format!("{field}.name: {:?} is used twice", rc.name));
+        }
+        match (rc.kind, rc.connector_type) {
+            (RemoteClientKind::Connector, None) => {
+                return Err(format!(
+                    "{field}.connectorType: required for kind connector (recording, liveStreaming, telephony or roomSystem)"
+                ));
+            }
+            (RemoteClientKind::Relay, Some(_)) => {
+                return Err(format!("{field}.connectorType: only for kind connector"));
+            }
+            _ => {}
+        }
+        let id = remote_identity(rc)
+            .map_err(|e| format!("{field}: namespace and resourceName must be DNS labels: {e}"))?;
+        if !identities.insert(id.to_uri()) {
+            return Err(format!("{field}: {} is listed twice", id.to_uri()));
+        }
+    }
     // Durations and everything the kms-node validates itself.
     config(kms, &[]).map(|_| ())
 }
@@ -283,7 +313,10 @@ impl KeyManagementServer {
             return Ok(Action::requeue(std::time::Duration::from_secs(30)));
         }
 
-        let (_zones, grants) = pool_grants(ctx, &ns, &name).await?;
+        let (_zones, mut grants) = pool_grants(ctx, &ns, &name).await?;
+        grants.extend(remote_grants(self));
+        grants.sort();
+        grants.dedup();
         let cfg = config(self, &grants).map_err(Error::Config)?;
         let rendered = serde_yaml_ng::to_string(&cfg).map_err(|e| Error::Config(e.to_string()))?;
         let hash = config_hash(&rendered);
@@ -370,6 +403,40 @@ impl KeyManagementServer {
         )
         .await?;
         note(admin.renewed, "admin certificate".into());
+        let mut renew_after = cert.renew_after.min(admin.renew_after);
+        let mut wanted = std::collections::BTreeSet::new();
+        for rc in &self.spec.remote_clients {
+            let secret = remote_tls_name(&name, &rc.name);
+            let issued = certs::ensure_cert(
+                ctx,
+                &ca,
+                child_meta(self, &secret, COMPONENT),
+                &CertRequest {
+                    identity: remote_identity(rc).map_err(Error::Certificate)?,
+                    server_names: None,
+                    lifetime,
+                },
+            )
+            .await?;
+            note(
+                issued.renewed,
+                format!("remote client certificate {secret}"),
+            );
+            renew_after = renew_after.min(issued.renew_after);
+            wanted.insert(secret);
+        }
+        // Entries removed from spec.remoteClients: their certificates go with them.
+        let lp = ListParams::default().labels(&crate::pod::selector_string(COMPONENT, &name));
+        for s in secrets.list(&lp).await? {
+            let secret = s.name_any();
+            if secret.starts_with(&remote_tls_prefix(&name)) && !wanted.contains(&secret) {
+                let deleted = delete_if_exists(&secrets, &secret).await?;
+                note(
+                    deleted,
+                    format!("deleted remote client certificate {secret}"),
+                );
+            }
+        }
 
         let svc_api: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
         note(
@@ -492,7 +559,7 @@ impl KeyManagementServer {
             },
         );
         self.finish(ctx, new).await?;
-        let next = certs::until(cert.renew_after).min(ctx.settings.resync);
+        let next = certs::until(renew_after).min(ctx.settings.resync);
         // Until pods are ready the StatefulSet's status changes wake us; the ticket key needs a poll.
         let next = if ready > 0 && self.old_status().ticket_public_key.is_none() {
             next.min(std::time::Duration::from_secs(10))
