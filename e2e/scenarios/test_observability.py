@@ -151,7 +151,9 @@ class Prom:
 def write_targets(path: Path) -> list:
     """The Conclave pods of this scenario (operator and NS) as a file_sd list."""
     pods = kubectl_json("get", "pods", "--all-namespaces", "-l", "app.kubernetes.io/name=conclave")
-    pods["items"] = [p for p in pods["items"] if p["metadata"]["namespace"] in (SYSTEM_NS, NS)]
+    # Pods on their way out (an earlier module's rollout) would only show as down.
+    pods["items"] = [p for p in pods["items"] if p["metadata"]["namespace"] in (SYSTEM_NS, NS)
+                     and not p["metadata"].get("deletionTimestamp")]
     targets = prometheus_config.pod_targets(pods)
     prometheus_config.write_atomically(path, json.dumps(targets, indent=1) + "\n")
     return targets
@@ -174,6 +176,7 @@ def observed(conclave_release):
         def all_running():
             pods = kubectl_json("get", "pods", "-n", NS, "-l", "app.kubernetes.io/name=conclave")["items"]
             pods += kubectl_json("get", "pods", "-n", SYSTEM_NS, "-l", "app.kubernetes.io/name=conclave")["items"]
+            pods = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
             running = [p for p in pods if p["status"].get("phase") == "Running" and p["status"].get("podIP")]
             return len(running) == len(pods) and {p["metadata"]["labels"].get("app.kubernetes.io/component")
                                                   for p in running} >= {"operator", "kms", "relay", "connector"}
