@@ -1,13 +1,12 @@
 //! Prometheus metrics (`conclave_kms_*`, base units, bounded labels: routes
 //! are axum route templates, outcomes are status codes, denial reasons are
 //! the fixed codes in [`DENIAL_REASONS`]), plus the standard unprefixed
-//! `process_*` metrics read from /proc at every scrape.
+//! `process_*` metrics (crate `process-metrics`) read from /proc at every scrape.
 
-use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
-use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -108,7 +107,7 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         let mut root = Registry::default();
-        root.register_collector(Box::new(ProcessCollector));
+        root.register_collector(Box::new(process_metrics::ProcessCollector));
         let registry = root.sub_registry_with_prefix("conclave_kms");
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
@@ -229,62 +228,6 @@ impl Metrics {
     }
 }
 
-/// Linux reports CPU times in /proc in USER_HZ ticks, which the kernel ABI
-/// fixes at 100 on every architecture we build for.
-const USER_HZ: f64 = 100.0;
-
-/// (CPU seconds, start time in ticks since boot) from /proc/self/stat.
-fn parse_stat(stat: &str) -> Option<f64> {
-    // The command name (field 2) is in parentheses and may contain spaces.
-    let after = &stat[stat.rfind(')')? + 1..];
-    let f: Vec<&str> = after.split_whitespace().collect();
-    // `after` starts at field 3 (state): utime is field 14, stime 15.
-    let utime: f64 = f.get(11)?.parse().ok()?;
-    let stime: f64 = f.get(12)?.parse().ok()?;
-    Some((utime + stime) / USER_HZ)
-}
-
-fn parse_vm_rss(status: &str) -> Option<i64> {
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kb: i64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
-/// The standard `process_*` metrics of Prometheus client libraries, which
-/// dashboards query without a prefix.
-#[derive(Debug)]
-struct ProcessCollector;
-
-impl Collector for ProcessCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        if let Some(cpu) = std::fs::read_to_string("/proc/self/stat")
-            .ok()
-            .and_then(|s| parse_stat(&s))
-        {
-            let cpu = ConstCounter::new(cpu);
-            cpu.encode(encoder.encode_descriptor(
-                "process_cpu_seconds",
-                "Total user and system CPU time spent in seconds",
-                None,
-                cpu.metric_type(),
-            )?)?;
-        }
-        if let Some(rss) = std::fs::read_to_string("/proc/self/status")
-            .ok()
-            .and_then(|s| parse_vm_rss(&s))
-        {
-            let rss = ConstGauge::new(rss);
-            rss.encode(encoder.encode_descriptor(
-                "process_resident_memory_bytes",
-                "Resident memory size in bytes",
-                None,
-                rss.metric_type(),
-            )?)?;
-        }
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -327,14 +270,5 @@ mod tests {
         let text = m.encode();
         assert!(text.contains("conclave_kms_denials_total{reason=\"not_member\"} 1"));
         assert!(text.contains("conclave_kms_denials_total{reason=\"other\"} 1"));
-    }
-
-    #[test]
-    fn proc_parsers_read_real_and_odd_input() {
-        let stat = "42 (kms node) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0 1000 1 1";
-        assert_eq!(parse_stat(stat), Some(3.0));
-        assert_eq!(parse_stat("garbage"), None);
-        assert_eq!(parse_vm_rss("Name:\tx\nVmRSS:\t  2048 kB\n"), Some(2 << 20));
-        assert!(parse_stat(&std::fs::read_to_string("/proc/self/stat").unwrap()).is_some());
     }
 }
