@@ -128,7 +128,6 @@ def test_children_exist_with_controller_owner_and_labels(ns):
     for key, o in kids.items():
         owner = [r for r in o["metadata"]["ownerReferences"] if r.get("controller")][0]
         assert owner["uid"] == zone_obj["metadata"]["uid"], key
-        assert owner["blockOwnerDeletion"] is True, key
         labels = o["metadata"]["labels"]
         assert labels["app.kubernetes.io/managed-by"] == "conclave-operator", key
         assert labels["app.kubernetes.io/instance"] == "zone-a", key
