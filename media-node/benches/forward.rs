@@ -5,7 +5,10 @@
 //! 1. Maximum rate: a generator thread floods 200-byte MEDIA datagrams from a
 //!    bound participant; the figure is datagrams forwarded per second by the
 //!    relay (one receiver, fan-out 1) vs by the reflector (to one sink).
-//!    Both forwarders run on a single-threaded runtime: one core.
+//!    Both forwarders run on a single-threaded runtime: one core. The two
+//!    are flooded in alternating rounds (each forwarder's backlog drained
+//!    before the next round) and the figures are medians, so load from
+//!    elsewhere on a shared machine does not land on one side only.
 //! 2. Latency: the generator paces at half the relay's maximum rate, a sink
 //!    thread timestamps arrivals; p99 one-way latency through the relay vs
 //!    through the reflector at the same rate.
@@ -28,7 +31,8 @@ use meeting_proto::ticket::Ticket;
 use meeting_proto::wire::{Packet, RoutingHeader, StreamKind, flags};
 
 const RELAY: &str = "bench/relay-0";
-const FLOOD: Duration = Duration::from_secs(3);
+const FLOOD_ROUND: Duration = Duration::from_millis(600);
+const ROUNDS: usize = 5;
 const PACED: Duration = Duration::from_secs(3);
 
 fn bench(name: &str, value: f64, unit: &str, baseline: Option<f64>) {
@@ -178,18 +182,34 @@ fn media(slot: u32, seq: u32, stamp_ns: u64) -> Vec<u8> {
     .unwrap()
 }
 
-/// Floods for FLOOD and returns forwarded datagrams per second.
+/// Floods for FLOOD_ROUND and returns forwarded datagrams per second.
 fn flood(sender: &UdpSocket, target: SocketAddr, slot: u32, fwd: &Forwarder) -> f64 {
     let d = media(slot, 0, 0);
     let before = (fwd.forwarded)();
     let start = Instant::now();
-    while start.elapsed() < FLOOD {
+    while start.elapsed() < FLOOD_ROUND {
         for _ in 0..64 {
             let _ = sender.send_to(&d, target);
         }
     }
     let elapsed = start.elapsed().as_secs_f64();
-    ((fwd.forwarded)() - before) as f64 / elapsed
+    let pps = ((fwd.forwarded)() - before) as f64 / elapsed;
+    // Let the forwarder work off its socket backlog before anything else runs.
+    let mut last = (fwd.forwarded)();
+    loop {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = (fwd.forwarded)();
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    pps
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 /// Paces `rate` datagrams/s for PACED; returns p99 one-way latency (ms) seen by `sink`.
@@ -252,7 +272,6 @@ fn main() {
     let reflector_sink = UdpSocket::bind("127.0.0.1:0").unwrap();
     let refl = reflector(reflector_sink.local_addr().unwrap());
     let refl_sender = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let reflector_pps = flood(&refl_sender, refl.addr, 1, &refl);
 
     let relay = relay(&key);
     let member_sender = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -265,7 +284,16 @@ fn main() {
         .unwrap();
     let slot = hello(&member_sender, relay.addr, &key, 1);
     hello(&member_sink, relay.addr, &key, 2);
-    let relay_pps = flood(&member_sender, relay.addr, slot, &relay);
+
+    let (mut refl_rounds, mut relay_rounds, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        let r = flood(&refl_sender, refl.addr, 1, &refl);
+        let m = flood(&member_sender, relay.addr, slot, &relay);
+        refl_rounds.push(r);
+        relay_rounds.push(m);
+        ratios.push(m / r);
+    }
+    let (reflector_pps, relay_pps) = (median(refl_rounds), median(relay_rounds));
 
     bench(
         "relay_forward_pps",
@@ -273,12 +301,7 @@ fn main() {
         "packets/s",
         Some(reflector_pps),
     );
-    bench(
-        "relay_forward_ratio",
-        relay_pps / reflector_pps,
-        "ratio",
-        None,
-    );
+    bench("relay_forward_ratio", median(ratios), "ratio", None);
 
     // Latency at half the relay's maximum rate, same rate for both paths.
     let rate = (relay_pps / 2.0).max(1000.0);
