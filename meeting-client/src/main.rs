@@ -192,7 +192,10 @@ impl LoadArgs {
     fn source(&self) -> anyhow::Result<load::Source> {
         match (&self.kms, self.relay) {
             (Some(url), _) => {
-                let ca = self.kms_ca.as_deref().context("--kms-ca is required with --kms")?;
+                let ca = self
+                    .kms_ca
+                    .as_deref()
+                    .context("--kms-ca is required with --kms")?;
                 let tls = conclave_pki::tls::anonymous_client_config(ca)
                     .with_context(|| format!("loading {}", ca.display()))?;
                 let client = kms_client::KmsClient::new(url, tls)?;
