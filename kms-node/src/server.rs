@@ -1025,6 +1025,7 @@ async fn info(State(s): State<Arc<Shared>>) -> Json<api::InfoResponse> {
     Json(api::InfoResponse {
         signing_public_key: Hex(s.signing.verifying_key().to_bytes().to_vec()),
         api_version: "v1".into(),
+        current_kek_version: s.core().keys().current_version(),
     })
 }
 

@@ -815,6 +815,9 @@ pub struct InfoResponse {
     /// Ed25519 key that signs tickets and rosters (32 bytes).
     pub signing_public_key: Hex,
     pub api_version: String,
+    /// Version of the key-encryption key that wraps new keys (absent before the first one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_kek_version: Option<u32>,
 }
 
 /// Body of every error response (4xx/5xx).

@@ -188,10 +188,6 @@ pub struct KmsInfo {
     pub kek_version: Option<i64>,
 }
 
-/// Name of the KEK version field in `/v1/info`. `InfoResponse` of meeting-proto does not carry
-/// it yet; it is read when present so the status fills in as soon as kms-node reports it.
-pub const INFO_KEK_VERSION: &str = "current_kek_version";
-
 /// Parses a `/v1/info` body.
 pub fn parse_info(body: &serde_json::Value) -> std::result::Result<KmsInfo, String> {
     let info: meeting_proto::kms_api::InfoResponse =
@@ -201,7 +197,7 @@ pub fn parse_info(body: &serde_json::Value) -> std::result::Result<KmsInfo, Stri
     }
     Ok(KmsInfo {
         ticket_key: hex::encode(&info.signing_public_key.0),
-        kek_version: body.get(INFO_KEK_VERSION).and_then(|v| v.as_i64()),
+        kek_version: info.current_kek_version.map(i64::from),
     })
 }
 
