@@ -5,7 +5,7 @@
 # nominal (hostPath does not enforce it), so claims of any usual size bind.
 source "$(dirname "$0")/../lib.sh"
 
-COUNT=${PV_COUNT:-12}
+COUNT=${PV_COUNT:-24}
 SIZE=${PV_SIZE:-20Gi}
 {
   cat <<YAML
