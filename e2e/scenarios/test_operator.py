@@ -38,6 +38,8 @@ def zone(name="zone-a", **spec):
 def pool(name, **spec):
     base = {"zoneRef": {"name": "zone-a"}, "type": "recording", "replicas": 1}
     base.update(spec)
+    if base["type"] == "recording":
+        base.setdefault("recording", {"storageSize": "1Gi", "retention": "24h"})
     return {"apiVersion": GROUP, "kind": "ConnectorPool", "metadata": {"name": name, "namespace": NS}, "spec": base}
 
 
