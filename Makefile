@@ -16,7 +16,7 @@ REGISTRY ?=
 E2E := e2e
 PYTEST := $(CONCLAVE_CACHE)/venv/bin/python -m pytest
 
-.PHONY: help deps build check unit-test chart-test e2e-test test demo demo-down bench images \
+.PHONY: help deps build check unit-test fuzz chart-test e2e-test test demo demo-down bench images \
         cluster-up cluster-down crds helm-lint
 
 help: ## This list.
@@ -35,6 +35,9 @@ check: ## Formatting and clippy -D warnings (CRD drift is a unit test of the ope
 unit-test: build ## Unit, property and process-level tests of every crate.
 	cargo nextest run --workspace --no-fail-fast
 
+fuzz: ## Short libFuzzer run of every fuzz target (stable toolchain; FUZZ_SECONDS=N e2e/fuzz.sh for longer runs).
+	bash $(E2E)/fuzz.sh
+
 chart-test: build ## Chart, dashboards and alert rules: real Helm engine, promtool, a real Prometheus.
 	$(PYTEST) -q -p no:cacheprovider charts/conclave/tests observability/tests
 
@@ -44,6 +47,7 @@ e2e-test: deps ## End-to-end scenarios on the local cluster (brings it up and do
 test: deps ## Everything CI runs: checks, unit and process tests, then e2e on a real cluster.
 	@bash -c 'source $(E2E)/lib.sh; timed check $(MAKE) --no-print-directory check \
 	  && timed unit-test $(MAKE) --no-print-directory unit-test \
+	  && timed fuzz $(MAKE) --no-print-directory fuzz \
 	  && timed chart-test $(MAKE) --no-print-directory chart-test \
 	  && timed e2e-test $(MAKE) --no-print-directory e2e-test'
 

@@ -100,6 +100,8 @@ impl Default for RelayMetrics {
 impl RelayMetrics {
     pub fn new() -> Self {
         let mut registry = Registry::default();
+        // CPU and memory for the relay dashboard, under the standard unprefixed names.
+        registry.register_collector(Box::new(process_metrics::ProcessCollector));
         let received = ByKind::new(&mut registry, "received");
         let sent = ByKind::new(&mut registry, "sent");
         let drops_family = Family::<Labels, Counter>::default();
@@ -197,5 +199,25 @@ impl RelayMetrics {
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exports_relay_and_standard_process_metrics() {
+        let m = RelayMetrics::new();
+        m.dropped(DropReason::Unbound);
+        let text = m.encode();
+        for name in [
+            "conclave_relay_meetings ",
+            "conclave_relay_dropped_packets_total{reason=\"unbound\"} 1",
+            "\nprocess_cpu_seconds_total ",
+            "\nprocess_resident_memory_bytes ",
+        ] {
+            assert!(text.contains(name), "{name} missing from:\n{text}");
+        }
     }
 }

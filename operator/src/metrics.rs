@@ -3,10 +3,8 @@
 
 use http::{Method, Request};
 use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
@@ -76,7 +74,7 @@ impl Default for Metrics {
             queue_depth.clone(),
         );
         let mut process = Registry::default();
-        process.register_collector(Box::new(ProcessCollector));
+        process.register_collector(Box::new(process_metrics::ProcessCollector));
         registry.register(
             "reconciles",
             "Reconciles started, by resource kind",
@@ -195,98 +193,6 @@ impl Metrics {
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Metrics").finish_non_exhaustive()
-    }
-}
-
-/// This process's CPU time and resident memory, as in /proc/self (Linux).
-#[derive(Debug)]
-pub struct ProcessStats {
-    pub cpu_seconds: f64,
-    pub resident_bytes: i64,
-    pub start_time_seconds: Option<f64>,
-}
-
-/// Clock ticks per second of /proc times: USER_HZ, fixed at 100 by the Linux ABI.
-const USER_HZ: f64 = 100.0;
-
-impl ProcessStats {
-    /// Reads /proc/self; `None` where /proc is not available.
-    pub fn read() -> Option<Self> {
-        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-        let status = std::fs::read_to_string("/proc/self/status").ok()?;
-        let (cpu_seconds, start_ticks) = parse_stat(&stat)?;
-        let resident_bytes = parse_vm_rss(&status)?;
-        let start_time_seconds = std::fs::read_to_string("/proc/stat")
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("btime ")?.trim().parse::<f64>().ok())
-            })
-            .map(|boot| boot + start_ticks / USER_HZ);
-        Some(Self {
-            cpu_seconds,
-            resident_bytes,
-            start_time_seconds,
-        })
-    }
-}
-
-/// utime + stime in seconds, and the start time in ticks since boot, from /proc/self/stat.
-pub fn parse_stat(stat: &str) -> Option<(f64, f64)> {
-    // The command name (field 2) may hold spaces and parentheses: fields resume after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // rest starts at field 3 (state): utime is field 14, stime 15, starttime 22.
-    let utime: f64 = f.get(11)?.parse().ok()?;
-    let stime: f64 = f.get(12)?.parse().ok()?;
-    let start: f64 = f.get(19)?.parse().ok()?;
-    Some(((utime + stime) / USER_HZ, start))
-}
-
-/// Resident set size in bytes from the `VmRSS:` line of /proc/self/status.
-pub fn parse_vm_rss(status: &str) -> Option<i64> {
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kb: i64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
-/// The standard `process_*` metrics of Prometheus client libraries.
-#[derive(Debug)]
-struct ProcessCollector;
-
-impl prometheus_client::collector::Collector for ProcessCollector {
-    fn encode(
-        &self,
-        mut encoder: prometheus_client::encoding::DescriptorEncoder,
-    ) -> Result<(), std::fmt::Error> {
-        use prometheus_client::encoding::EncodeMetric;
-        let Some(p) = ProcessStats::read() else {
-            return Ok(());
-        };
-        let cpu = ConstCounter::new(p.cpu_seconds);
-        cpu.encode(encoder.encode_descriptor(
-            "process_cpu_seconds",
-            "Total user and system CPU time spent in seconds",
-            None,
-            cpu.metric_type(),
-        )?)?;
-        let rss = ConstGauge::new(p.resident_bytes);
-        rss.encode(encoder.encode_descriptor(
-            "process_resident_memory_bytes",
-            "Resident memory size in bytes",
-            None,
-            rss.metric_type(),
-        )?)?;
-        if let Some(start) = p.start_time_seconds {
-            let g = ConstGauge::new(start);
-            g.encode(encoder.encode_descriptor(
-                "process_start_time_seconds",
-                "Start time of the process since unix epoch in seconds",
-                None,
-                g.metric_type(),
-            )?)?;
-        }
-        Ok(())
     }
 }
 
@@ -455,16 +361,5 @@ mod tests {
         }
         assert_eq!(text.matches("# EOF").count(), 1);
         assert!(text.trim_end().ends_with("# EOF"));
-    }
-
-    #[test]
-    fn proc_files_are_parsed() {
-        let stat = "1234 (my (odd) name) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 4 0 9000 1000000 500 18446744073709551615";
-        assert_eq!(parse_stat(stat), Some((3.0, 9000.0)));
-        assert_eq!(parse_stat("garbage"), None);
-        let status = "Name:\toperator\nVmRSS:\t   2048 kB\nThreads:\t4\n";
-        assert_eq!(parse_vm_rss(status), Some(2 * 1024 * 1024));
-        let live = ProcessStats::read().expect("/proc/self on Linux");
-        assert!(live.resident_bytes > 0);
     }
 }
