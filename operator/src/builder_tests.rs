@@ -97,6 +97,22 @@ fn containers_start_the_node_binaries_with_their_config() {
 }
 
 #[test]
+fn connector_pods_carry_the_zone_they_serve() {
+    let d = crate::pool::deployment(&pool("rec", "zone-a"), &link(), &Settings::default(), "h")
+        .unwrap();
+    let labels = d.spec.unwrap().template.metadata.unwrap().labels.unwrap();
+    assert_eq!(
+        labels.get("conclave.dev/zone").map(String::as_str),
+        Some("zone-a")
+    );
+    // The selector stays as it was: Deployment selectors are immutable.
+    let d = crate::pool::deployment(&pool("rec", "zone-a"), &link(), &Settings::default(), "h")
+        .unwrap();
+    let selector = d.spec.unwrap().selector.match_labels.unwrap();
+    assert!(!selector.contains_key("conclave.dev/zone"));
+}
+
+#[test]
 fn config_change_changes_the_pod_template_hash() {
     let k = kms("main");
     let a =

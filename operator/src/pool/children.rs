@@ -12,6 +12,8 @@ use kube::ResourceExt;
 use meeting_proto::config::connector::ConnectorConfig;
 use serde_json::json;
 
+/// Pod label naming the MeetingZone a connector pool serves.
+pub const ZONE_LABEL: &str = "conclave.dev/zone";
 pub const COMPONENT: &str = "connector";
 pub const RECORDINGS_DIR: &str = "/var/lib/conclave-recordings";
 pub const STREAMING_DIR: &str = "/etc/conclave/streaming";
@@ -251,7 +253,11 @@ pub fn deployment(
 ) -> Result<Deployment, serde_json::Error> {
     let name = pool.name_any();
     let s = &pool.spec;
-    let labels = pod::labels(COMPONENT, &name);
+    let mut labels = pod::labels(COMPONENT, &name);
+    // Dashboards filter connectors by the zone they serve (the PodMonitor maps this label).
+    if let Some(zone) = &s.zone_ref {
+        labels.insert(ZONE_LABEL.to_string(), zone.name.clone());
+    }
     let mut ports = vec![json!(pod::http_port())];
     let mut mounts = vec![
         json!({"name": "config", "mountPath": pod::CONFIG_DIR, "readOnly": true}),
