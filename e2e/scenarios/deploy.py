@@ -425,7 +425,8 @@ class Phone:
         self.tone_hz = tone_hz
         self.caller = caller
         wav = self.dir / "say.wav"
-        write_tone_wav(wav, tone_hz, 2.0)
+        # baresip ends the call when its source file ends: outlast the call.
+        write_tone_wav(wav, tone_hz, seconds + 5.0)
         ca = self.dir / "ca.crt"
         ca.write_text(publish_kms_ca(namespace))
         (self.dir / "rec").mkdir()
