@@ -17,7 +17,7 @@ only relay the KMS has) and both participants heard each other; the roster
 lists the remote recorder as a connector; the audit shows key releases to the
 two participants and the recording key going to the remote pool's identity;
 the recording in the remote pool's volume restores through the KMS for that
-identity.
+identity. Last, removing the recorder's entry deletes its Secret and grant.
 """
 import base64
 import json
@@ -228,3 +228,17 @@ def test_the_remote_recording_restores_through_the_kms(meeting, tmp_path):
         assert share > 0.5, f"{name}'s track holds {share:.2f} of its energy at {hz} Hz"
 
 
+
+def test_an_entry_leaving_remote_clients_takes_its_certificate_and_grant(sites, meeting):
+    """Last (it changes the KMS config, which rolls the KMS pod): the recorder's
+    entry goes, and with it its Secret and its connectorPools grant."""
+    kms = kms_manifest()
+    kms["spec"]["remoteClients"] = kms["spec"]["remoteClients"][:1]
+    apply(kms)
+    wait_until("main-kms-remote-rec-c-tls to be deleted",
+               lambda: not kubectl("get", "secret", "-n", KMS_NS, "main-kms-remote-rec-c-tls", "--ignore-not-found",
+                                   "-o", "name").strip(), timeout=60)
+    wait_until("the recorder's grant to leave the KMS config",
+               lambda: RECORDER_ID not in kubectl_json("get", "configmap", "-n", KMS_NS,
+                                                       "main-kms-config")["data"]["config.yaml"], timeout=30)
+    assert kubectl("get", "secret", "-n", KMS_NS, "main-kms-remote-zone-b-tls", "-o", "name").strip()
