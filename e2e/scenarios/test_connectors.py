@@ -17,8 +17,7 @@ its RTP on the pod bridge. Then:
   certificate are refused by the KMS;
 - the phone hears every participant over SRTP; every participant hearing the
   phone is an expected failure for now (see its reason);
-- the phone's RTP is SRTP: no packet decodes as plain G.711 of its tone
-  (expected failure until it has run on the cluster).
+- the phone's RTP is SRTP: no packet decodes as plain G.711 of its tone.
 """
 import shutil
 import subprocess
@@ -206,8 +205,6 @@ def test_the_meeting_hears_the_dial_in_phone(meeting):
             f"user-{i} heard {got} Hz from the phone; pool log: {meeting['pool_log'][-3000:]}"
 
 
-@pytest.mark.xfail(strict=False, reason="written and checked offline (G.711 decoding, entropy), not yet run on the "
-                   "cluster before the deadline: the shared cluster was busy")
 def test_phone_leg_carries_no_plain_g711(meeting):
     phone = meeting["phone"]
     packets = [p[4] for p in meeting["capture"].udp_packets()]
