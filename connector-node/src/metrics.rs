@@ -46,7 +46,10 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut r = Registry::with_prefix("conclave_connector");
+        // The standard process_* metrics keep their unprefixed names.
+        let mut root = Registry::default();
+        root.register_collector(Box::new(process_metrics::ProcessCollector));
+        let r = root.sub_registry_with_prefix("conclave_connector");
         let m = Self {
             calls: Family::default(),
             refused: Family::default(),
@@ -143,7 +146,56 @@ impl Metrics {
             "Encrypted recording chunks written",
             m.recording_chunks.clone(),
         );
-        Self { registry: r, ..m }
+        r.register(
+            "recordings_active",
+            "Recordings being written now",
+            m.recordings_active.clone(),
+        );
+        // Every bounded label value exists from the start, so dashboards and
+        // rate() see 0 rather than no series until the first event.
+        let pre = [
+            (&m.calls, "direction", &["dialIn", "dialOut"][..]),
+            (&m.legs, "srtp", &["true", "false"][..]),
+            (&m.rtp, "direction", &["sent", "received"][..]),
+            (
+                &m.rtp_dropped,
+                "reason",
+                &[
+                    "recvError",
+                    "source",
+                    "srtpAuth",
+                    "srtpReplay",
+                    "malformed",
+                    "undecodable",
+                    "payloadType",
+                ][..],
+            ),
+            (
+                &m.refused,
+                "reason",
+                &[
+                    "srtpRequired",
+                    "srtpOff",
+                    "noCryptoSuite",
+                    "noCodec",
+                    "badSdp",
+                ][..],
+            ),
+            (
+                &m.ffmpeg_errors,
+                "kind",
+                &["spawnError", "stopped", "error"][..],
+            ),
+        ];
+        for (family, key, values) in pre {
+            for v in values {
+                drop(family.get_or_create(&l(key, *v)));
+            }
+        }
+        Self {
+            registry: root,
+            ..m
+        }
     }
 
     pub fn calls_started(&self, direction: &str) {
@@ -252,5 +304,30 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
             );
             let _ = s.write_all(resp.as_bytes()).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dashboard_series_exist_before_the_first_event() {
+        let m = Metrics::new();
+        m.recording_started();
+        let text = m.render();
+        for series in [
+            "conclave_connector_recordings_active 1",
+            "conclave_connector_sip_calls_total{direction=\"dialIn\"} 0",
+            "conclave_connector_phone_legs_total{srtp=\"false\"} 0",
+            "conclave_connector_rtp_packets_total{direction=\"received\"} 0",
+            "conclave_connector_rtp_packets_dropped_total{reason=\"srtpAuth\"} 0",
+            "conclave_connector_sip_calls_refused_total{reason=\"srtpRequired\"} 0",
+            "conclave_connector_ffmpeg_exits_total{kind=\"error\"} 0",
+            "\nprocess_cpu_seconds_total ",
+            "\nprocess_resident_memory_bytes ",
+        ] {
+            assert!(text.contains(series), "{series} missing from:\n{text}");
+        }
     }
 }
