@@ -340,7 +340,10 @@ async fn dial_in_over_tls_with_srtp_required() {
         // Audio arriving at all proves SRTP interop: unauthenticated packets are dropped.
         assert_heard_tone(&heard, PHONE_TONE, "meeting hearing the phone over SRTP");
         let m = c.metrics.render();
-        assert!(!m.contains("reason=\"srtpAuth\""), "{m}");
+        assert!(
+            m.contains("conclave_connector_rtp_packets_dropped_total{reason=\"srtpAuth\"} 0\n"),
+            "{m}"
+        );
         assert!(
             m.contains("conclave_connector_phone_legs_total{srtp=\"true\"} 1"),
             "{m}"
