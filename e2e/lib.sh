@@ -67,11 +67,18 @@ is_component() {
 }
 
 # Runs "$@" and prints how long it took, for the phase timings `make test` reports.
+# Keeps the command's exit status: callers chain phases with &&, where bash
+# suspends `set -e` inside functions, so the status must be returned explicitly.
 timed() {
   local name=$1; shift
-  local start=$SECONDS
-  "$@"
-  log "phase '$name' took $((SECONDS - start)) s"
+  local start=$SECONDS rc=0
+  "$@" || rc=$?
+  if [ "$rc" -eq 0 ]; then
+    log "phase '$name' took $((SECONDS - start)) s"
+  else
+    log "phase '$name' FAILED (exit $rc) after $((SECONDS - start)) s"
+  fi
+  return "$rc"
 }
 
 # Builds a minimal OCI image archive from one static binary: the binary alone
