@@ -11,8 +11,8 @@ import urllib.request
 
 import pytest
 
-from deploy import (RELEASE, SYSTEM_NS, TONES, audit_entries, chart_values, condition, helm, kms_admin, mint_token,
-                    participant_pod, release_volumes, setup_meetings_namespace, wait_ready)
+from deploy import (RELEASE, SYSTEM_NS, TONES, audit_entries, chart_values, condition, helm, kms_admin, member_pod,
+                    publish_kms_ca, release_volumes, setup_meetings_namespace, wait_members_done, wait_ready)
 from kube import REPO, TAG, apply, kubectl, kubectl_json, wait_until
 
 NS = "faults"
@@ -26,11 +26,7 @@ def zone(conclave_release):
     setup_meetings_namespace(NS)
     kms = wait_ready(NS, "kms", "main")
     wait_ready(NS, "mz", ZONE)
-    # Participants get only the CA certificate (as from their portal), never the CA Secret.
-    ca = kubectl_json("get", "secret", "conclave-ca", "-n", NS)["data"]["ca.crt"]
-    import base64
-    apply({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "kms-ca", "namespace": NS},
-           "data": {"ca.crt": base64.b64decode(ca).decode()}})
+    publish_kms_ca(NS)
     yield kms["status"]["endpoint"]
     kubectl("delete", "namespace", NS, "--wait=true", "--timeout=120s", check=False, timeout=180)
     release_volumes(NS)
@@ -46,15 +42,15 @@ def record_figure(name: str, value: float, unit: str) -> None:
     print(f"FIGURE {name} = {value} {unit}")
 
 
-def start_participants(kms_url: str, duration: int, tones=TONES, prefix="participant") -> list[str]:
+def start_participants(kms_url: str, duration: int) -> list[str]:
+    """The tone participants of TONES (the first is host), replacing an earlier meeting's."""
     kubectl("delete", "pods,secrets", "-n", NS, "-l", "conclave.dev/e2e=meeting", "--wait=true", check=False)
     names, objects = [], []
-    for i in tones:
-        secret, pod = participant_pod(NS, i, kms_url)
-        args = pod["spec"]["containers"][0]["args"]
-        args[args.index("--duration") + 1] = str(duration)
-        objects += [secret, pod]
-        names.append(pod["metadata"]["name"])
+    for i, hz in TONES.items():
+        name = f"participant-{i}"
+        objects += member_pod(NS, name, kms_url, display=f"User {i}", role="host" if i == 0 else "participant",
+                              tone=hz, duration=duration, chat=f"hello from user-{i}")
+        names.append(name)
     apply(objects)
     return names
 
@@ -62,17 +58,7 @@ def start_participants(kms_url: str, duration: int, tones=TONES, prefix="partici
 def late_participant(kms_url: str, index: int, hz: float, duration: int) -> str:
     """One more participant with its own token and tone, joining a running meeting."""
     name = f"late-{index}"
-    secret = {"apiVersion": "v1", "kind": "Secret",
-              "metadata": {"name": name, "namespace": NS, "labels": {"conclave.dev/e2e": "meeting"}},
-              "stringData": {"token": mint_token(f"user-{index}", f"User {index}", "participant")}}
-    _, pod = participant_pod(NS, 0, kms_url)
-    pod["metadata"]["name"] = name
-    args = pod["spec"]["containers"][0]["args"]
-    args[args.index("--tone") + 1] = str(hz)
-    args[args.index("--duration") + 1] = str(duration)
-    args[args.index("--chat") + 1] = f"hello from user-{index}"
-    pod["spec"]["containers"][0]["env"][0]["valueFrom"]["secretKeyRef"]["name"] = name
-    apply([secret, pod])
+    apply(member_pod(NS, name, kms_url, display=f"User {index}", tone=hz, duration=duration))
     return name
 
 
@@ -81,26 +67,6 @@ def wait_running(names: list[str]) -> None:
         pods = [kubectl_json("get", "pod", "-n", NS, n) for n in names]
         return all(p["status"].get("phase") == "Running" for p in pods)
     wait_until(f"{', '.join(names)} running", running, timeout=120, interval=1)
-
-
-def reports_of(names: list[str], timeout: int) -> dict[str, dict]:
-    def done():
-        phases = [kubectl_json("get", "pod", "-n", NS, n)["status"].get("phase") for n in names]
-        return all(ph in ("Succeeded", "Failed") for ph in phases)
-    try:
-        wait_until("the participants to finish", done, timeout=timeout, interval=2)
-    except TimeoutError:
-        states = {n: (kubectl_json("get", "pod", "-n", NS, n)["status"].get("phase"),
-                      kubectl("logs", "-n", NS, n, "--tail=5", check=False)) for n in names}
-        raise AssertionError(f"participants still running after {timeout}s: {json.dumps(states, indent=1)}")
-    reports = {}
-    for n in names:
-        logs = kubectl("logs", "-n", NS, n)
-        found = [json.loads(line)["report"] for line in logs.splitlines()
-                 if line.startswith("{") and "report" in json.loads(line)]
-        assert found, f"{n} printed no report: {logs[-2000:]}"
-        reports[n] = found[0]
-    return reports
 
 
 def relay_pods() -> list[dict]:
@@ -143,7 +109,7 @@ def test_a_relay_pod_dies_mid_meeting_and_the_meeting_moves(zone):
     victim = hosting_relay()
     time.sleep(5)  # let the meeting carry audio on the first relay before it dies
     kubectl("delete", "pod", "-n", NS, victim, "--grace-period=0", "--force")
-    reports = reports_of(names, timeout=150)
+    reports = wait_members_done(NS, names, timeout=150)
     assert_everyone_heard_everyone(reports, {n: TONES[i] for i, n in enumerate(names)})
     for n, r in reports.items():
         assert r["rejoins"] >= 1, f"{n} never re-joined after its relay {victim} died: {r}"
@@ -161,8 +127,7 @@ def test_the_kms_pod_dies_mid_meeting_and_joins_resume_when_it_is_back(zone):
     # The participants' key releases are acknowledged (they joined): the
     # audit chain as it stands before the kill must survive it unchanged.
     acknowledged = audit_entries(NS)
-    assert {f"user-{i}" for i in TONES} <= {e["actor"].rsplit(":", 1)[-1] for e in acknowledged
-                                             if e["kind"] == "key_release"}
+    assert set(names) <= {e["actor"].rsplit(":", 1)[-1] for e in acknowledged if e["kind"] == "key_release"}
     uid = kubectl_json("get", "pod", "-n", NS, kms_pod)["metadata"]["uid"]
     killed_at = time.monotonic()
     kubectl("delete", "pod", "-n", NS, kms_pod, "--grace-period=0", "--force")
@@ -180,7 +145,7 @@ def test_the_kms_pod_dies_mid_meeting_and_joins_resume_when_it_is_back(zone):
     assert verify["ok"], verify
     # A join after the restart works, and the running meeting admits it.
     late = late_participant(zone, 3, 1100.0, duration=15)
-    reports = reports_of(names + [late], timeout=150)
+    reports = wait_members_done(NS, names + [late], timeout=150)
     # Media does not depend on the KMS: every original member kept receiving
     # the others throughout (its event stream reconnects, which the client
     # counts as re-joins, but its relay never changed).
@@ -239,7 +204,7 @@ def test_helm_upgrade_to_a_new_image_tag_during_a_meeting(zone):
                     for p in ours)
         return ready and all(i.endswith(f":{new_tag}") for i in images)
     wait_until("every Conclave pod to run the new tag", rolled, timeout=240, interval=3)
-    reports = reports_of(names, timeout=150)
+    reports = wait_members_done(NS, names, timeout=150)
     assert_everyone_heard_everyone(reports, {n: TONES[i] for i, n in enumerate(names)})
     record_figure("e2e_upgrade_audio_gap_ms", max(r["max_audio_gap_ms"] for r in reports.values()), "ms")
     # The operator pods were replaced too: a new leader holds the Lease.
