@@ -21,6 +21,9 @@ use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// How soon a ready object is looked at again while a status field its pods report is unread.
+pub const UNREAD_STATUS_POLL: Duration = Duration::from_secs(10);
+
 /// Consecutive failures per object, for exponential backoff.
 #[derive(Debug, Default)]
 pub struct Backoff(Mutex<HashMap<String, u32>>);

@@ -324,6 +324,15 @@ pub enum ParseError {
     Invalid(#[from] ConfigErrors),
 }
 
+/// Whether `reader` names a recording reader: a certificate identity (`conclave://...`) or a
+/// token subject written `token:<issuer>:<subject>`.
+pub fn is_recording_reader(reader: &str) -> bool {
+    reader.starts_with("conclave://")
+        || reader
+            .strip_prefix("token:")
+            .is_some_and(|r| r.contains(':'))
+}
+
 impl KmsConfig {
     /// Parses YAML (JSON is YAML) and validates.
     pub fn from_yaml(text: &str) -> Result<Self, ParseError> {
@@ -435,10 +444,7 @@ impl KmsConfig {
         }
         for (i, reader) in self.recording_key_readers.iter().enumerate() {
             check(
-                reader.starts_with("conclave://")
-                    || reader
-                        .strip_prefix("token:")
-                        .is_some_and(|r| r.contains(':')),
+                is_recording_reader(reader),
                 &format!(
                     "recordingKeyReaders[{i}] must be conclave://... or token:<issuer>:<subject>"
                 ),

@@ -168,6 +168,7 @@ pub fn config(kms: &KeyManagementServer, pools: &[PoolGrant]) -> Result<KmsConfi
         },
         "audit": {"retentionDays": retention.as_secs().div_ceil(86_400)},
         "admins": [admin_identity(kms)?.to_uri()],
+        "recordingKeyReaders": s.recording_readers,
         "connectorPools": pools,
     });
     let config: KmsConfig = serde_json::from_value(v).map_err(|e| format!("kms config: {e}"))?;

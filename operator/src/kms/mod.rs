@@ -9,6 +9,9 @@ pub use children::*;
 pub use reconcile::{FINALIZER, KmsInfo, parse_info, reconcile, validate};
 
 use crate::shared::{DURATION_PATTERN, Placement, SecretKeyRef};
+
+/// What `spec.recordingReaders` entries look like (kms-node checks the same).
+const RECORDING_READER_PATTERN: &str = "^(conclave://.+|token:.+:.+)$";
 use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
@@ -84,6 +87,15 @@ pub struct KeyManagementServerSpec {
     /// so the KMS assigns invitations to the remote pool. Removing an entry deletes its Secret.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub remote_clients: Vec<RemoteClient>,
+    /// Who may read recordings after the meeting (unwrap their data keys), besides the
+    /// recording pool that made them: `token:<issuer name>:<subject>` for a person with a join
+    /// token from one of `participantAuth.issuers` (only recordings of the meeting the token
+    /// names), or `conclave://<namespace>/<kind>/<name>` for a certificate of the namespace CA,
+    /// e.g. the operator-issued admin certificate `conclave://<ns>/admin/<kms name>`. Every read
+    /// and refusal is audited. Default: nobody but the recorder.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(regex(pattern = RECORDING_READER_PATTERN)))]
+    pub recording_readers: Vec<String>,
 }
 
 /// What a remote client is.

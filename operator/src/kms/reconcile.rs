@@ -51,6 +51,16 @@ pub fn validate(kms: &KeyManagementServer) -> std::result::Result<(), String> {
                 .into(),
         );
     }
+    if let Some((i, r)) = s
+        .recording_readers
+        .iter()
+        .enumerate()
+        .find(|(_, r)| !meeting_proto::config::kms::is_recording_reader(r))
+    {
+        return Err(format!(
+            "spec.recordingReaders[{i}]: {r:?} is neither conclave://<namespace>/<kind>/<name> nor token:<issuer>:<subject>"
+        ));
+    }
     if s.replicas != 1 {
         return Err(format!(
             "spec.replicas: must be 1 until the KMS replicates its store (got {})",
@@ -554,11 +564,14 @@ impl KeyManagementServer {
                 ..Default::default()
             },
         );
+        let unread = new.ticket_public_key.is_none() || new.current_kek_version.is_none();
         self.finish(ctx, new).await?;
         let next = certs::until(renew_after).min(ctx.settings.resync);
-        // Until pods are ready the StatefulSet's status changes wake us; the ticket key needs a poll.
-        let next = if ready > 0 && self.old_status().ticket_public_key.is_none() {
-            next.min(std::time::Duration::from_secs(10))
+        // Until pods are ready the StatefulSet's status changes wake us; what the KMS itself
+        // reports (ticket key, KEK version) needs a poll until read, or the next resync would
+        // fill it in long after the KMS became ready.
+        let next = if ready > 0 && unread {
+            next.min(crate::controller::UNREAD_STATUS_POLL)
         } else {
             next
         };

@@ -471,6 +471,11 @@ impl ConnectorPool {
         if let Some(at) = renew_at {
             next = next.min(certs::until(at));
         }
+        // Pod readiness wakes us, but a connector that is ready before it answers on /metrics
+        // does not: poll until the count is read rather than filling it in at the next resync.
+        if ready > 0 && sessions.is_none() {
+            next = next.min(crate::controller::UNREAD_STATUS_POLL);
+        }
         Ok(Action::requeue(next))
     }
 }
