@@ -8,6 +8,7 @@
 
 use crate::media::dtmf::DtmfReceiver;
 use crate::media::jitter::JitterBuffer;
+use crate::media::peer::RtpPeer;
 use crate::media::srtp::SrtpContext;
 use crate::media::{g711, rtp};
 use crate::metrics::Metrics;
@@ -526,6 +527,7 @@ async fn media_loop(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut buf = vec![0u8; 2048];
     let mut first = true;
+    let mut peer = RtpPeer::new(neg.remote, neg.srtp.is_some());
     loop {
         tokio::select! {
             _ = ended.changed() => return "call ended",
@@ -559,7 +561,7 @@ async fn media_loop(
                 if let Some(s) = tx_srtp.as_mut() && s.protect(&mut pkt).is_err() {
                     continue;
                 }
-                if socket.send_to(&pkt, neg.remote).await.is_ok() {
+                if socket.send_to(&pkt, peer.send_to()).await.is_ok() {
                     metrics.rtp_sent();
                 }
             }
@@ -569,7 +571,7 @@ async fn media_loop(
                     metrics.rtp_dropped("recvError");
                     continue;
                 };
-                if from.ip() != neg.remote.ip() || rtp::is_rtcp(&buf[..n]) {
+                if !peer.admits(from) || rtp::is_rtcp(&buf[..n]) {
                     metrics.rtp_dropped("source");
                     continue;
                 }
@@ -586,6 +588,11 @@ async fn media_loop(
                     metrics.rtp_dropped("malformed");
                     continue;
                 };
+                if (neg.srtp.is_some() || h.pt == neg.pt || Some(h.pt) == neg.dtmf_pt)
+                    && peer.accepted(from).is_some()
+                {
+                    tracing::info!("the phone's RTP comes from another address than its SDP names: answering there");
+                }
                 last_rx = tokio::time::Instant::now();
                 metrics.rtp_received();
                 if Some(h.pt) == neg.dtmf_pt {

@@ -363,6 +363,64 @@ async fn dial_in_over_tls_with_srtp_required() {
     .expect("test timed out");
 }
 
+/// A phone whose RTP leaves from another address than its SDP names, as a
+/// phone on a cluster node calling a pod does (its RTP socket is bound to
+/// the wildcard address, so the kernel picks the pod bridge's address while
+/// SDP names the node's): the connector must take the phone's audio from
+/// where it really comes (SRTP authenticates it) and answer there
+/// (symmetric RTP, RFC 4961), and the meeting hears the phone's tone as its
+/// strongest component over the whole call, as participants measure it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dial_in_over_srtp_from_an_address_other_than_the_sdp_one() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let dir = TempDir::new("bs-latch");
+        let pki = pki(&dir);
+        let mut c = connector(
+            Transport::Tls,
+            SrtpPolicy::Required,
+            Some(pki.setup.clone()),
+        )
+        .await;
+        let mut phone = Baresip::start_advertising(
+            &dir.0,
+            &phone_wav(&dir),
+            BaresipOpts {
+                transport: "tls",
+                mediaenc: Some("srtp-mand"),
+                tls: Some((pki.phone_pem.clone(), pki.ca_pem.clone())),
+                dial: Some(format!("sip:+15550100@127.0.0.1:{}", c.local.port())),
+                codecs: None,
+            },
+            "127.0.0.2",
+        );
+        let mut leg = c.legs.recv().await.expect("a phone leg");
+        assert_eq!(
+            leg.info.remote.ip().to_string(),
+            "127.0.0.2",
+            "SDP names the other address"
+        );
+        let heard = exchange(&mut leg, 4).await;
+        assert_heard_tone(&heard, PHONE_TONE, "meeting hearing the phone");
+        // Participants name the strongest frequency of everything they heard from the phone.
+        let dominant =
+            meeting_client::audio::dominant_frequency(&connector_node::bridge::upsample(&heard));
+        assert!(
+            (f64::from(PHONE_TONE) - dominant).abs() <= 10.0,
+            "the phone's strongest component is {dominant} Hz"
+        );
+        let m = c.metrics.render();
+        assert!(
+            m.contains("conclave_connector_rtp_packets_dropped_total{reason=\"source\"} 0\n"),
+            "{m}"
+        );
+        c.telephony.hangup(leg.call).await;
+        leg.ended.wait_for(|e| *e).await.unwrap();
+        phone_heard_meeting(&mut phone).await;
+    })
+    .await
+    .expect("test timed out");
+}
+
 fn invite(i: usize, port: u16, body: &str) -> Vec<u8> {
     format!(
         "INVITE sip:+15550100@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bKf{i}\r\n\

@@ -4,6 +4,7 @@
 pub mod dtmf;
 pub mod g711;
 pub mod jitter;
+pub mod peer;
 pub mod rtp;
 pub mod srtp;
 pub mod tone;

@@ -153,9 +153,18 @@ impl Baresip {
     /// Starts baresip; another process may take the chosen port between our
     /// check and baresip's bind, so a failed bind is retried on a new port.
     pub fn start(dir: &Path, wav: &Path, opts: BaresipOpts<'_>) -> Self {
+        Self::start_advertising(dir, wav, opts, "127.0.0.1")
+    }
+
+    /// Like [`Baresip::start`], with SIP and SDP naming `address` (another
+    /// loopback address) while baresip's RTP socket stays bound to the
+    /// wildcard address, so its RTP to 127.0.0.1 leaves from 127.0.0.1: the
+    /// shape of a phone on a cluster node, whose packets to a pod leave from
+    /// the pod bridge's address rather than the one its SDP names.
+    pub fn start_advertising(dir: &Path, wav: &Path, opts: BaresipOpts<'_>, address: &str) -> Self {
         require("baresip");
         for _ in 0..5 {
-            let mut me = Self::start_on(dir, wav, &opts, free_port());
+            let mut me = Self::start_on(dir, wav, &opts, free_port(), address);
             if me.wait_for_log("baresip is ready", Duration::from_secs(10)) {
                 return me;
             }
@@ -167,13 +176,13 @@ impl Baresip {
         );
     }
 
-    fn start_on(dir: &Path, wav: &Path, opts: &BaresipOpts<'_>, port: u16) -> Self {
+    fn start_on(dir: &Path, wav: &Path, opts: &BaresipOpts<'_>, port: u16, address: &str) -> Self {
         let rec = dir.join("rec");
         std::fs::create_dir_all(&rec).unwrap();
         let mut cfg = format!(
             "poll_method epoll\n\
-             net_interface 127.0.0.1\n\
-             sip_listen 127.0.0.1:{port}\n\
+             net_interface {address}\n\
+             sip_listen {address}:{port}\n\
              call_local_timeout 30\n\
              audio_player aubridge,nil\n\
              audio_source aufile,{wav}\n\
@@ -207,7 +216,7 @@ impl Baresip {
         }
         std::fs::write(dir.join("config"), cfg).unwrap();
         let mut account = format!(
-            "<sip:phone@127.0.0.1;transport={}>;regint=0;answermode=auto;audio_codecs={}",
+            "<sip:phone@{address};transport={}>;regint=0;answermode=auto;audio_codecs={}",
             opts.transport,
             opts.codecs.unwrap_or("PCMU,PCMA")
         );
