@@ -69,9 +69,6 @@ ALLOWED_EMPTY = {
     ("connectors.json", "Failures/s", "C"): NO_STREAM + " (conclave_connector_ffmpeg_exits_total{kind})",
     ("connectors.json", "RTP packets/s", "A"): NO_CALLS + " (conclave_connector_rtp_packets_total{direction})",
     ("connectors.json", "RTP packets/s", "B"): NO_CALLS + " (conclave_connector_rtp_packets_dropped_total{reason})",
-    ("operator.json", "Reconcile errors/s", "A"): "no reconcile fails in this scenario; "
-                                                  "conclave_operator_reconcile_errors_total gets its first series on the first error",
-    ("operator.json", "Reconcile errors/s by kind and error", "A"): "same as 'Reconcile errors/s'",
 }
 # Metrics a dashboard needs that a component does not export yet: not scenario-dependent, so
 # each is warned about on every run until the component exports it (observability/README.md,

@@ -53,6 +53,18 @@ pub enum Error {
 }
 
 impl Error {
+    /// Every value [`Self::metric_label`] returns, so the error counters exist at 0 from the
+    /// start and dashboards show "no errors" rather than "no data".
+    pub const METRIC_LABELS: [&'static str; 7] = [
+        "kube",
+        "finalizer",
+        "serialize",
+        "certificate",
+        "missing_field",
+        "config",
+        "deletion_blocked",
+    ];
+
     /// Short, stable label for metrics.
     pub fn metric_label(&self) -> &'static str {
         match self {

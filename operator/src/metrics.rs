@@ -112,6 +112,15 @@ impl Default for Metrics {
             "1 while this replica holds the leader Lease",
             leader.clone(),
         );
+        for kind in [crate::kms::KIND, crate::zone::KIND, crate::pool::KIND] {
+            reconciles.get_or_create(&KindLabels { kind: kind.into() });
+            for error in crate::Error::METRIC_LABELS {
+                errors.get_or_create(&ErrorLabels {
+                    kind: kind.into(),
+                    error: error.into(),
+                });
+            }
+        }
         Self {
             registry,
             process,
@@ -325,6 +334,15 @@ mod tests {
         assert!(
             text.contains("conclave_operator_reconciles_total{kind=\"MeetingZone\"} 1"),
             "{text}"
+        );
+        // Error series exist at 0 before any error, for every kind and error label.
+        assert!(text.contains(
+            "conclave_operator_reconcile_errors_total{kind=\"ConnectorPool\",error=\"kube\"} 0"
+        ));
+        assert_eq!(
+            text.matches("conclave_operator_reconcile_errors_total{")
+                .count(),
+            3 * crate::Error::METRIC_LABELS.len()
         );
         assert!(text.contains(
             "conclave_operator_reconcile_duration_seconds_count{kind=\"MeetingZone\"} 1"

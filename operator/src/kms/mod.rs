@@ -6,7 +6,7 @@ mod reconcile;
 mod remote_tests;
 
 pub use children::*;
-pub use reconcile::{FINALIZER, KmsInfo, parse_info, reconcile, validate};
+pub use reconcile::{FINALIZER, KIND, KmsInfo, parse_info, reconcile, validate};
 
 use crate::shared::{DURATION_PATTERN, Placement, SecretKeyRef};
 

@@ -5,7 +5,7 @@ mod children;
 mod reconcile;
 
 pub use children::*;
-pub use reconcile::{SESSION_GAUGES, reconcile, sessions_in_exposition, validate};
+pub use reconcile::{KIND, SESSION_GAUGES, reconcile, sessions_in_exposition, validate};
 
 use crate::shared::{
     ConnectorType, DURATION_PATTERN, ExternalKms, LocalRef, Placement, SecretKeyRef,

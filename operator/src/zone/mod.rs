@@ -5,7 +5,7 @@ mod reconcile;
 
 pub use children::*;
 pub use reconcile::{
-    Resolved, reconcile, resolve_external, resolve_local, validate, validate_external,
+    KIND, Resolved, reconcile, resolve_external, resolve_local, validate, validate_external,
 };
 
 use crate::kms::ServiceType;
