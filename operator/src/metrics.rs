@@ -113,12 +113,12 @@ impl Default for Metrics {
             leader.clone(),
         );
         for kind in [crate::kms::KIND, crate::zone::KIND, crate::pool::KIND] {
-            reconciles.get_or_create(&KindLabels { kind: kind.into() });
+            drop(reconciles.get_or_create(&KindLabels { kind: kind.into() }));
             for error in crate::Error::METRIC_LABELS {
-                errors.get_or_create(&ErrorLabels {
+                drop(errors.get_or_create(&ErrorLabels {
                     kind: kind.into(),
                     error: error.into(),
-                });
+                }));
             }
         }
         Self {
