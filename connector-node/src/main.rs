@@ -147,7 +147,7 @@ fn record_wav(dir: PathBuf, wav: PathBuf, kek: LocalKek, meeting: String) -> any
         let due = start + Duration::from_millis(20 * (i as u64 + 1));
         std::thread::sleep(due.saturating_duration_since(std::time::Instant::now()));
     }
-    let m = rec.finish(now_ms())?;
+    let (m, _) = rec.finish(now_ms())?;
     println!("{}", serde_json::to_string(&m)?);
     Ok(())
 }

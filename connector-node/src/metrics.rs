@@ -29,7 +29,9 @@ pub struct Metrics {
     ffmpeg_running: Gauge,
     ffmpeg_errors: Family<Labels, Counter>,
     stream_refused: Counter,
+    stream_tls_verify: Counter,
     recording_bytes: Counter,
+    recording_storage: Gauge,
     recording_chunks: Counter,
     recordings_active: Gauge,
 }
@@ -65,7 +67,9 @@ impl Metrics {
             ffmpeg_running: Gauge::default(),
             ffmpeg_errors: Family::default(),
             stream_refused: Counter::default(),
+            stream_tls_verify: Counter::default(),
             recording_bytes: Counter::default(),
+            recording_storage: Gauge::default(),
             recording_chunks: Counter::default(),
             recordings_active: Gauge::default(),
             registry: Registry::default(),
@@ -135,6 +139,16 @@ impl Metrics {
             "stream_targets_refused",
             "Stream targets refused by the allow-list",
             m.stream_refused.clone(),
+        );
+        r.register(
+            "stream_tls_verify_failures",
+            "Streaming ffmpeg exits because an rtmps target's certificate failed verification (also counted as ffmpeg_exits kind error)",
+            m.stream_tls_verify.clone(),
+        );
+        r.register(
+            "recording_storage_used_bytes",
+            "Bytes of recordings on the pool's volume (scanned at start, then tracked as recordings are written and deleted by retention)",
+            m.recording_storage.clone(),
         );
         r.register(
             "recording_written_bytes",
@@ -252,6 +266,18 @@ impl Metrics {
     pub fn stream_refused(&self) {
         self.stream_refused.inc();
     }
+    pub fn stream_tls_verify_failed(&self) {
+        self.stream_tls_verify.inc();
+    }
+    /// The volume's recordings as found at start.
+    pub fn recording_storage_set(&self, bytes: u64) {
+        self.recording_storage
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+    /// Bytes that appeared on the volume (written) or left it (negative: deleted).
+    pub fn recording_storage_add(&self, delta: i64) {
+        self.recording_storage.inc_by(delta);
+    }
     pub fn recording_written(&self, bytes: u64) {
         self.recording_bytes.inc_by(bytes);
         self.recording_chunks.inc();
@@ -324,6 +350,8 @@ mod tests {
             "conclave_connector_rtp_packets_dropped_total{reason=\"srtpAuth\"} 0",
             "conclave_connector_sip_calls_refused_total{reason=\"srtpRequired\"} 0",
             "conclave_connector_ffmpeg_exits_total{kind=\"error\"} 0",
+            "conclave_connector_stream_tls_verify_failures_total 0",
+            "conclave_connector_recording_storage_used_bytes 0",
             "\nprocess_cpu_seconds_total ",
             "\nprocess_resident_memory_bytes ",
         ] {

@@ -130,8 +130,16 @@ pub async fn run(cfg: ConnectorConfig, metrics: Arc<Metrics>) -> anyhow::Result<
                     let _ = stop_tx.send(true);
                 }
             });
+            // The one full scan: from here on the recorders report what they
+            // write and the sweep what it deletes. Before the sweep starts, so
+            // nothing is deleted between being counted and being subtracted.
+            let dir = rs.dir.clone();
+            let used =
+                tokio::task::spawn_blocking(move || crate::recording::retention::used_bytes(&dir))
+                    .await?;
+            metrics.recording_storage_set(used);
             tokio::spawn({
-                let (dir, days) = (rs.dir.clone(), rs.retention_days);
+                let (dir, days, metrics) = (rs.dir.clone(), rs.retention_days, metrics.clone());
                 async move {
                     let mut hourly = tokio::time::interval(std::time::Duration::from_secs(3600));
                     loop {
@@ -142,7 +150,11 @@ pub async fn run(cfg: ConnectorConfig, metrics: Arc<Metrics>) -> anyhow::Result<
                             std::time::SystemTime::now(),
                         ) {
                             Ok(d) if !d.is_empty() => {
-                                tracing::info!(deleted = d.len(), "retention sweep")
+                                let bytes: u64 = d.iter().map(|d| d.bytes).sum();
+                                metrics.recording_storage_add(
+                                    -i64::try_from(bytes).unwrap_or(i64::MAX),
+                                );
+                                tracing::info!(deleted = d.len(), bytes, "retention sweep")
                             }
                             Ok(_) => {}
                             Err(e) => tracing::warn!(error = %e, "retention sweep failed"),

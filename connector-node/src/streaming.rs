@@ -30,6 +30,8 @@ pub enum StreamError {
     NotAllowed(String),
     #[error("credentials file unreadable: {0}")]
     Credentials(String),
+    #[error("streaming.tlsCaFile unreadable: {0}")]
+    TlsCa(String),
 }
 
 /// Check a host-requested target and build the push URL (stream key from
@@ -44,17 +46,27 @@ pub fn resolve_target(
         // A host-chosen URL may carry its stream key in the path.
         return Err(StreamError::NotAllowed(redacted_target(target)));
     }
-    let url = match &settings.credentials_file {
+    let (url, key) = match &settings.credentials_file {
         Some(p) => {
             let key = std::fs::read_to_string(p)
                 .map_err(|e| StreamError::Credentials(format!("{}: {e}", p.display())))?;
-            format!("{}/{}", target.trim_end_matches('/'), key.trim())
+            let key = key.trim().to_string();
+            (format!("{}/{key}", target.trim_end_matches('/')), Some(key))
         }
-        None => target.to_string(),
+        None => (target.to_string(), None),
     };
+    // Checked here so a missing Secret mount is one clear error, not an
+    // ffmpeg restart loop.
+    if let Some(ca) = &settings.tls_ca_file
+        && let Err(e) = std::fs::File::open(ca)
+    {
+        return Err(StreamError::TlsCa(format!("{}: {e}", ca.display())));
+    }
     Ok(PushUrl {
         url,
         shown: redacted_target(target),
+        key: key.filter(|k| !k.is_empty()),
+        tls_ca: settings.tls_ca_file.clone(),
     })
 }
 
@@ -63,6 +75,10 @@ pub fn resolve_target(
 pub struct PushUrl {
     url: String,
     shown: String,
+    /// The stream key, kept to scrub it from ffmpeg's messages.
+    key: Option<String>,
+    /// CA bundle for `rtmps://` (None: the system trust store).
+    tls_ca: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for PushUrl {
@@ -77,7 +93,23 @@ impl PushUrl {
         Self {
             url: url.to_string(),
             shown: url.to_string(),
+            key: None,
+            tls_ca: None,
         }
+    }
+
+    fn is_tls(&self) -> bool {
+        self.url.starts_with("rtmps://")
+    }
+
+    /// An ffmpeg message fit for status, logs and metrics: the full URL
+    /// and the stream key never leave this process.
+    fn scrub(&self, line: &str) -> String {
+        let mut l = line.replace(&self.url, &self.shown);
+        if let Some(k) = &self.key {
+            l = l.replace(k.as_str(), "<stream key>");
+        }
+        l
     }
 }
 
@@ -121,13 +153,64 @@ fn ffmpeg_command(ffmpeg: &PathBuf, url: &PushUrl) -> Command {
     .arg(RATE.to_string())
     .args([
         "-ac", "1", "-i", "pipe:0", "-c:a", "aac", "-b:a", "96k", "-f", "flv",
-    ])
-    .arg(&url.url)
-    .stdin(Stdio::piped())
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped())
-    .kill_on_drop(true);
+    ]);
+    if url.is_tls() {
+        // ffmpeg's TLS does not verify unless asked; with it, chain and host
+        // name are both checked (against the pool's CA, else the system's).
+        c.args(["-tls_verify", "1"]);
+        if let Some(ca) = &url.tls_ca {
+            c.arg("-ca_file").arg(ca);
+        }
+    }
+    c.arg(&url.url)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
     c
+}
+
+/// ffmpeg's last lines of stderr kept to explain an exit.
+const STDERR_LINES: usize = 4;
+/// Longest stderr line kept (ffmpeg can print long dumps).
+const STDERR_LINE_MAX: usize = 300;
+
+/// Why ffmpeg exited, for status and logs, and whether it was the TLS
+/// target failing certificate verification.
+fn describe_exit(status: &str, lines: &[String], url: &PushUrl) -> (String, bool) {
+    let detail: Vec<String> = lines
+        .iter()
+        .map(|l| {
+            // "[tls @ 0x55d0c0a0] msg" -> "tls: msg" (addresses are noise).
+            let l = match l.strip_prefix('[').and_then(|r| r.split_once(" @ ")) {
+                Some((module, rest)) => match rest.split_once("] ") {
+                    Some((_, msg)) => format!("{module}: {msg}"),
+                    None => l.clone(),
+                },
+                None => l.clone(),
+            };
+            url.scrub(&l)
+        })
+        .collect();
+    let tls_verify = url.is_tls()
+        && detail.iter().any(|l| {
+            l.starts_with("tls: ") && (l.contains("certificate") || l.contains("Certificate"))
+        });
+    let mut why = format!("ffmpeg exited ({status})");
+    if tls_verify {
+        why.push_str(&format!(
+            ": the target's TLS certificate failed verification against {}",
+            match &url.tls_ca {
+                Some(ca) => format!("streaming.tlsCaFile ({})", ca.display()),
+                None => "the system trust store (no streaming.tlsCaFile)".to_string(),
+            }
+        ));
+    }
+    if !detail.is_empty() {
+        why.push_str(": ");
+        why.push_str(&detail.join("; "));
+    }
+    (why, tls_verify)
 }
 
 /// Start pushing `audio` (48 kHz mono, any frame size) to `url`.
@@ -166,21 +249,24 @@ pub fn start(
             });
             tracing::info!(target = ?url, pid = child.id(), "ffmpeg started");
             let mut stdin = child.stdin.take();
-            let stderr = child.stderr.take();
-            let (err_tx, mut err_rx) = mpsc::channel::<String>(8);
-            if let Some(stderr) = stderr {
+            // The reader owns stderr until EOF and hands back the last lines,
+            // so an exit is explained by everything ffmpeg said before it.
+            let stderr = child.stderr.take().map(|e| {
                 tokio::spawn(async move {
-                    let mut lines = tokio::io::BufReader::new(stderr).lines();
+                    let mut lines = tokio::io::BufReader::new(e).lines();
+                    let mut last = std::collections::VecDeque::with_capacity(STDERR_LINES);
                     while let Ok(Some(l)) = lines.next_line().await {
-                        let _ = err_tx.try_send(l);
+                        if last.len() == STDERR_LINES {
+                            last.pop_front();
+                        }
+                        last.push_back(l.chars().take(STDERR_LINE_MAX).collect::<String>());
                     }
-                });
-            }
-            let mut last_error = None;
+                    Vec::from(last)
+                })
+            });
             let outcome = loop {
                 tokio::select! {
                     _ = &mut stop_rx => break None,
-                    l = err_rx.recv() => if let Some(l) = l { last_error = Some(l) },
                     st = child.wait() => break Some(st),
                     f = audio.recv() => {
                         let Some(f) = f else { break None };
@@ -211,18 +297,25 @@ pub fn start(
                     return;
                 }
                 Some(st) => {
-                    while let Ok(l) = err_rx.try_recv() {
-                        last_error = Some(l);
-                    }
-                    let why = match st {
-                        Ok(s) => format!(
-                            "ffmpeg exited ({s}){}",
-                            last_error.map(|e| format!(": {e}")).unwrap_or_default()
-                        ),
-                        Err(e) => format!("ffmpeg wait failed: {e}"),
+                    // stderr reaches EOF with the exit; bounded in case a
+                    // grandchild kept the pipe open.
+                    let lines = match stderr {
+                        Some(h) => tokio::time::timeout(Duration::from_secs(2), h)
+                            .await
+                            .ok()
+                            .and_then(Result::ok)
+                            .unwrap_or_default(),
+                        None => Vec::new(),
+                    };
+                    let (why, tls_verify) = match st {
+                        Ok(s) => describe_exit(&s.to_string(), &lines, &url),
+                        Err(e) => (format!("ffmpeg wait failed: {e}"), false),
                     };
                     tracing::warn!(target = ?url, error = %why, "ffmpeg exited; restarting");
                     metrics.ffmpeg_exited("error");
+                    if tls_verify {
+                        metrics.stream_tls_verify_failed();
+                    }
                     status_tx.send_modify(|s| {
                         s.pid = None;
                         s.last_error = Some(why);

@@ -263,6 +263,7 @@ async fn invited_recorder_records_under_a_kms_key_only_readers_decrypt() {
                     token: Some(w.token("ada", "board", Role::Host)),
                     invitation: None,
                     public_key: Hex(host_key.public_key().to_vec()),
+                    display_name: None,
                 },
             )
             .await
@@ -340,6 +341,7 @@ async fn invited_recorder_records_under_a_kms_key_only_readers_decrypt() {
                     token: Some(w.token("bob", "board", Role::Participant)),
                     invitation: None,
                     public_key: Hex(bob_key.public_key().to_vec()),
+                    display_name: None,
                 },
             )
             .await
@@ -510,6 +512,7 @@ async fn invited_streamer_pushes_the_meeting_to_nginx_rtmp() {
                 token: Some(w.token("ada", "townhall", Role::Host)),
                 invitation: None,
                 public_key: Hex(host_key.public_key().to_vec()),
+                display_name: None,
             })
             .await
             .unwrap();
@@ -525,6 +528,7 @@ async fn invited_streamer_pushes_the_meeting_to_nginx_rtmp() {
             allowed_targets: vec![format!("rtmp://127.0.0.1:{rtmp_port}/live")],
             credentials_file: None,
             ffmpeg: "ffmpeg".into(),
+            tls_ca_file: None,
         };
         let metrics = std::sync::Arc::new(Metrics::new());
         // A target outside the allow-list is refused before anything starts.
@@ -608,6 +612,7 @@ async fn invited_phone_bridges_a_baresip_caller_into_the_meeting() {
                     token: Some(w.token("ada", "standup", Role::Host)),
                     invitation: None,
                     public_key: Hex(host_key.public_key().to_vec()),
+                    display_name: None,
                 },
             )
             .await
@@ -692,7 +697,7 @@ async fn invited_phone_bridges_a_baresip_caller_into_the_meeting() {
         );
         let phone_dir = w._dir.0.join("baresip");
         std::fs::create_dir_all(&phone_dir).unwrap();
-        let mut phone = common::Baresip::start(
+        let mut phone = common::Baresip::start_as(
             &phone_dir,
             &wav,
             common::BaresipOpts {
@@ -702,9 +707,12 @@ async fn invited_phone_bridges_a_baresip_caller_into_the_meeting() {
                 dial: Some(format!("sip:+15550100@127.0.0.1:{sip_port}")),
                 codecs: None,
             },
+            "127.0.0.1",
+            "+15551234567",
         );
 
-        // The phone shows up in the roster as a telephony connector.
+        // The phone shows up in the roster as a telephony connector named
+        // by the caller's last digits.
         let vk = ed25519_dalek::VerifyingKey::from_bytes(
             &people
                 .info()
@@ -730,6 +738,7 @@ async fn invited_phone_bridges_a_baresip_caller_into_the_meeting() {
                     .iter()
                     .find(|m| m.role.to_string() == "connector:telephony")
             {
+                assert_eq!(m.name, "Phone …4567");
                 break m.sender_index;
             }
         };
@@ -821,6 +830,7 @@ async fn host_invites_a_phone_by_sip_uri_and_the_connector_dials_out() {
                     token: Some(w.token("ada", "callout", Role::Host)),
                     invitation: None,
                     public_key: Hex(host_key.public_key().to_vec()),
+                    display_name: None,
                 },
             )
             .await
@@ -937,6 +947,7 @@ async fn host_invites_a_phone_by_sip_uri_and_the_connector_dials_out() {
                     .iter()
                     .find(|m| m.role.to_string() == "connector:telephony")
             {
+                assert_eq!(m.name, "Phone phone", "the callee's SIP user");
                 break m.sender_index;
             }
         };

@@ -188,9 +188,14 @@ impl<W: Write> ChunkWriter<W> {
     }
 
     /// Seal the last (final) chunk and return the inner writer.
-    pub fn finish(mut self) -> io::Result<W> {
+    pub fn finish(self) -> io::Result<W> {
+        self.finish_len().map(|(w, _)| w)
+    }
+
+    /// `finish`, also returning the file's final length.
+    pub fn finish_len(mut self) -> io::Result<(W, u64)> {
         self.seal(true)?;
-        Ok(self.out)
+        Ok((self.out, self.written))
     }
 }
 

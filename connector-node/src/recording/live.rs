@@ -4,7 +4,7 @@
 use crate::kms::RosterView;
 use crate::meeting::{MeetingEvent, MeetingLink};
 use crate::metrics::Metrics;
-use crate::recording::recorder::{ChatLine, Manifest, Recorder};
+use crate::recording::recorder::{ChatLine, Manifest, Recorder, RecordingSize};
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
@@ -27,11 +27,30 @@ pub async fn record(
     metrics: &Metrics,
 ) -> std::io::Result<Manifest> {
     metrics.recording_started();
-    let result = record_loop(&mut link, &mut rec, &mut stop, &mut roster, metrics).await;
+    let mut counted = RecordingSize::default();
+    let result = record_loop(
+        &mut link,
+        &mut rec,
+        &mut stop,
+        &mut roster,
+        metrics,
+        &mut counted,
+    )
+    .await;
     metrics.recording_ended();
     link.leave();
     result?;
-    rec.finish(now_ms())
+    let (manifest, size) = rec.finish(now_ms())?;
+    account(metrics, &mut counted, size);
+    Ok(manifest)
+}
+
+/// Report what the recording grew (or shrank: a replaced manifest) by since
+/// the last report: bytes written and storage used.
+fn account(metrics: &Metrics, counted: &mut RecordingSize, now: RecordingSize) {
+    metrics.recording_written(now.written.saturating_sub(counted.written));
+    metrics.recording_storage_add(now.on_disk as i64 - counted.on_disk as i64);
+    *counted = now;
 }
 
 async fn record_loop(
@@ -40,9 +59,9 @@ async fn record_loop(
     stop: &mut watch::Receiver<bool>,
     roster: &mut Option<watch::Receiver<RosterView>>,
     metrics: &Metrics,
+    counted: &mut RecordingSize,
 ) -> std::io::Result<()> {
     let mut seen = HashSet::new();
-    let mut written = 0u64;
     let name = |roster: &Option<watch::Receiver<RosterView>>, sender: u16| {
         roster
             .as_ref()
@@ -76,9 +95,8 @@ async fn record_loop(
             }
             _ = tick.tick() => rec.tick()?,
             _ = flush.tick() => {
-                let total = rec.flush()?;
-                metrics.recording_written(total.saturating_sub(written));
-                written = total;
+                let size = rec.flush()?;
+                account(metrics, counted, size);
             }
             ev = link.events.recv() => match ev {
                 None | Some(MeetingEvent::Left(_)) => break,

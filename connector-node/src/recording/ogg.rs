@@ -188,6 +188,10 @@ impl<W: Write> OggOpusWriter<W> {
         &mut self.out
     }
 
+    pub fn get_ref(&self) -> &W {
+        &self.out
+    }
+
     /// Playable duration so far, in 48 kHz samples.
     pub fn duration_samples(&self) -> u64 {
         self.granule - u64::from(self.pre_skip)

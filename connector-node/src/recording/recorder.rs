@@ -68,6 +68,21 @@ pub struct Recorder {
     encoder: opus::Encoder,
     chat: ChunkWriter<File>,
     manifest: Manifest,
+    /// Files of participants who left, as closed.
+    closed_bytes: u64,
+    /// Every manifest written so far, and the ones since replaced.
+    manifest_written: u64,
+    manifest_replaced: u64,
+    manifest_len: u64,
+}
+
+/// A recording's size, kept in memory rather than asked of the file system.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RecordingSize {
+    /// Ciphertext bytes ever written (monotonic: replaced manifests count).
+    pub written: u64,
+    /// Bytes its files take now (replaced manifests do not count).
+    pub on_disk: u64,
 }
 
 impl std::fmt::Debug for Recorder {
@@ -117,7 +132,7 @@ impl Recorder {
             "conclave",
         )?;
         let chat = create(dir, &key, &wrapped, "chat.jsonl")?;
-        let r = Self {
+        let mut r = Self {
             dir: dir.to_path_buf(),
             key,
             wrapped,
@@ -133,6 +148,10 @@ impl Recorder {
                 mixed: "mixed.opus".into(),
                 chat: "chat.jsonl".into(),
             },
+            closed_bytes: 0,
+            manifest_written: 0,
+            manifest_replaced: 0,
+            manifest_len: 0,
         };
         r.write_manifest()?;
         Ok(r)
@@ -142,8 +161,32 @@ impl Recorder {
         &self.manifest
     }
 
-    fn write_manifest(&self) -> io::Result<()> {
-        write_manifest(&self.dir, &self.key, &self.wrapped, &self.manifest)
+    fn write_manifest(&mut self) -> io::Result<()> {
+        let len = write_manifest(&self.dir, &self.key, &self.wrapped, &self.manifest)?;
+        self.manifest_account(len);
+        Ok(())
+    }
+
+    fn manifest_account(&mut self, len: u64) {
+        self.manifest_written += len;
+        self.manifest_replaced += self.manifest_len;
+        self.manifest_len = len;
+    }
+
+    /// The recording's size now, from the writers' own counts (no stat calls).
+    pub fn size(&self) -> RecordingSize {
+        let open: u64 = self
+            .tracks
+            .values()
+            .map(|t| t.writer.get_ref().bytes_written())
+            .sum::<u64>()
+            + self.mixed.get_ref().bytes_written()
+            + self.chat.bytes_written();
+        let written = self.closed_bytes + open + self.manifest_written;
+        RecordingSize {
+            written,
+            on_disk: written - self.manifest_replaced,
+        }
     }
 
     pub fn participant_joined(&mut self, id: u64, name: &str, now_ms: u64) -> io::Result<()> {
@@ -196,7 +239,9 @@ impl Recorder {
 
     pub fn participant_left(&mut self, id: u64, now_ms: u64) -> io::Result<()> {
         if let Some(t) = self.tracks.remove(&id) {
-            t.writer.finish()?.finish()?.sync_data()?;
+            let (f, len) = t.writer.finish()?.finish_len()?;
+            f.sync_data()?;
+            self.closed_bytes += len;
         }
         for p in self.manifest.participants.iter_mut().filter(|p| p.id == id) {
             p.left_at_ms.get_or_insert(now_ms);
@@ -262,63 +307,72 @@ impl Recorder {
         self.chat.write_all(&s)
     }
 
-    /// Seal what is buffered in every file and push it to disk. Returns the
-    /// ciphertext bytes written so far (all files).
-    pub fn flush(&mut self) -> io::Result<u64> {
-        let mut bytes = 0;
+    /// Seal what is buffered in every file and push it to disk.
+    pub fn flush(&mut self) -> io::Result<RecordingSize> {
         for t in self.tracks.values_mut() {
             t.writer.flush_page()?;
             t.writer.get_mut().get_mut().sync_data()?;
-            bytes += t.writer.get_mut().bytes_written();
         }
         self.mixed.flush_page()?;
         self.mixed.get_mut().get_mut().sync_data()?;
         self.chat.flush()?;
         self.chat.get_mut().sync_data()?;
-        Ok(bytes + self.mixed.get_mut().bytes_written() + self.chat.bytes_written())
+        Ok(self.size())
     }
 
     /// Stop: close every file with its final chunk and complete the manifest.
-    pub fn finish(self, now_ms: u64) -> io::Result<Manifest> {
+    /// Returns the manifest and the recording's final size.
+    pub fn finish(mut self, now_ms: u64) -> io::Result<(Manifest, RecordingSize)> {
+        for (id, t) in std::mem::take(&mut self.tracks) {
+            let (f, len) = t.writer.finish()?.finish_len()?;
+            f.sync_data()?;
+            self.closed_bytes += len;
+            for p in self.manifest.participants.iter_mut().filter(|p| p.id == id) {
+                p.left_at_ms.get_or_insert(now_ms);
+            }
+        }
         let Self {
             dir,
             key,
             wrapped,
-            tracks,
             mixed,
             chat,
             mut manifest,
+            mut closed_bytes,
+            manifest_written,
+            manifest_replaced,
+            manifest_len,
             ..
         } = self;
-        for (id, t) in tracks {
-            t.writer.finish()?.finish()?.sync_data()?;
-            for p in manifest.participants.iter_mut().filter(|p| p.id == id) {
-                p.left_at_ms.get_or_insert(now_ms);
-            }
+        for (f, len) in [mixed.finish()?.finish_len()?, chat.finish_len()?] {
+            f.sync_data()?;
+            closed_bytes += len;
         }
-        mixed.finish()?.finish()?.sync_data()?;
-        chat.finish()?.sync_data()?;
         manifest.ended_at_ms = Some(now_ms);
-        write_manifest(&dir, &key, &wrapped, &manifest)?;
-        Ok(manifest)
+        let len = write_manifest(&dir, &key, &wrapped, &manifest)?;
+        let written = closed_bytes + manifest_written + len;
+        let on_disk = written - manifest_replaced - manifest_len;
+        Ok((manifest, RecordingSize { written, on_disk }))
     }
 }
 
 /// Replaced atomically, so a crash leaves the previous complete manifest.
+/// Returns its length.
 fn write_manifest(
     dir: &Path,
     key: &DataKey,
     wrapped: &[u8],
     manifest: &Manifest,
-) -> io::Result<()> {
+) -> io::Result<u64> {
     let tmp = dir.join("manifest.json.enc.tmp");
     let _ = std::fs::remove_file(&tmp);
     let f = File::options().write(true).create_new(true).open(&tmp)?;
     let mut w = ChunkWriter::new(f, key, wrapped, "manifest.json")?;
     serde_json::to_writer_pretty(&mut w, manifest).map_err(io::Error::other)?;
-    let f = w.finish()?;
+    let (f, len) = w.finish_len()?;
     f.sync_data()?;
-    std::fs::rename(tmp, dir.join("manifest.json.enc"))
+    std::fs::rename(tmp, dir.join("manifest.json.enc"))?;
+    Ok(len)
 }
 
 fn push_pcm(q: &mut VecDeque<Vec<i16>>, f: Vec<i16>) {
@@ -348,6 +402,56 @@ mod tests {
         );
         assert_eq!(rec.manifest().participants[0].name, "User 2");
         rec.finish(3).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn du(dir: &Path) -> u64 {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum()
+    }
+
+    #[test]
+    fn tracked_size_matches_the_files_on_disk() {
+        let dir = std::env::temp_dir().join(format!(
+            "conclave-size-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        let kek = LocalKek::new(&DataKey::generate());
+        let key = DataKey::generate();
+        let wrapped = kek.wrap(&key);
+        let mut rec = Recorder::create(&dir, "m", key, wrapped, 1).unwrap();
+        assert_eq!(rec.size().on_disk, du(&dir));
+        let mut enc =
+            opus::Encoder::new(RATE, opus::Channels::Mono, opus::Application::Voip).unwrap();
+        let mut out = vec![0u8; 4000];
+        let tone = crate::media::tone::sine(440.0, RATE, 8000.0, 0, FRAME * 100);
+        let mut last = RecordingSize::default();
+        for (i, f) in tone.chunks(FRAME).enumerate() {
+            if i == 0 || i == 60 {
+                rec.participant_joined(i as u64, "p", 2).unwrap();
+            }
+            if i == 80 {
+                // Closing a track and replacing the manifest keep the count exact.
+                rec.participant_left(0, 3).unwrap();
+            }
+            let n = enc.encode(f, &mut out).unwrap();
+            for id in [0u64, 60] {
+                rec.audio(id, i as u16, &out[..n]).unwrap();
+            }
+            rec.tick().unwrap();
+            if i % 25 == 24 {
+                let s = rec.flush().unwrap();
+                assert_eq!(s.on_disk, du(&dir), "after frame {i}");
+                assert!(s.written >= last.written && s.written >= s.on_disk);
+                last = s;
+            }
+        }
+        let (_, s) = rec.finish(4).unwrap();
+        assert_eq!(s.on_disk, du(&dir));
+        assert!(s.written > s.on_disk, "replaced manifests were written too");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

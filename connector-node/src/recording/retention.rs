@@ -1,13 +1,40 @@
 //! Retention: recordings older than the pool's `retentionDays` are deleted
 //! from the pool's volume. A recording's age is the last change of its
 //! directory (the manifest is replaced on every roster change and at the end).
+//!
+//! The storage gauge is filled by one scan at start ([`used_bytes`]); after
+//! that the recorder reports what it writes and [`sweep`] what it deletes.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+/// A recording deleted by retention and the bytes that freed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deleted {
+    pub dir: PathBuf,
+    pub bytes: u64,
+}
+
+/// Bytes of the regular files under `dir`, links not followed (they point
+/// off the volume or back into it). Unreadable parts (a volume's
+/// `lost+found`) count as empty.
+pub fn used_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => used_bytes(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map_or(0, |m| m.len()),
+            _ => 0,
+        })
+        .sum()
+}
+
 /// Delete recording directories under `base` unchanged for `days` days
 /// (0 keeps everything). Returns what was deleted.
-pub fn sweep(base: &Path, days: u32, now: SystemTime) -> std::io::Result<Vec<PathBuf>> {
+pub fn sweep(base: &Path, days: u32, now: SystemTime) -> std::io::Result<Vec<Deleted>> {
     if days == 0 {
         return Ok(Vec::new());
     }
@@ -32,8 +59,9 @@ pub fn sweep(base: &Path, days: u32, now: SystemTime) -> std::io::Result<Vec<Pat
             .ok()
             .and_then(|m| now.duration_since(m).ok());
         if age.is_some_and(|a| a > max_age) {
+            let bytes = used_bytes(&path);
             std::fs::remove_dir_all(&path)?;
-            deleted.push(path);
+            deleted.push(Deleted { dir: path, bytes });
         }
     }
     Ok(deleted)
@@ -54,7 +82,10 @@ mod tests {
             std::fs::create_dir_all(base.join(name)).unwrap();
         }
         std::fs::write(base.join("old/manifest.json.enc"), b"x").unwrap();
-        std::fs::write(base.join("new/manifest.json.enc"), b"x").unwrap();
+        std::fs::write(base.join("old/mixed.opus.enc"), [0u8; 1000]).unwrap();
+        std::fs::write(base.join("new/manifest.json.enc"), b"xy").unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", base.join("new/link")).unwrap();
+        assert_eq!(used_bytes(&base), 1003, "links are not followed");
         let now = SystemTime::now();
         let long_ago = now - Duration::from_secs(40 * 86_400);
         std::fs::File::open(base.join("old"))
@@ -67,7 +98,14 @@ mod tests {
             .unwrap();
         assert!(sweep(&base, 0, now).unwrap().is_empty(), "0 keeps forever");
         let deleted = sweep(&base, 30, now).unwrap();
-        assert_eq!(deleted, vec![base.join("old")]);
+        assert_eq!(
+            deleted,
+            vec![Deleted {
+                dir: base.join("old"),
+                bytes: 1001
+            }]
+        );
+        assert_eq!(used_bytes(&base), 2);
         assert!(base.join("new").exists() && base.join("not-a-recording").exists());
         std::fs::remove_dir_all(&base).unwrap();
     }

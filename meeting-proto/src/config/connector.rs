@@ -27,6 +27,16 @@
 //!   dialIn:
 //!     "+15550100": weekly-sync
 //! ```
+//!
+//! A `liveStreaming` pool has a `streaming` section instead:
+//!
+//! ```yaml
+//! streaming:
+//!   allowedTargets: ["rtmps://live.example.com/app"]
+//!   credentialsFile: /etc/conclave/streaming/credentials   # stream key
+//!   tlsCaFile: /etc/conclave/streaming-ca/ca.crt          # verifies rtmps:// targets
+//!   ffmpeg: ffmpeg                                         # default
+//! ```
 
 use crate::ids::MeetingId;
 use serde::{Deserialize, Serialize};
@@ -141,6 +151,11 @@ pub struct StreamingSettings {
     /// The ffmpeg binary. Default `ffmpeg` (found on PATH).
     #[serde(default = "default_ffmpeg")]
     pub ffmpeg: PathBuf,
+    /// PEM CA bundle that verifies `rtmps://` targets' certificates (chain and
+    /// host name). Without it, the system trust store does. Verification is
+    /// never skipped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 /// SIP signalling transport.
@@ -344,6 +359,9 @@ impl StreamingSettings {
         }
         if let Some(p) = &self.credentials_file {
             non_empty(p, "streaming.credentialsFile")?;
+        }
+        if let Some(p) = &self.tls_ca_file {
+            non_empty(p, "streaming.tlsCaFile")?;
         }
         non_empty(&self.ffmpeg, "streaming.ffmpeg")
     }
@@ -552,6 +570,7 @@ mod tests {
             ],
             credentials_file: None,
             ffmpeg: "ffmpeg".into(),
+            tls_ca_file: None,
         };
         assert!(s.validate().is_ok());
         assert!(s.allows("rtmp://127.0.0.1:1935/live"));
@@ -572,5 +591,21 @@ mod tests {
             bad.validate(),
             Err(ConnectorConfigError::BadTarget(_))
         ));
+        let s: StreamingSettings = serde_json::from_value(serde_json::json!({
+            "allowedTargets": ["rtmps://cdn.example"], "tlsCaFile": "/ca/ca.crt"
+        }))
+        .unwrap();
+        assert_eq!(
+            s.tls_ca_file.as_deref(),
+            Some(std::path::Path::new("/ca/ca.crt"))
+        );
+        let empty = StreamingSettings {
+            tls_ca_file: Some(PathBuf::new()),
+            ..s
+        };
+        assert_eq!(
+            empty.validate(),
+            Err(ConnectorConfigError::EmptyPath("streaming.tlsCaFile"))
+        );
     }
 }
