@@ -202,6 +202,7 @@ pub async fn kms_join(
         token: Some(token.to_owned()),
         invitation: None,
         public_key: Hex(ephemeral.public_key().to_vec()),
+        display_name: None,
     };
     let resp = client.join(&meeting, &req).await.context("KMS join")?;
     let roster = verify_roster(&verifier, &resp.roster)?;
@@ -322,6 +323,9 @@ pub struct JoinReport {
     pub stats: SessionStats,
     /// Decoded audio frames per sender.
     pub audio_frames: BTreeMap<u16, u64>,
+    /// Of those, the frames decoded since the last re-join (all of them
+    /// without one): media resumed on the new relay.
+    pub audio_frames_since_rejoin: BTreeMap<u16, u64>,
     /// Strongest frequency in each sender's decoded audio (Hz).
     pub dominant_hz: BTreeMap<u16, f64>,
     pub chats: Vec<ChatLine>,
@@ -337,6 +341,48 @@ pub struct JoinReport {
     pub roster: Vec<RosterEntry>,
     /// Connectors this participant (a host) invited.
     pub invited: Vec<Invited>,
+    /// What still reached this participant after it left through the KMS
+    /// (`--listen-after-leave`); absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub after_leave: Option<AfterLeave>,
+}
+
+/// A leaver that keeps its relay binding and every key it held, and keeps
+/// capturing: what it received after leaving the KMS and what of it opened.
+/// The meeting's rotation on leave must leave it nothing newer than
+/// `last_epoch` to read.
+#[derive(Debug, Serialize, Default, Clone, PartialEq, Eq)]
+pub struct AfterLeave {
+    /// How long it listened after the KMS acknowledged the leave (ms).
+    pub listened_ms: u64,
+    /// The newest epoch it holds a key for.
+    pub last_epoch: u64,
+    /// Media and chat frames received from the relay while listening.
+    pub frames_received: u64,
+    /// Of those, media frames that opened, by epoch (keys as strings in JSON).
+    pub opened_by_epoch: BTreeMap<u64, u64>,
+    /// Chat frames that opened.
+    pub chat_opened: u64,
+    /// When the last frame opened, in ms after the leave: in-flight frames of
+    /// the old epoch may still open until the others install the new key.
+    pub last_opened_ms: Option<u64>,
+    /// Frames that did not open, by reason (`unknown_epoch`: a newer key).
+    pub open_failures: BTreeMap<String, u64>,
+}
+
+/// Leave through the KMS (the future resolves once it has), then listen for
+/// this long with the old keys before saying BYE to the relay.
+pub struct LeaveThenListen {
+    pub leave: std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>,
+    pub listen: Duration,
+}
+
+impl std::fmt::Debug for LeaveThenListen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeaveThenListen")
+            .field("listen", &self.listen)
+            .finish_non_exhaustive()
+    }
 }
 
 impl JoinReport {
@@ -421,16 +467,19 @@ pub async fn run(
     opts: JoinOptions,
     updates: Option<mpsc::Receiver<Update>>,
 ) -> anyhow::Result<JoinReport> {
-    run_with(creds, opts, updates, Vec::new(), Vec::new()).await
+    run_with(creds, opts, updates, Vec::new(), Vec::new(), None).await
 }
 
-/// [`run`], with the roster seen at join and the invitations made.
+/// [`run`], with the roster seen at join and the invitations made; with
+/// `linger`, the media phase ends with a KMS leave and a listening phase
+/// (the report's `after_leave`).
 pub async fn run_with(
     creds: Credentials,
     opts: JoinOptions,
     mut updates: Option<mpsc::Receiver<Update>>,
     roster: Vec<RosterEntry>,
     invited: Vec<Invited>,
+    linger: Option<LeaveThenListen>,
 ) -> anyhow::Result<JoinReport> {
     let mut socket = relay_socket(creds.relay)
         .await
@@ -455,6 +504,7 @@ pub async fn run_with(
         moved: false,
         stats: SessionStats::default(),
         audio_frames: BTreeMap::new(),
+        audio_frames_since_rejoin: BTreeMap::new(),
         dominant_hz: BTreeMap::new(),
         chats: Vec::new(),
         epochs: vec![first_epoch],
@@ -462,6 +512,7 @@ pub async fn run_with(
         max_audio_gap_ms: 0,
         roster: Vec::new(),
         invited,
+        after_leave: None,
     };
     report.saw_roster(roster);
     let mut last_audio: Option<Instant> = None;
@@ -490,6 +541,7 @@ pub async fn run_with(
                     socket = relay_socket(addr).await?;
                     session.rejoin(ticket, rand::random(), Instant::now());
                     report.rejoins += 1;
+                    report.audio_frames_since_rejoin.clear();
                 }
                 Some(Update::Roster(members)) => report.saw_roster(members),
                 None => updates = None,
@@ -548,6 +600,7 @@ pub async fn run_with(
                             last_audio = Some(now);
                             pcm_in.entry(sender).or_default().extend(pcm);
                             *report.audio_frames.entry(sender).or_default() += 1;
+                            *report.audio_frames_since_rejoin.entry(sender).or_default() += 1;
                         }
                         Err(e) => tracing::warn!(sender, error = %e, "undecodable audio frame"),
                     }
@@ -569,6 +622,12 @@ pub async fn run_with(
         }
         flush(&mut session, &socket).await?;
     }
+    if let Some(l) = linger {
+        // The event follower returns the KMS link once nobody receives updates.
+        drop(updates);
+        l.leave.await.context("leaving through the KMS")?;
+        report.after_leave = Some(listen_after_leave(&mut session, &socket, l.listen).await?);
+    }
     session.leave();
     flush(&mut session, &socket).await.ok();
     report.stats = session.stats().clone();
@@ -584,6 +643,63 @@ pub async fn run_with(
         }
     }
     Ok(report)
+}
+
+/// Keeps the relay binding alive (keep-alives), sends no media, and tries
+/// every frame that arrives with the keys held at the leave.
+async fn listen_after_leave(
+    session: &mut Session,
+    socket: &UdpSocket,
+    listen: Duration,
+) -> anyhow::Result<AfterLeave> {
+    let start = Instant::now();
+    let before = session.stats().clone();
+    let end = tokio::time::Instant::now() + listen;
+    let mut out = AfterLeave {
+        last_epoch: session.epoch(),
+        ..AfterLeave::default()
+    };
+    let mut buf = vec![0u8; 2048];
+    loop {
+        let wake = tokio::time::Instant::from_std(session.poll_timeout());
+        tokio::select! {
+            _ = tokio::time::sleep_until(end) => break,
+            _ = tokio::time::sleep_until(wake) => session.handle_timeout(Instant::now()),
+            r = socket.recv(&mut buf) => match r {
+                Ok(n) => session.handle_datagram(&buf[..n], Instant::now()),
+                Err(e) => tracing::debug!(error = %e, "receive failed"),
+            },
+        }
+        while let Some(ev) = session.poll_event() {
+            let opened = match ev {
+                Event::Media(o) => {
+                    *out.opened_by_epoch.entry(o.epoch).or_default() += 1;
+                    true
+                }
+                Event::Chat { .. } => {
+                    out.chat_opened += 1;
+                    true
+                }
+                _ => false,
+            };
+            if opened {
+                out.last_opened_ms = Some(start.elapsed().as_millis() as u64);
+            }
+        }
+        flush(session, socket).await?;
+    }
+    out.listened_ms = start.elapsed().as_millis() as u64;
+    let delta = |now: &BTreeMap<String, u64>, then: &BTreeMap<String, u64>| {
+        now.iter()
+            .map(|(k, v)| (k.clone(), v - then.get(k).copied().unwrap_or(0)))
+            .filter(|(_, d)| *d > 0)
+            .collect::<BTreeMap<String, u64>>()
+    };
+    let stats = session.stats();
+    out.open_failures = delta(&stats.open_failures, &before.open_failures);
+    out.frames_received = delta(&stats.opened, &before.opened).values().sum::<u64>()
+        + out.open_failures.values().sum::<u64>();
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -626,6 +742,7 @@ mod tests {
             moved: false,
             stats: SessionStats::default(),
             audio_frames: BTreeMap::new(),
+            audio_frames_since_rejoin: BTreeMap::new(),
             dominant_hz: BTreeMap::new(),
             chats: Vec::new(),
             epochs: vec![1],
@@ -633,6 +750,7 @@ mod tests {
             max_audio_gap_ms: 0,
             roster: Vec::new(),
             invited: Vec::new(),
+            after_leave: None,
         };
         report.saw_roster(vec![entry(1, "participant")]);
         report.saw_roster(vec![entry(1, "participant"), entry(2, "recording")]);

@@ -100,6 +100,12 @@ struct JoinArgs {
     /// SIP URI for telephony to dial out to.
     #[arg(long = "invite", value_name = "KIND[=TARGET]", requires = "kms")]
     invite: Vec<join::InviteSpec>,
+    /// After --duration, leave through the KMS but keep the relay binding and
+    /// every key held, and try to open what still arrives for this many
+    /// seconds: what a leaver that keeps capturing can read (the report's
+    /// `after_leave`; the leave rotates the others to a key it never sees).
+    #[arg(long, value_name = "SECS", requires = "kms")]
+    listen_after_leave: Option<f64>,
 }
 
 #[derive(Args, Debug)]
@@ -274,6 +280,12 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Join(a) => {
             let meeting = MeetingId::new(a.meeting.clone()).context("--meeting")?;
+            // Checked before joining, so a bad value never leaves us in the roster.
+            let listen_after_leave = a
+                .listen_after_leave
+                .map(Duration::try_from_secs_f64)
+                .transpose()
+                .context("--listen-after-leave must be a non-negative number of seconds")?;
             let (creds, link, roster, invited) = match (&a.kms, &a.relay) {
                 (Some(url), _) => {
                     let ca = a
@@ -348,14 +360,25 @@ async fn main() -> anyhow::Result<()> {
                 out_dir: a.out_dir,
                 join_timeout: Duration::from_secs_f64(a.join_timeout),
             };
-            let (updates, follower) = match link {
+            let (updates, mut follower) = match link {
                 Some(l) => {
                     let (rx, task) = join::follow_events(l);
                     (Some(rx), Some(task))
                 }
                 None => (None, None),
             };
-            let result = join::run_with(creds, opts, updates, roster, invited).await;
+            let linger = match listen_after_leave {
+                Some(listen) => follower.take().map(|task| join::LeaveThenListen {
+                    leave: Box::pin(async move {
+                        let l = task.await.context("the KMS event follower failed")?;
+                        l.client.leave(&l.meeting, &l.session).await?;
+                        Ok(())
+                    }),
+                    listen,
+                }),
+                None => None,
+            };
+            let result = join::run_with(creds, opts, updates, roster, invited, linger).await;
             if let Some(task) = follower {
                 // The receiver is gone, so the follower returns its link: say
                 // goodbye so the others rotate to a key this process never sees.

@@ -163,6 +163,53 @@ async fn a_leaver_that_keeps_capturing_cannot_decrypt_after_the_rotation() {
 }
 
 #[test]
+fn listen_after_leave_reports_that_nothing_after_the_rotation_opens() {
+    let kms = start_kms();
+    let _relay = start_relay(&kms.relay_yaml("relay-0"));
+    let stay: Vec<Child> = [("alice", 440.0), ("bob", 660.0)]
+        .iter()
+        .map(|(who, f)| kms.join_cmd("linger", who, *f, 9.0).spawn().unwrap())
+        .collect();
+    let leaver = kms
+        .join_cmd("linger", "mallory", 550.0, 2.0)
+        .args(["--listen-after-leave", "4"])
+        .spawn()
+        .unwrap();
+    let r = report(leaver);
+    let after = &r["after_leave"];
+    let last = after["last_epoch"].as_u64().unwrap();
+    let opened = after["opened_by_epoch"].as_object().unwrap();
+    assert!(
+        opened.keys().all(|e| e.parse::<u64>().unwrap() <= last),
+        "a frame newer than the leaver's last epoch opened: {r}"
+    );
+    // Old-epoch frames in flight may open just after the leave, never at the end.
+    let last_opened = after["last_opened_ms"].as_u64().unwrap_or(0);
+    assert!(
+        last_opened < 3_000,
+        "still decrypting after the rotation: {r}"
+    );
+    let refused = after["open_failures"]["unknown_epoch"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        refused >= 100,
+        "the relay kept forwarding and the leaver opened none of it: {r}"
+    );
+    for c in stay {
+        let s = report(c);
+        let newest = s["epochs"]
+            .as_array()
+            .unwrap()
+            .last()
+            .unwrap()
+            .as_u64()
+            .unwrap();
+        assert!(newest > last, "the others rotated past {last}: {s}");
+    }
+}
+
+#[test]
 fn killing_the_relay_moves_the_meeting_to_another_and_media_resumes() {
     let kms = start_kms();
     let relays = [
@@ -207,6 +254,13 @@ fn killing_the_relay_moves_the_meeting_to_another_and_media_resumes() {
             .map(|v| v.as_u64().unwrap())
             .sum();
         assert!(frames >= 150, "too little audio overall: {r}");
+        let resumed: u64 = r["audio_frames_since_rejoin"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_u64().unwrap())
+            .sum();
+        assert!(resumed >= 50, "too little audio after the re-join: {r}");
     }
     let survivor = &relays[0];
     let (_, text) = http_get(survivor.http, "/metrics");
