@@ -314,17 +314,26 @@ def restore_recording(namespace: str, recording_dir: Path, out_dir: Path, *, cer
                       token: str | None = None, kms: str = "main") -> subprocess.CompletedProcess:
     """`connector-node recording restore` on this host through the KMS, as the
     identity of `cert_key` (client certificate) or `token` (join token)."""
-    url, name = kms_from_host(namespace, kms)
     ca = Path(tempfile.mkdtemp()) / "ca.crt"
     ca.write_text(publish_kms_ca(namespace))
-    cmd = [host_binary("connector-node"), "recording", "restore", "--dir", str(recording_dir), "--out", str(out_dir),
-           "--kms", url, "--kms-name", name, "--ca", str(ca)]
-    if cert_key:
-        cmd += ["--cert", cert_key[0], "--key", cert_key[1]]
+    cmd = restore_command(namespace, recording_dir, out_dir, ca, cert_key=cert_key, kms=kms)
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
     if token:
         env["CONCLAVE_TOKEN"] = token
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+
+
+def restore_command(namespace: str, recording_dir: Path, out_dir: Path, ca: Path, *,
+                    cert_key: tuple[str, str] | None = None, kms: str = "main") -> list[str]:
+    """The `connector-node recording restore` command line that
+    restore_recording runs (the namespace CA certificate in `ca`), for
+    showing to a user who wants to run it again."""
+    url, name = kms_from_host(namespace, kms)
+    cmd = [host_binary("connector-node"), "recording", "restore", "--dir", str(recording_dir), "--out", str(out_dir),
+           "--kms", url, "--kms-name", name, "--ca", str(ca)]
+    if cert_key:
+        cmd += ["--cert", cert_key[0], "--key", cert_key[1]]
+    return cmd
 
 
 def decode_to_pcm(path: Path, rate: int = 48000) -> list[int]:
