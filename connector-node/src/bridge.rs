@@ -167,7 +167,7 @@ async fn connect_leg(
     a: meeting_proto::kms_api::Assignment,
 ) {
     let call = leg.call;
-    match crate::kms::join_assignment(&client, &a).await {
+    match crate::kms::join_assignment_as(&client, &a, Some(&leg.display_name)).await {
         Ok((membership, creds)) => {
             let (meeting, session) = (membership.meeting.clone(), membership.session.clone());
             match crate::meeting::join(creds, Duration::from_secs(10)).await {

@@ -66,6 +66,17 @@ pub async fn join_assignment(
     client: &KmsClient,
     a: &api::Assignment,
 ) -> Result<(Membership, Credentials), KmsError> {
+    join_assignment_as(client, a, None).await
+}
+
+/// [`join_assignment`] under a roster name of its own (a phone leg's
+/// "Phone …4567", a room system's name) instead of the connector's kind;
+/// `display_name` must be in [`api::display_name`]'s canonical form.
+pub async fn join_assignment_as(
+    client: &KmsClient,
+    a: &api::Assignment,
+    display_name: Option<&str>,
+) -> Result<(Membership, Credentials), KmsError> {
     let key = EphemeralKey::generate();
     let joined = client
         .join(
@@ -74,6 +85,7 @@ pub async fn join_assignment(
                 token: None,
                 invitation: Some(a.invitation),
                 public_key: Hex(key.public_key().to_vec()),
+                display_name: display_name.map(str::to_string),
             },
         )
         .await?;

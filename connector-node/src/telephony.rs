@@ -216,9 +216,10 @@ pub fn start(
                 e = events.recv() => {
                     let Some(e) = e else { break };
                     match e {
-                        Event::Incoming { call, caller, dialled, offer, .. } => {
+                        Event::Incoming { call, caller, caller_name, dialled, offer, .. } => {
                             metrics.calls_started("dialIn");
-                            incoming(&sip, &settings, &metrics, &legs, &mut live, call, caller, dialled, &offer).await;
+                            let name = leg_name(settings.name_prefix.as_deref(), &caller, caller_name.as_deref());
+                            incoming(&sip, &settings, &metrics, &legs, &mut live, call, name, dialled, &offer).await;
                         }
                         Event::Ringing { .. } => {}
                         Event::Answered { call, answer } => {
@@ -226,7 +227,7 @@ pub fn start(
                             let neg = sdp::parse(&answer).and_then(|a| p.local.accept_answer(&a));
                             match neg {
                                 Ok(neg) => {
-                                    let name = format!("Phone {}", short_uri(&p.uri));
+                                    let name = leg_name(settings.name_prefix.as_deref(), &p.uri, None);
                                     let (leg, end_tx) = start_media(call, Direction::DialOut, name, p.meeting, p.socket, neg, &sip, &metrics, None, settings.media_timeout);
                                     live.insert(call, end_tx);
                                     if let Some(leg) = leg {
@@ -272,10 +273,28 @@ pub fn start(
     }
 }
 
-fn short_uri(uri: &str) -> String {
-    crate::sip::message::SipUri::parse(uri)
-        .and_then(|u| u.user)
-        .unwrap_or_else(|| uri.to_string())
+/// The roster name of a leg with `caller` (a SIP URI, the far end's):
+/// "Phone …4567" for telephony (`prefix` "Phone"; only the number's last
+/// digits, or the URI's user part when it is not a number), a room system
+/// by its SIP display name, else its URI's user part (else host). Always in
+/// the KMS's canonical display-name form; never the URI's password or
+/// parameters.
+pub fn leg_name(prefix: Option<&str>, caller: &str, caller_name: Option<&str>) -> String {
+    let uri = crate::sip::message::SipUri::parse(caller);
+    let user = uri
+        .as_ref()
+        .map(|u| u.user.clone().unwrap_or_else(|| u.host.clone()))
+        // A user part may carry a password (user:password): never show it.
+        .map(|u| u.split(':').next().unwrap_or_default().to_string())
+        .unwrap_or_else(|| "unknown".to_string());
+    let raw = match prefix {
+        Some(p) => format!("{p} {}", masked_number(&user)),
+        None => caller_name
+            .and_then(meeting_proto::kms_api::display_name)
+            .unwrap_or(user),
+    };
+    meeting_proto::kms_api::display_name(&raw)
+        .unwrap_or_else(|| prefix.unwrap_or("Room system").to_string())
 }
 
 fn local_for(settings: &TelephonySettings, port: u16) -> Local {
@@ -321,7 +340,7 @@ async fn incoming(
     legs: &mpsc::Sender<PhoneLeg>,
     live: &mut HashMap<CallRef, watch::Sender<bool>>,
     call: CallRef,
-    caller: String,
+    display_name: String,
     dialled: Option<String>,
     offer: &[u8],
 ) {
@@ -359,7 +378,7 @@ async fn incoming(
     let (answer, neg) = match local.answer(&offer) {
         Ok(x) => x,
         Err(e) => {
-            tracing::info!(caller = %masked_number(&caller), reason = %e, "refused call");
+            tracing::info!(caller = %display_name, reason = %e, "refused call");
             metrics.call_refused(refusal_label(&e));
             let _ = sip
                 .commands
@@ -369,10 +388,6 @@ async fn incoming(
         }
     };
     let _ = sip.commands.send(Command::Answer(call, answer)).await;
-    let display_name = match &settings.name_prefix {
-        Some(p) => format!("{p} {}", masked_number(&caller)),
-        None => caller,
-    };
     let meeting = dialled
         .as_deref()
         .and_then(|d| settings.dial_in.get(d))
@@ -642,7 +657,45 @@ async fn media_loop(
 
 #[cfg(test)]
 mod tests {
-    use super::masked_number;
+    use super::{leg_name, masked_number};
+
+    #[test]
+    fn legs_are_named_by_masked_number_or_room_system_name() {
+        let phone = Some("Phone");
+        assert_eq!(
+            leg_name(phone, "sip:+15551234567@198.18.255.1", None),
+            "Phone …4567"
+        );
+        assert_eq!(
+            leg_name(
+                phone,
+                "sips:+15551234567@trunk;user=phone",
+                Some("Ada Lovelace")
+            ),
+            "Phone …4567",
+            "a phone is its number, whatever name the trunk sends"
+        );
+        assert_eq!(
+            leg_name(phone, "sip:phone@127.0.0.1:5090", None),
+            "Phone phone"
+        );
+        assert_eq!(
+            leg_name(phone, "sip:alice:hunter2@pbx", None),
+            "Phone alice"
+        );
+        assert_eq!(
+            leg_name(None, "sip:room1@pbx", Some("  Boardroom\r\n\u{202e}East ")),
+            "Boardroom East"
+        );
+        assert_eq!(leg_name(None, "sip:room1@pbx", None), "room1");
+        assert_eq!(leg_name(None, "sip:10.0.0.5", None), "10.0.0.5");
+        assert_eq!(leg_name(None, "sip:room1@pbx", Some("\u{7}")), "room1");
+        let long = leg_name(None, "sip:r@pbx", Some(&"x".repeat(500)));
+        assert_eq!(
+            long.chars().count(),
+            meeting_proto::kms_api::MAX_DISPLAY_NAME_CHARS
+        );
+    }
 
     #[test]
     fn numbers_show_only_their_last_four_digits() {

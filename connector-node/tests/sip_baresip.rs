@@ -381,7 +381,7 @@ async fn dial_in_over_srtp_from_an_address_other_than_the_sdp_one() {
             Some(pki.setup.clone()),
         )
         .await;
-        let mut phone = Baresip::start_advertising(
+        let mut phone = Baresip::start_as(
             &dir.0,
             &phone_wav(&dir),
             BaresipOpts {
@@ -392,8 +392,13 @@ async fn dial_in_over_srtp_from_an_address_other_than_the_sdp_one() {
                 codecs: None,
             },
             "127.0.0.2",
+            "+15551234567",
         );
         let mut leg = c.legs.recv().await.expect("a phone leg");
+        assert_eq!(
+            leg.display_name, "Phone …4567",
+            "only the number's last digits"
+        );
         assert_eq!(
             leg.info.remote.ip().to_string(),
             "127.0.0.2",

@@ -100,6 +100,8 @@ pub enum Joiner {
         identity: String,
         kind: ConnectorKind,
         invitation: u64,
+        /// Roster name (canonical, checked by the server); else the kind.
+        display_name: Option<String>,
     },
 }
 
@@ -599,6 +601,7 @@ impl Core {
                 identity,
                 kind,
                 invitation,
+                display_name,
             } => {
                 if let Some(inv) = m.record.invitations.iter_mut().find(|i| i.id == invitation) {
                     inv.claimed_by = Some(identity.clone());
@@ -609,7 +612,8 @@ impl Core {
                 m.record.targets.remove(&invitation);
                 self.open_invitations
                     .remove(&(kind, meeting.clone(), invitation));
-                (Role::Connector(kind), kind.to_string(), identity)
+                let name = display_name.unwrap_or_else(|| kind.to_string());
+                (Role::Connector(kind), name, identity)
             }
         };
         let member = MemberRecord {
@@ -1400,6 +1404,31 @@ mod tests {
     }
 
     #[test]
+    fn a_phone_leg_is_in_the_roster_by_its_display_name_and_role() {
+        let mut c = core();
+        let host = join(&mut c, "ada", Role::Host, 1);
+        let (r, _) = c.invite(1000, &m(), &session(&host), ConnectorKind::Telephony, None);
+        let (inv, _) = r.unwrap();
+        let joiner = Joiner::Connector {
+            identity: "conclave://ns/connector/phones/phones-0".into(),
+            kind: ConnectorKind::Telephony,
+            invitation: inv.id,
+            display_name: Some("Phone …4567".into()),
+        };
+        let g = c.join(1000, &m(), joiner, [7; 32]).0.unwrap();
+        let roster = g.roster.verify(&c.signing_key().verifying_key()).unwrap();
+        let member = roster
+            .members
+            .iter()
+            .find(|x| x.participant == g.participant)
+            .unwrap();
+        assert_eq!(
+            (member.name.as_str(), member.role.to_string().as_str()),
+            ("Phone …4567", "connector:telephony")
+        );
+    }
+
+    #[test]
     fn invitation_is_in_the_roster_at_once_and_only_the_invited_kind_joins_once() {
         let mut c = core();
         let host = join(&mut c, "ada", Role::Host, 1);
@@ -1413,6 +1442,7 @@ mod tests {
             identity: "conclave://ns/connector/rec/rec-0".into(),
             kind,
             invitation,
+            display_name: None,
         };
         // Wrong kind, wrong invitation: refused and audited.
         for j in [
@@ -1438,6 +1468,7 @@ mod tests {
             .find(|x| x.participant == g.participant)
             .unwrap();
         assert_eq!(member.role.to_string(), "connector:recording");
+        assert_eq!(member.name, "recording", "without a display name, the kind");
         assert_eq!(roster.invitations[0].participant, Some(g.participant));
         assert!(c.assignments(ConnectorKind::Recording).is_empty());
         // The same invitation cannot be used twice.
@@ -1561,6 +1592,7 @@ mod tests {
                 identity: "conclave://ns/connector/live/live-0".into(),
                 kind: ConnectorKind::LiveStreaming,
                 invitation: inv.id,
+                display_name: None,
             },
             [9; 32],
         );
@@ -1605,6 +1637,7 @@ mod tests {
             identity: rec.into(),
             kind: ConnectorKind::Recording,
             invitation: inv.id,
+            display_name: None,
         };
         c.join(1000, &m(), joiner, [7; 32]).0.unwrap();
         let (r, _) = c.create_recording_key(1000, rec, &m());

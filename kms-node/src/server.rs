@@ -466,6 +466,28 @@ fn public_key(h: &Hex) -> Result<[u8; 32], ApiError> {
         .ok_or_else(|| bad_request("bad_public_key", "public_key must be 32 bytes (X25519)"))
 }
 
+/// A connector's roster name, if it gave one: only in canonical form (the
+/// connector sanitizes what its SIP peer sent), and never from a person,
+/// whose name is the token's.
+fn connector_display_name(req: &api::JoinRequest) -> Result<Option<String>, ApiError> {
+    let Some(name) = &req.display_name else {
+        return Ok(None);
+    };
+    if req.token.is_some() {
+        return Err(bad_request(
+            "bad_display_name",
+            "display_name is for connectors; a person's name comes from the join token",
+        ));
+    }
+    match api::display_name(name) {
+        Some(canonical) if &canonical == name => Ok(Some(canonical)),
+        _ => Err(bad_request(
+            "bad_display_name",
+            "display_name must be 1 to 64 characters without control characters or extra white space",
+        )),
+    }
+}
+
 fn bearer(headers: &HeaderMap) -> Option<[u8; 32]> {
     let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let s = v.strip_prefix("Bearer ")?;
@@ -496,6 +518,7 @@ async fn join(
 ) -> ApiResult<api::JoinResponse> {
     let meeting = meeting_id(&meeting)?;
     let pk = public_key(&req.public_key)?;
+    let display_name = connector_display_name(&req)?;
     let joiner = match (&req.token, req.invitation) {
         (Some(token), None) => {
             let verified = s
@@ -551,6 +574,7 @@ async fn join(
                 identity,
                 kind,
                 invitation,
+                display_name,
             }
         }
         _ => {

@@ -230,6 +230,7 @@ async fn access_matrix_refuses_and_audits() {
                         token,
                         invitation: None,
                         public_key: Hex(vec![1; 32]),
+                        display_name: None,
                     },
                 )
                 .await
@@ -266,6 +267,7 @@ async fn access_matrix_refuses_and_audits() {
                         token: None,
                         invitation: Some(1),
                         public_key: Hex(vec![2; 32]),
+                        display_name: None,
                     },
                 )
                 .await
@@ -400,6 +402,7 @@ async fn invited_connector_joins_and_records() {
                     token: None,
                     invitation: Some(inv.invitation.id),
                     public_key: Hex(key.public_key().to_vec()),
+                    display_name: None,
                 },
             )
             .await
@@ -459,6 +462,7 @@ async fn invited_connector_joins_and_records() {
                     token: None,
                     invitation: Some(inv.invitation.id),
                     public_key: Hex(key.public_key().to_vec()),
+                    display_name: None,
                 },
             )
             .await
@@ -839,6 +843,7 @@ async fn overload_and_bad_input_get_clear_errors_and_metrics_count_them() {
                 token: Some("x".repeat(64 * 1024)),
                 invitation: None,
                 public_key: Hex(vec![1; 32]),
+                display_name: None,
             })
             .await
             .unwrap_err();
@@ -849,6 +854,7 @@ async fn overload_and_bad_input_get_clear_errors_and_metrics_count_them() {
                 token: Some(kms.token("bob", "m1", Role::Participant)),
                 invitation: None,
                 public_key: Hex(vec![1; 5]),
+                display_name: None,
             })
             .await
             .unwrap_err();
@@ -889,6 +895,7 @@ async fn overload_and_bad_input_get_clear_errors_and_metrics_count_them() {
                     token: Some("e30.e30.AAAA".into()),
                     invitation: None,
                     public_key: Hex(vec![1; 32]),
+                    display_name: None,
                 })
                 .await
                 .unwrap_err();

@@ -235,6 +235,12 @@ pub struct JoinRequest {
     /// The participant's ephemeral X25519 public key (32 bytes): every meeting
     /// key released to this participant is sealed to it.
     pub public_key: Hex,
+    /// Connectors only: the roster name of what joins ("Phone …4567", a room
+    /// system's SIP display name), in [`display_name`]'s canonical form.
+    /// People's names come from their token. Without it a connector is
+    /// named by its kind.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
 }
 
 impl fmt::Debug for JoinRequest {
@@ -244,8 +250,43 @@ impl fmt::Debug for JoinRequest {
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("invitation", &self.invitation)
             .field("public_key", &self.public_key)
+            .field("display_name", &self.display_name)
             .finish()
     }
+}
+
+/// Longest connector display name, in characters.
+pub const MAX_DISPLAY_NAME_CHARS: usize = 64;
+
+/// The canonical form of a connector's display name, from whatever a SIP
+/// peer sent: control and bidirectional-override characters removed (they
+/// could make a roster line read as something else), runs of white space
+/// made one space, trimmed, cut to [`MAX_DISPLAY_NAME_CHARS`]. `None` when
+/// nothing is left. The KMS accepts only names already in this form.
+pub fn display_name(raw: &str) -> Option<String> {
+    let mut out = String::new();
+    let mut space = false;
+    for c in raw.chars() {
+        if c.is_whitespace() {
+            space = !out.is_empty();
+            continue;
+        }
+        // Bidi embeddings/overrides/isolates and the marks: U+200E/F, U+202A-202E, U+2066-2069.
+        if c.is_control()
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        {
+            continue;
+        }
+        if out.chars().count() + usize::from(space) >= MAX_DISPLAY_NAME_CHARS {
+            break;
+        }
+        if space {
+            out.push(' ');
+            space = false;
+        }
+        out.push(c);
+    }
+    (!out.is_empty()).then_some(out)
 }
 
 /// A meeting key (or recording data key) sealed with HPKE (RFC 9180, base
@@ -831,6 +872,43 @@ pub struct ErrorBody {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn display_names_are_bounded_and_cannot_fake_a_roster_line() {
+        assert_eq!(display_name("Phone …4567").as_deref(), Some("Phone …4567"));
+        assert_eq!(
+            display_name("  Board\troom \r\n  East ").as_deref(),
+            Some("Board room East")
+        );
+        assert_eq!(
+            display_name("Ada\u{202e}tsoh\u{0}").as_deref(),
+            Some("Adatsoh"),
+            "no direction overrides or controls"
+        );
+        assert_eq!(display_name(" \u{7}\t "), None);
+        let long = display_name(&"x ".repeat(100)).unwrap();
+        assert_eq!(long.chars().count(), MAX_DISPLAY_NAME_CHARS - 1);
+        assert!(!long.ends_with(' '));
+        let canonical = display_name(&"é".repeat(200)).unwrap();
+        assert_eq!(canonical.chars().count(), MAX_DISPLAY_NAME_CHARS);
+        assert_eq!(
+            display_name(&canonical),
+            Some(canonical.clone()),
+            "canonical is a fixed point"
+        );
+        let req = JoinRequest {
+            token: None,
+            invitation: Some(1),
+            public_key: Hex(vec![0; 32]),
+            display_name: None,
+        };
+        assert!(
+            !serde_json::to_string(&req)
+                .unwrap()
+                .contains("display_name")
+        );
+    }
+
     use super::*;
 
     #[test]
@@ -1012,6 +1090,7 @@ mod tests {
             token: Some("eyJsecret".into()),
             invitation: None,
             public_key: Hex(vec![1; 32]),
+            display_name: None,
         };
         assert!(!format!("{req:?}").contains("eyJsecret"));
     }

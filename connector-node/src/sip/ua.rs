@@ -68,8 +68,10 @@ pub enum Event {
     Incoming {
         call: CallRef,
         from: SocketAddr,
-        /// The caller's display name or URI.
+        /// The caller's URI (From header).
         caller: String,
+        /// The caller's display name (From header), if it sent one.
+        caller_name: Option<String>,
         /// User part of the Request-URI (the dialled number).
         dialled: Option<String>,
         offer: Vec<u8>,
@@ -457,9 +459,8 @@ impl UserAgent {
         }
         let r = self.new_ref();
         let from_hdr = req.header("From").unwrap_or_default();
-        let caller = message::display_name(from_hdr)
-            .unwrap_or_else(|| message::header_uri(from_hdr))
-            .to_string();
+        let caller = message::header_uri(from_hdr).to_string();
+        let caller_name = message::display_name(from_hdr).map(str::to_string);
         let dialled = req
             .uri()
             .and_then(message::SipUri::parse)
@@ -492,6 +493,7 @@ impl UserAgent {
             call: r,
             from,
             caller,
+            caller_name,
             dialled,
             offer: req.body,
         });
@@ -1002,6 +1004,7 @@ mod tests {
         let Event::Incoming {
             call: inc,
             caller,
+            caller_name,
             dialled,
             offer,
             ..
@@ -1010,9 +1013,10 @@ mod tests {
             panic!("no incoming call")
         };
         assert_eq!(
-            (caller.as_str(), dialled.as_deref(), offer.as_slice()),
-            ("Conclave", Some("+1555"), &b"v=0 offer"[..])
+            (caller_name.as_deref(), dialled.as_deref(), offer.as_slice()),
+            (Some("Conclave"), Some("+1555"), &b"v=0 offer"[..])
         );
+        assert!(caller.starts_with("sip:u"), "the From URI: {caller}");
         b.answer(inc, b"v=0 answer".to_vec(), now).unwrap();
         pump(&mut a, &mut b, now, 1); // 200 OK lost
         assert!(events(&mut a).is_empty());

@@ -153,18 +153,25 @@ impl Baresip {
     /// Starts baresip; another process may take the chosen port between our
     /// check and baresip's bind, so a failed bind is retried on a new port.
     pub fn start(dir: &Path, wav: &Path, opts: BaresipOpts<'_>) -> Self {
-        Self::start_advertising(dir, wav, opts, "127.0.0.1")
+        Self::start_as(dir, wav, opts, "127.0.0.1", "phone")
     }
 
-    /// Like [`Baresip::start`], with SIP and SDP naming `address` (another
-    /// loopback address) while baresip's RTP socket stays bound to the
-    /// wildcard address, so its RTP to 127.0.0.1 leaves from 127.0.0.1: the
-    /// shape of a phone on a cluster node, whose packets to a pod leave from
-    /// the pod bridge's address rather than the one its SDP names.
-    pub fn start_advertising(dir: &Path, wav: &Path, opts: BaresipOpts<'_>, address: &str) -> Self {
+    /// Like [`Baresip::start`], as SIP user `user` (a caller's number, say),
+    /// with SIP and SDP naming `address`. Another loopback address than
+    /// 127.0.0.1 gives the shape of a phone on a cluster node: baresip's RTP
+    /// socket is bound to the wildcard address, so its RTP to 127.0.0.1
+    /// leaves from 127.0.0.1, not from the address its SDP names (on a node,
+    /// packets to a pod leave from the pod bridge's address).
+    pub fn start_as(
+        dir: &Path,
+        wav: &Path,
+        opts: BaresipOpts<'_>,
+        address: &str,
+        user: &str,
+    ) -> Self {
         require("baresip");
         for _ in 0..5 {
-            let mut me = Self::start_on(dir, wav, &opts, free_port(), address);
+            let mut me = Self::start_on(dir, wav, &opts, free_port(), address, user);
             if me.wait_for_log("baresip is ready", Duration::from_secs(10)) {
                 return me;
             }
@@ -176,7 +183,14 @@ impl Baresip {
         );
     }
 
-    fn start_on(dir: &Path, wav: &Path, opts: &BaresipOpts<'_>, port: u16, address: &str) -> Self {
+    fn start_on(
+        dir: &Path,
+        wav: &Path,
+        opts: &BaresipOpts<'_>,
+        port: u16,
+        address: &str,
+        user: &str,
+    ) -> Self {
         let rec = dir.join("rec");
         std::fs::create_dir_all(&rec).unwrap();
         let mut cfg = format!(
@@ -216,7 +230,7 @@ impl Baresip {
         }
         std::fs::write(dir.join("config"), cfg).unwrap();
         let mut account = format!(
-            "<sip:phone@{address};transport={}>;regint=0;answermode=auto;audio_codecs={}",
+            "<sip:{user}@{address};transport={}>;regint=0;answermode=auto;audio_codecs={}",
             opts.transport,
             opts.codecs.unwrap_or("PCMU,PCMA")
         );

@@ -289,6 +289,7 @@ pub async fn join_with_key(
                 token: Some(token),
                 invitation: None,
                 public_key: Hex(key.public_key().to_vec()),
+                display_name: None,
             },
         )
         .await?;
