@@ -193,6 +193,11 @@ def kms():
     ]
 
 
+STORAGE_DESC = ("Bytes of encrypted recordings on the recording pools' volumes. Each pod scans its volume once at "
+                "start, then adds what it writes and subtracts what retention deletes. A pool's replicas share "
+                "its volume, so with several replicas their figures overlap.")
+
+
 def connectors():
     legs = f"conclave_connector_phone_legs_total{{{CONN}}}"
     srtp_legs = f'conclave_connector_phone_legs_total{{srtp="true", {CONN}}}'
@@ -203,16 +208,20 @@ def connectors():
         stat("SRTP share of phone legs", "percentunit",
              t(f"(sum({srtp_legs}) or sum({legs}) * 0) / sum({legs})", "srtp"),
              desc="Phone legs whose media was SRTP, since the connectors started (0 when none was)."),
-        stat("Recording bytes written", "bytes",
-             t(f"sum(conclave_connector_recording_written_bytes_total{{{CONN}}})", "bytes"),
-             desc="Encrypted recording bytes written since the connectors started."),
+        stat("Recording storage used", "bytes",
+             t(f"sum(conclave_connector_recording_storage_used_bytes{{{CONN}}})", "bytes"),
+             desc=STORAGE_DESC),
         stat("Connector pods up", "short", t(f'sum(up{{component="connector", {CONN}}})', "up")),
         ts("Active recordings, streams and calls", "short",
            t(f"sum by (pod) (conclave_connector_recordings_active{{{CONN}}})", "{{pod}} recordings"),
            t(f"sum by (pod) (conclave_connector_ffmpeg_running{{{CONN}}})", "{{pod}} streams"),
            t(f"sum by (pod) (conclave_connector_phone_legs_active{{{CONN}}})", "{{pod}} phone legs")),
+        ts("Recording storage used", "bytes",
+           t(f"sum by (pod) (conclave_connector_recording_storage_used_bytes{{{CONN}}})", "{{pod}}"),
+           desc=STORAGE_DESC),
         ts("Recording write rate", "Bps",
-           t(f"sum by (pod) (rate(conclave_connector_recording_written_bytes_total{{{CONN}}}[{RATE}]))", "{{pod}}")),
+           t(f"sum by (pod) (rate(conclave_connector_recording_written_bytes_total{{{CONN}}}[{RATE}]))", "{{pod}}"),
+           desc="Encrypted recording bytes written per second (manifest rewrites included)."),
         ts("Calls started/s by direction", "ops",
            t(f"sum by (direction) (rate(conclave_connector_sip_calls_total{{{CONN}}}[{RATE}]))", "{{direction}}")),
         ts("Failures/s", "ops",
@@ -220,12 +229,14 @@ def connectors():
            t(f"sum by (reason) (rate(conclave_connector_sip_calls_refused_total{{{CONN}}}[{RATE}]))", "call refused {{reason}}"),
            t(f'sum by (kind) (rate(conclave_connector_ffmpeg_exits_total{{kind!="stopped", {CONN}}}[{RATE}]))', "stream {{kind}}"),
            t(f"sum(rate(conclave_connector_stream_targets_refused_total{{{CONN}}}[{RATE}]))", "stream target refused"),
+           t(f"sum(rate(conclave_connector_stream_tls_verify_failures_total{{{CONN}}}[{RATE}]))",
+             "stream TLS verification failed"),
            stack=True),
         ts("RTP packets/s", "pps",
            t(f"sum by (direction) (rate(conclave_connector_rtp_packets_total{{{CONN}}}[{RATE}]))", "{{direction}}"),
            t(f"sum by (reason) (rate(conclave_connector_rtp_packets_dropped_total{{{CONN}}}[{RATE}]))", "dropped {{reason}}")),
         ts("Stream (ffmpeg) restarts", "short",
-           t(f"sum by (pod) (increase(conclave_connector_ffmpeg_restarts_total{{{CONN}}}[{RATE}]))", "{{pod}}")),
+           t(f"sum by (pod) (increase(conclave_connector_ffmpeg_restarts_total{{{CONN}}}[{RATE}]))", "{{pod}}"), w=24),
     ]
 
 

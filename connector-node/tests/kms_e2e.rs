@@ -289,11 +289,13 @@ async fn invited_recorder_records_under_a_kms_key_only_readers_decrypt() {
         let base = w._dir.0.join("recordings");
         let (stop_tx, stop_rx) = watch::channel(false);
         let assignment = got.assignments[0].clone();
+        let metrics = std::sync::Arc::new(Metrics::new());
         let rec_task = tokio::spawn({
             let recorder = recorder.clone();
             let base = base.clone();
+            let metrics = metrics.clone();
             async move {
-                live::record_assignment(recorder, assignment, &base, stop_rx, &Metrics::new()).await
+                live::record_assignment(recorder, assignment, &base, stop_rx, &metrics).await
             }
         });
 
@@ -375,6 +377,17 @@ async fn invited_recorder_records_under_a_kms_key_only_readers_decrypt() {
         let dir = rec_task.await.unwrap().unwrap();
         drop(stop_tx);
         hb.abort();
+        // The storage gauge followed the recording without scanning it.
+        let text = metrics.render();
+        let gauge = text
+            .lines()
+            .find_map(|l| l.strip_prefix("conclave_connector_recording_storage_used_bytes "))
+            .unwrap_or_else(|| panic!("no storage gauge in:\n{text}"));
+        assert_eq!(
+            gauge.parse::<u64>().unwrap(),
+            connector_node::recording::retention::used_bytes(&base),
+            "{text}"
+        );
 
         // The auditor (a configured reader) decrypts through the KMS.
         let out = w._dir.0.join("plain");
@@ -709,6 +722,7 @@ async fn invited_phone_bridges_a_baresip_caller_into_the_meeting() {
             },
             "127.0.0.1",
             "+15551234567",
+            None,
         );
 
         // The phone shows up in the roster as a telephony connector named

@@ -516,23 +516,43 @@ def test_kms_metrics_pass_promtool_check_metrics(kms):
     assert {"conclave_kms_key_releases", "conclave_kms_audit_commit_seconds", "conclave_kms_requests"} <= set(families)
 
 
-@needs_promtool
-def test_connector_metrics_pass_promtool_check_metrics(tmp_path, dev_pki):
+def connector_metrics(tmp_path, dev_pki, kind, section, until=None):
+    """/metrics of a connector-node pool of `kind`. No KMS listens at its URL: the connector keeps
+    retrying and serves its metrics meanwhile."""
     metrics = f"127.0.0.1:{free_port()}"
-    # No KMS listens on that port: the connector keeps retrying and serves its metrics meanwhile.
-    (tmp_path / "connector.yaml").write_text(yaml.safe_dump({
-        "type": "telephony", "pool": "phones", "metricsListen": metrics, "sip": {"listen": f"127.0.0.1:{free_port()}"},
+    cfg = tmp_path / f"{kind}.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "type": kind, "pool": "pool", "metricsListen": metrics, **section,
         "kms": {"url": f"https://127.0.0.1:{free_port()}", "caFile": str(dev_pki / "ca.crt"),
                 "certFile": str(dev_pki / "phones.crt"), "keyFile": str(dev_pki / "phones.key")}}))
-    log = tmp_path / "connector.log"
-    proc = subprocess.Popen([str(binary("connector-node")), "run", "--config", str(tmp_path / "connector.yaml")],
+    log = tmp_path / f"{kind}.log"
+    proc = subprocess.Popen([str(binary("connector-node")), "run", "--config", str(cfg)],
                             stdout=subprocess.DEVNULL, stderr=open(log, "w"))
     try:
         text = wait_for_metrics(proc, metrics, log)
+        if until:
+            text = wait_for(until, lambda: t if until in (t := scrape(metrics)) else None, 30)
+        return text
     finally:
         stop(proc)
+
+
+@needs_promtool
+def test_connector_metrics_pass_promtool_check_metrics(tmp_path, dev_pki):
+    text = connector_metrics(tmp_path, dev_pki, "telephony", {"sip": {"listen": f"127.0.0.1:{free_port()}"}})
     families = promtool_check_metrics(text, "conclave_connector_")
-    assert {"conclave_connector_phone_legs_active", "conclave_connector_recording_written_bytes"} <= set(families)
+    assert {"conclave_connector_phone_legs_active", "conclave_connector_recording_written_bytes",
+            "conclave_connector_recording_storage_used_bytes",
+            "conclave_connector_stream_tls_verify_failures"} <= set(families)
+
+    # A recording pool finds what an earlier pod left on its volume (one scan at start).
+    rec = tmp_path / "recordings" / "m-1"
+    rec.mkdir(parents=True)
+    (rec / "manifest.json.enc").write_bytes(b"\0" * 100)
+    (rec / "mixed.opus.enc").write_bytes(b"\0" * 4000)
+    text = connector_metrics(tmp_path, dev_pki, "recording", {"recording": {"dir": str(tmp_path / "recordings")}},
+                             until="\nconclave_connector_recording_storage_used_bytes 4100\n")
+    promtool_check_metrics(text, "conclave_connector_")
 
 
 def test_openmetrics_conversion_keeps_samples():
