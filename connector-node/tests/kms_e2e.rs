@@ -92,7 +92,7 @@ impl World {
                  rootKey: {{file: {d}/root.key, generateIfMissing: true}}\n\
                  issuers:\n  - {{issuer: portal, jwksFile: {d}/jwks.json, audience: {AUD}}}\n\
                  admins: [\"conclave://{NS}/admin/auditor\"]\n\
-                 connectorPools:\n  - {{identity: \"conclave://{NS}/connector/rec\", kind: recording}}\n  - {{identity: \"conclave://{NS}/connector/live\", kind: liveStreaming}}\n  - {{identity: \"conclave://{NS}/connector/phones\", kind: telephony}}\n\
+                 connectorPools:\n  - {{identity: \"conclave://{NS}/connector/rec\", kind: recording}}\n  - {{identity: \"conclave://{NS}/connector/live\", kind: liveStreaming}}\n  - {{identity: \"conclave://{NS}/connector/phones\", kind: telephony}}\n  - {{identity: \"conclave://{NS}/connector/rooms\", kind: roomSystem}}\n\
                  recordingKeyReaders: [\"token:portal:auditor\"]\n",
                 d = d.display()
             ),
@@ -242,6 +242,100 @@ async fn send_tone(link: &meeting::MeetingLink, secs: f64) {
     for f in pcm.chunks(960) {
         tick.tick().await;
         link.audio.send(enc.encode(f).unwrap()).await.unwrap();
+    }
+}
+
+/// A SIP connector pool (`telephony` or `roomSystem`) on 127.0.0.1 that
+/// serves the KMS's assignments with the certificate of pool `pool` (pod
+/// `<pool>-0`), mapping dialled numbers or users to meetings. Returns its
+/// SIP (UDP) port.
+async fn sip_pool(
+    w: &World,
+    pool: &str,
+    kind: ConnectorKind,
+    dial_in: &[(&str, &MeetingId)],
+    media_timeout: Duration,
+) -> u16 {
+    use connector_node::sip::{transport, ua};
+    let client = w.client(
+        &format!("{pool}0"),
+        Some(
+            Identity::new(NS, Kind::Connector, pool)
+                .unwrap()
+                .with_pod(format!("{pool}-0"))
+                .unwrap(),
+        ),
+    );
+    let agent = ua::UserAgent::new(ua::UaConfig {
+        local: "127.0.0.1:0".parse().unwrap(),
+        transport: ua::Transport::Udp,
+        user: pool.into(),
+        display_name: "Conclave".into(),
+        credentials: None,
+        max_calls: 4,
+        invites_per_second: 10,
+    });
+    let (ev_tx, ev_rx) = tokio::sync::mpsc::channel(64);
+    let sip = transport::spawn(
+        agent,
+        "127.0.0.1:0".parse().unwrap(),
+        ua::Transport::Udp,
+        None,
+        ev_tx,
+    )
+    .await
+    .unwrap();
+    let port = sip.local.port();
+    let (legs_tx, legs_rx) = tokio::sync::mpsc::channel(4);
+    let tel = connector_node::telephony::start(
+        sip,
+        ev_rx,
+        connector_node::telephony::TelephonySettings {
+            media_ip: "127.0.0.1".parse().unwrap(),
+            srtp: meeting_proto::config::connector::SrtpPolicy::Preferred,
+            dial_in: dial_in
+                .iter()
+                .map(|(n, m)| (n.to_string(), (*m).clone()))
+                .collect(),
+            // As the service sets it: room systems go by their own names.
+            name_prefix: (kind == ConnectorKind::Telephony).then(|| "Phone".into()),
+            media_timeout,
+        },
+        std::sync::Arc::new(Metrics::new()),
+        legs_tx,
+    );
+    tokio::spawn(connector_node::bridge::serve_legs(
+        client,
+        legs_rx,
+        tel,
+        Default::default(),
+    ));
+    port
+}
+
+/// Follows the meeting's signed roster from version `since` until a member
+/// with `role` is in it.
+async fn member_with_role(
+    people: &KmsClient,
+    meeting: &MeetingId,
+    session: &kms_client::Session,
+    vk: &ed25519_dalek::VerifyingKey,
+    since: &mut u64,
+    role: &str,
+) -> api::RosterMember {
+    loop {
+        let ev = people.events(meeting, session, *since, 5000).await.unwrap();
+        *since = ev.version;
+        if let Some(r) = ev.roster
+            && let Some(m) = r
+                .verify(vk)
+                .unwrap()
+                .members
+                .into_iter()
+                .find(|m| m.role.to_string() == role)
+        {
+            return m;
+        }
     }
 }
 
@@ -610,7 +704,6 @@ async fn invited_streamer_pushes_the_meeting_to_nginx_rtmp() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invited_phone_bridges_a_baresip_caller_into_the_meeting() {
-    use connector_node::sip::{transport, ua};
     let _ = tracing_subscriber::fmt().with_test_writer().try_init();
     tokio::time::timeout(Duration::from_secs(60), async {
         let w = World::start(TempDir::new("kms-phone"));
@@ -631,60 +724,16 @@ async fn invited_phone_bridges_a_baresip_caller_into_the_meeting() {
             .await
             .unwrap();
         let session = kms_client::Session(host.session.clone());
-        let phones = w.client(
-            "phones0",
-            Some(
-                Identity::new(NS, Kind::Connector, "phones")
-                    .unwrap()
-                    .with_pod("phones-0")
-                    .unwrap(),
-            ),
-        );
-
-        // The telephony connector: SIP on 127.0.0.1, +15550100 -> standup.
-        let agent = ua::UserAgent::new(ua::UaConfig {
-            local: "127.0.0.1:0".parse().unwrap(),
-            transport: ua::Transport::Udp,
-            user: "phones".into(),
-            display_name: "Conclave".into(),
-            credentials: None,
-            max_calls: 4,
-            invites_per_second: 10,
-        });
-        let (ev_tx, ev_rx) = tokio::sync::mpsc::channel(64);
-        let sip = transport::spawn(
-            agent,
-            "127.0.0.1:0".parse().unwrap(),
-            ua::Transport::Udp,
-            None,
-            ev_tx,
+        // The telephony connector: SIP on 127.0.0.1, +15550100 -> standup;
+        // short media timeout, so a killed phone leaves the meeting quickly.
+        let sip_port = sip_pool(
+            &w,
+            "phones",
+            ConnectorKind::Telephony,
+            &[("+15550100", &meeting)],
+            Duration::from_secs(2),
         )
-        .await
-        .unwrap();
-        let sip_port = sip.local.port();
-        let (legs_tx, legs_rx) = tokio::sync::mpsc::channel(4);
-        let tel = connector_node::telephony::start(
-            sip,
-            ev_rx,
-            connector_node::telephony::TelephonySettings {
-                media_ip: "127.0.0.1".parse().unwrap(),
-                srtp: meeting_proto::config::connector::SrtpPolicy::Preferred,
-                dial_in: [("+15550100".to_string(), meeting.clone())]
-                    .into_iter()
-                    .collect(),
-                name_prefix: Some("Phone".into()),
-                // Short, so a killed phone leaves the meeting quickly.
-                media_timeout: Duration::from_secs(2),
-            },
-            std::sync::Arc::new(Metrics::new()),
-            legs_tx,
-        );
-        tokio::spawn(connector_node::bridge::serve_legs(
-            phones,
-            legs_rx,
-            tel,
-            Default::default(),
-        ));
+        .await;
 
         // The host invites a phone; the host's own link listens and speaks.
         people
@@ -738,24 +787,17 @@ async fn invited_phone_bridges_a_baresip_caller_into_the_meeting() {
         )
         .unwrap();
         let mut since = host.roster.verify(&vk).unwrap().version;
-        let phone_sender = loop {
-            let ev = people
-                .events(&meeting, &session, since, 5000)
-                .await
-                .unwrap();
-            since = ev.version;
-            if let Some(r) = ev.roster
-                && let Some(m) = r
-                    .verify(&vk)
-                    .unwrap()
-                    .members
-                    .iter()
-                    .find(|m| m.role.to_string() == "connector:telephony")
-            {
-                assert_eq!(m.name, "Phone …4567");
-                break m.sender_index;
-            }
-        };
+        let member = member_with_role(
+            &people,
+            &meeting,
+            &session,
+            &vk,
+            &mut since,
+            "connector:telephony",
+        )
+        .await;
+        assert_eq!(member.name, "Phone …4567");
+        let phone_sender = member.sender_index;
 
         // 4 s: the host says 440 Hz and hears the phone's 1000 Hz.
         let mut enc = Encoder::new().unwrap();
@@ -829,7 +871,6 @@ async fn invited_phone_bridges_a_baresip_caller_into_the_meeting() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_invites_a_phone_by_sip_uri_and_the_connector_dials_out() {
-    use connector_node::sip::{transport, ua};
     let _ = tracing_subscriber::fmt().with_test_writer().try_init();
     tokio::time::timeout(Duration::from_secs(60), async {
         let w = World::start(TempDir::new("kms-dialout"));
@@ -850,54 +891,14 @@ async fn host_invites_a_phone_by_sip_uri_and_the_connector_dials_out() {
             .await
             .unwrap();
         let session = kms_client::Session(host.session.clone());
-        let phones = w.client(
-            "phones0",
-            Some(
-                Identity::new(NS, Kind::Connector, "phones")
-                    .unwrap()
-                    .with_pod("phones-0")
-                    .unwrap(),
-            ),
-        );
-        let agent = ua::UserAgent::new(ua::UaConfig {
-            local: "127.0.0.1:0".parse().unwrap(),
-            transport: ua::Transport::Udp,
-            user: "phones".into(),
-            display_name: "Conclave".into(),
-            credentials: None,
-            max_calls: 4,
-            invites_per_second: 10,
-        });
-        let (ev_tx, ev_rx) = tokio::sync::mpsc::channel(64);
-        let sip = transport::spawn(
-            agent,
-            "127.0.0.1:0".parse().unwrap(),
-            ua::Transport::Udp,
-            None,
-            ev_tx,
+        sip_pool(
+            &w,
+            "phones",
+            ConnectorKind::Telephony,
+            &[],
+            Duration::from_secs(5),
         )
-        .await
-        .unwrap();
-        let (legs_tx, legs_rx) = tokio::sync::mpsc::channel(4);
-        let tel = connector_node::telephony::start(
-            sip,
-            ev_rx,
-            connector_node::telephony::TelephonySettings {
-                media_ip: "127.0.0.1".parse().unwrap(),
-                srtp: meeting_proto::config::connector::SrtpPolicy::Preferred,
-                dial_in: Default::default(),
-                name_prefix: Some("Phone".into()),
-                media_timeout: Duration::from_secs(5),
-            },
-            std::sync::Arc::new(Metrics::new()),
-            legs_tx,
-        );
-        tokio::spawn(connector_node::bridge::serve_legs(
-            phones,
-            legs_rx,
-            tel,
-            Default::default(),
-        ));
+        .await;
 
         // The callee: baresip answering automatically, saying 1000 Hz.
         let wav = w._dir.0.join("phone.wav");
@@ -947,24 +948,17 @@ async fn host_invites_a_phone_by_sip_uri_and_the_connector_dials_out() {
         )
         .unwrap();
         let mut since = host.roster.verify(&vk).unwrap().version;
-        let phone_sender = loop {
-            let ev = people
-                .events(&meeting, &session, since, 5000)
-                .await
-                .unwrap();
-            since = ev.version;
-            if let Some(r) = ev.roster
-                && let Some(m) = r
-                    .verify(&vk)
-                    .unwrap()
-                    .members
-                    .iter()
-                    .find(|m| m.role.to_string() == "connector:telephony")
-            {
-                assert_eq!(m.name, "Phone phone", "the callee's SIP user");
-                break m.sender_index;
-            }
-        };
+        let member = member_with_role(
+            &people,
+            &meeting,
+            &session,
+            &vk,
+            &mut since,
+            "connector:telephony",
+        )
+        .await;
+        assert_eq!(member.name, "Phone phone", "the callee's SIP user");
+        let phone_sender = member.sender_index;
 
         // 4 s: the host says 440 Hz and hears the callee's 1000 Hz.
         let mut enc = Encoder::new().unwrap();
@@ -1007,6 +1001,124 @@ async fn host_invites_a_phone_by_sip_uri_and_the_connector_dials_out() {
             best > 0.7,
             "the callee does not hear the meeting ({best:.2})"
         );
+        hb.abort();
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// The room-system profile: the same SIP stack as telephony, in a pool of
+/// type roomSystem. A room system (baresip with a SIP display name) dials
+/// the meeting's SIP user; it joins as `connector:roomSystem` under its own
+/// display name, and the meeting hears it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_system_joins_under_its_sip_display_name() {
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let w = World::start(TempDir::new("kms-room"));
+        let (_relay, hb) = start_relay(&w).await;
+        let people = w.client("anon", None);
+        let host_key = EphemeralKey::generate();
+        let meeting = MeetingId::new("huddle").unwrap();
+        let host = people
+            .join(
+                &meeting,
+                &api::JoinRequest {
+                    token: Some(w.token("ada", "huddle", Role::Host)),
+                    invitation: None,
+                    public_key: Hex(host_key.public_key().to_vec()),
+                    display_name: None,
+                },
+            )
+            .await
+            .unwrap();
+        let session = kms_client::Session(host.session.clone());
+        let sip_port = sip_pool(
+            &w,
+            "rooms",
+            ConnectorKind::RoomSystem,
+            &[("huddle", &meeting)],
+            Duration::from_secs(5),
+        )
+        .await;
+        people
+            .invite(&meeting, &session, ConnectorKind::RoomSystem, None)
+            .await
+            .unwrap();
+        let mut link = meeting::join(
+            host_creds(&host, &host_key, &meeting),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            link.events.recv().await,
+            Some(meeting::MeetingEvent::Joined)
+        );
+        let wav = w._dir.0.join("room.wav");
+        common::write_wav(
+            &wav,
+            8000,
+            &connector_node::media::tone::sine(1000.0, 8000, 8000.0, 0, 8000 * 30),
+        );
+        let room_dir = w._dir.0.join("baresip");
+        std::fs::create_dir_all(&room_dir).unwrap();
+        let _room = common::Baresip::start_as(
+            &room_dir,
+            &wav,
+            common::BaresipOpts {
+                transport: "udp",
+                mediaenc: None,
+                tls: None,
+                dial: Some(format!("sip:huddle@127.0.0.1:{sip_port}")),
+                codecs: None,
+            },
+            "127.0.0.1",
+            "room-4a",
+            Some("Boardroom East"),
+        );
+        let vk = ed25519_dalek::VerifyingKey::from_bytes(
+            &people
+                .info()
+                .await
+                .unwrap()
+                .signing_public_key
+                .array()
+                .unwrap(),
+        )
+        .unwrap();
+        let mut since = host.roster.verify(&vk).unwrap().version;
+        let room = member_with_role(
+            &people,
+            &meeting,
+            &session,
+            &vk,
+            &mut since,
+            "connector:roomSystem",
+        )
+        .await;
+        assert_eq!(room.name, "Boardroom East");
+        // 3 s of the room's 1000 Hz reach the host.
+        let mut dec = meeting_client::audio::Decoder::new().unwrap();
+        let mut heard = Vec::new();
+        let until = tokio::time::Instant::now() + Duration::from_secs(3);
+        while let Ok(Some(ev)) = tokio::time::timeout_at(until, link.events.recv()).await {
+            if let meeting::MeetingEvent::Audio { sender, packet, .. } = ev
+                && sender == room.sender_index
+            {
+                heard.extend(dec.decode(&packet).unwrap());
+            }
+        }
+        let best = heard
+            .chunks(48000)
+            .map(|c| connector_node::media::tone::tone_ratio(c, 1000.0, 48000))
+            .fold(0f32, f32::max);
+        assert!(
+            best > 0.7,
+            "the meeting does not hear the room system (ratio {best:.2}, {} samples)",
+            heard.len()
+        );
+        link.leave();
         hb.abort();
     })
     .await

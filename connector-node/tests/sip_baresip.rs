@@ -393,6 +393,7 @@ async fn dial_in_over_srtp_from_an_address_other_than_the_sdp_one() {
             },
             "127.0.0.2",
             "+15551234567",
+            None,
         );
         let mut leg = c.legs.recv().await.expect("a phone leg");
         assert_eq!(

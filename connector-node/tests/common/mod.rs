@@ -153,11 +153,11 @@ impl Baresip {
     /// Starts baresip; another process may take the chosen port between our
     /// check and baresip's bind, so a failed bind is retried on a new port.
     pub fn start(dir: &Path, wav: &Path, opts: BaresipOpts<'_>) -> Self {
-        Self::start_as(dir, wav, opts, "127.0.0.1", "phone")
+        Self::start_as(dir, wav, opts, "127.0.0.1", "phone", None)
     }
 
-    /// Like [`Baresip::start`], as SIP user `user` (a caller's number, say),
-    /// with SIP and SDP naming `address`. Another loopback address than
+    /// Like [`Baresip::start`], as SIP user `user` (a caller's number, say)
+    /// with SIP display name `display`, with SIP and SDP naming `address`. Another loopback address than
     /// 127.0.0.1 gives the shape of a phone on a cluster node: baresip's RTP
     /// socket is bound to the wildcard address, so its RTP to 127.0.0.1
     /// leaves from 127.0.0.1, not from the address its SDP names (on a node,
@@ -168,10 +168,15 @@ impl Baresip {
         opts: BaresipOpts<'_>,
         address: &str,
         user: &str,
+        display: Option<&str>,
     ) -> Self {
         require("baresip");
+        let from = match display {
+            Some(d) => format!("\"{d}\" <sip:{user}@{address}"),
+            None => format!("<sip:{user}@{address}"),
+        };
         for _ in 0..5 {
-            let mut me = Self::start_on(dir, wav, &opts, free_port(), address, user);
+            let mut me = Self::start_on(dir, wav, &opts, free_port(), address, &from);
             if me.wait_for_log("baresip is ready", Duration::from_secs(10)) {
                 return me;
             }
@@ -183,13 +188,14 @@ impl Baresip {
         );
     }
 
+    /// `from` is the account's name-addr without its closing `>`.
     fn start_on(
         dir: &Path,
         wav: &Path,
         opts: &BaresipOpts<'_>,
         port: u16,
         address: &str,
-        user: &str,
+        from: &str,
     ) -> Self {
         let rec = dir.join("rec");
         std::fs::create_dir_all(&rec).unwrap();
@@ -230,7 +236,7 @@ impl Baresip {
         }
         std::fs::write(dir.join("config"), cfg).unwrap();
         let mut account = format!(
-            "<sip:{user}@{address};transport={}>;regint=0;answermode=auto;audio_codecs={}",
+            "{from};transport={}>;regint=0;answermode=auto;audio_codecs={}",
             opts.transport,
             opts.codecs.unwrap_or("PCMU,PCMA")
         );
