@@ -197,7 +197,14 @@ async fn pushes_to_nginx_rtmp_restarts_ffmpeg_and_refuses_other_targets() {
         let stat = std::fs::read_to_string(format!("/proc/{first}/stat")).unwrap_or_default();
         assert!(!stat.contains(") Z "), "zombie ffmpeg: {stat}");
         feed(&tx, 4, 100).await;
+        let second = s.pid.unwrap();
         sup.stop().await;
+        // Stopped means reaped: the second ffmpeg's PID is gone, not a zombie.
+        let stat = std::fs::read_to_string(format!("/proc/{second}/stat")).unwrap_or_default();
+        assert!(
+            !stat.contains("(ffmpeg)"),
+            "ffmpeg {second} left behind: {stat}"
+        );
 
         let m = metrics.render();
         assert!(
@@ -390,4 +397,47 @@ fn sample(text: &str, name: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or_else(|| panic!("{name} missing from:\n{text}"))
+}
+
+/// ffmpeg that cannot start is retried with exponential backoff up to the
+/// cap, each failure in the status and counted; on virtual time, so the
+/// delays are exact and the test takes no real time.
+#[tokio::test(start_paused = true)]
+async fn an_ffmpeg_that_cannot_start_is_retried_with_capped_exponential_backoff() {
+    let metrics = Arc::new(Metrics::new());
+    let (_tx, rx) = mpsc::channel(1);
+    let sup = streaming::start(
+        "/nonexistent/ffmpeg".into(),
+        streaming::PushUrl::plain("rtmp://127.0.0.1:1/live"),
+        rx,
+        metrics.clone(),
+    );
+    let mut status = sup.status.clone();
+    let mut gaps = Vec::new();
+    status.changed().await.unwrap();
+    let mut last = tokio::time::Instant::now();
+    let err = status.borrow().last_error.clone().unwrap_or_default();
+    assert!(err.starts_with("cannot start ffmpeg: "), "{err}");
+    for _ in 0..8 {
+        status.changed().await.unwrap();
+        let now = tokio::time::Instant::now();
+        gaps.push((now - last).as_millis());
+        last = now;
+    }
+    sup.stop().await;
+    assert_eq!(
+        gaps,
+        [250, 500, 1000, 2000, 4000, 8000, 10_000, 10_000],
+        "backoff doubles from 250 ms up to 10 s"
+    );
+    let m = metrics.render();
+    assert!(
+        m.contains("conclave_connector_ffmpeg_exits_total{kind=\"spawnError\"} 9"),
+        "{m}"
+    );
+    assert!(m.contains("conclave_connector_ffmpeg_running 0"), "{m}");
+    assert!(
+        m.contains("conclave_connector_ffmpeg_restarts_total 8"),
+        "{m}"
+    );
 }
