@@ -153,6 +153,30 @@ impl World {
     }
 }
 
+/// ffprobe a decrypted track: Opus; its duration in seconds.
+fn probe_opus(file: &std::path::Path) -> f64 {
+    let probe = Command::new("ffprobe")
+        .args([
+            "-v",
+            "error",
+            "-show_entries",
+            "format=duration:stream=codec_name",
+            "-of",
+            "json",
+        ])
+        .arg(file)
+        .output()
+        .unwrap();
+    assert!(
+        probe.status.success(),
+        "{}",
+        String::from_utf8_lossy(&probe.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&probe.stdout).unwrap();
+    assert_eq!(v["streams"][0]["codec_name"], "opus", "{v}");
+    v["format"]["duration"].as_str().unwrap().parse().unwrap()
+}
+
 /// A relay registered with the KMS (heartbeating), verifying the KMS's tickets.
 async fn start_relay(w: &World) -> (Proc, tokio::task::JoinHandle<()>) {
     let relay_port = common::free_port();
@@ -506,27 +530,7 @@ async fn invited_recorder_records_under_a_kms_key_only_readers_decrypt() {
             manifest["participants"][0]["name"], "ADA",
             "roster names in the manifest: {manifest}"
         );
-        let file = out.join(format!("participant-{}.opus", host.sender_index));
-        let probe = Command::new("ffprobe")
-            .args([
-                "-v",
-                "error",
-                "-show_entries",
-                "format=duration:stream=codec_name",
-                "-of",
-                "json",
-            ])
-            .arg(&file)
-            .output()
-            .unwrap();
-        assert!(
-            probe.status.success(),
-            "{}",
-            String::from_utf8_lossy(&probe.stderr)
-        );
-        let v: serde_json::Value = serde_json::from_slice(&probe.stdout).unwrap();
-        assert_eq!(v["streams"][0]["codec_name"], "opus");
-        let dur: f64 = v["format"]["duration"].as_str().unwrap().parse().unwrap();
+        let dur = probe_opus(&out.join(format!("participant-{}.opus", host.sender_index)));
         assert!(
             (4.6..5.4).contains(&dur),
             "recorded {dur} s of 3 s + 2 s after the key rotation"
@@ -1120,6 +1124,133 @@ async fn a_room_system_joins_under_its_sip_display_name() {
         );
         link.leave();
         hb.abort();
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// kill -9 of a recording pool process (`connector-node run`) while the host
+/// is speaking: what it wrote stays valid and decrypts through the KMS for a
+/// reader, the tracks reported partial, the manifest complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recorder_process_killed_mid_meeting_leaves_a_decryptable_partial_recording() {
+    require("ffprobe");
+    tokio::time::timeout(Duration::from_secs(120), async {
+        let w = World::start(TempDir::new("kms-rec-kill"));
+        let (_relay, hb) = start_relay(&w).await;
+        let files = w
+            .pki
+            .client(
+                "rec-proc",
+                &Identity::new(NS, Kind::Connector, "rec")
+                    .unwrap()
+                    .with_pod("rec-1")
+                    .unwrap(),
+            )
+            .unwrap();
+        let base = w._dir.0.join("recordings");
+        let cfg = w._dir.0.join("recorder.json");
+        std::fs::write(
+            &cfg,
+            serde_json::json!({
+                "type": "recording", "pool": "rec",
+                "kms": {"url": w.url, "caFile": files.ca, "certFile": files.cert, "keyFile": files.key},
+                "metricsListen": format!("127.0.0.1:{}", free_port()),
+                "recording": {"dir": base}
+            })
+            .to_string(),
+        )
+        .unwrap();
+        let mut recorder = Proc(
+            Command::new(bin("connector-node"))
+                .arg("run")
+                .arg("--config")
+                .arg(&cfg)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+
+        let people = w.client("anon", None);
+        let host_key = EphemeralKey::generate();
+        let meeting = MeetingId::new("standup").unwrap();
+        let host = people
+            .join(
+                &meeting,
+                &api::JoinRequest {
+                    token: Some(w.token("ada", "standup", Role::Host)),
+                    invitation: None,
+                    public_key: Hex(host_key.public_key().to_vec()),
+                    display_name: None,
+                },
+            )
+            .await
+            .unwrap();
+        people
+            .invite(
+                &meeting,
+                &kms_client::Session(host.session.clone()),
+                ConnectorKind::Recording,
+                None,
+            )
+            .await
+            .unwrap();
+        let speaking = tokio::spawn(speak(host_creds(&host, &host_key, &meeting), 20.0));
+
+        // Kill once the host's track holds sealed audio (bounded wait), the
+        // meeting still going.
+        let track = format!("participant-{}.opus.enc", host.sender_index);
+        let mut dir = None;
+        for _ in 0..300 {
+            dir = std::fs::read_dir(&base).ok().and_then(|mut d| {
+                d.find_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.join(&track).metadata().is_ok_and(|m| m.len() > 6000))
+            });
+            if dir.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let dir = dir.expect("the recorder wrote the host's audio");
+        recorder.0.kill().unwrap();
+        recorder.0.wait().unwrap();
+        speaking.abort();
+        hb.abort();
+
+        let out = w._dir.0.join("plain");
+        let handle = tokio::runtime::Handle::current();
+        let reader_token = w.token("auditor", "standup", Role::Participant);
+        let reports = tokio::task::block_in_place(|| {
+            decrypt::decrypt_dir(&dir, &out, |blob| {
+                handle
+                    .block_on(kms::fetch_recording_key(
+                        &people,
+                        blob,
+                        Some(reader_token.clone()),
+                    ))
+                    .map_err(|e| e.to_string())
+            })
+        })
+        .unwrap();
+        let complete = |f: &str| {
+            reports
+                .iter()
+                .find(|r| r.name == f)
+                .unwrap_or_else(|| panic!("{f} missing: {reports:?}"))
+                .complete
+        };
+        let participant = format!("participant-{}.opus", host.sender_index);
+        assert!(!complete(&participant), "killed track must be partial: {reports:?}");
+        assert!(!complete("mixed.opus"), "{reports:?}");
+        assert!(complete("manifest.json"), "the manifest is replaced atomically");
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+        assert_eq!(manifest["participants"][0]["name"], "ADA", "{manifest}");
+        assert!(manifest.get("endedAtMs").is_none(), "{manifest}");
+        let dur = probe_opus(&out.join(&participant));
+        assert!((0.5..20.0).contains(&dur), "partial track of {dur} s");
+        assert!(probe_opus(&out.join("mixed.opus")) >= 0.5);
     })
     .await
     .expect("test timed out");
