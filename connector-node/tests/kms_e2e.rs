@@ -155,26 +155,9 @@ impl World {
 
 /// ffprobe a decrypted track: Opus; its duration in seconds.
 fn probe_opus(file: &std::path::Path) -> f64 {
-    let probe = Command::new("ffprobe")
-        .args([
-            "-v",
-            "error",
-            "-show_entries",
-            "format=duration:stream=codec_name",
-            "-of",
-            "json",
-        ])
-        .arg(file)
-        .output()
-        .unwrap();
-    assert!(
-        probe.status.success(),
-        "{}",
-        String::from_utf8_lossy(&probe.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&probe.stdout).unwrap();
-    assert_eq!(v["streams"][0]["codec_name"], "opus", "{v}");
-    v["format"]["duration"].as_str().unwrap().parse().unwrap()
+    let p = common::ffprobe(file);
+    assert_eq!(p.codec, "opus", "{p:?}");
+    p.secs
 }
 
 /// A relay registered with the KMS (heartbeating), verifying the KMS's tickets.

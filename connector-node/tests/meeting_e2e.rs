@@ -221,26 +221,9 @@ async fn recording_connector_records_speech_and_chat_from_a_meeting() {
         })
         .unwrap();
         assert!(reports.iter().all(|r| r.complete), "{reports:?}");
-        let probe = Command::new("ffprobe")
-            .args([
-                "-v",
-                "error",
-                "-show_entries",
-                "format=format_name,duration:stream=codec_name",
-                "-of",
-                "json",
-            ])
-            .arg(plain.join("participant-1.opus"))
-            .output()
-            .unwrap();
-        assert!(
-            probe.status.success(),
-            "{}",
-            String::from_utf8_lossy(&probe.stderr)
-        );
-        let v: serde_json::Value = serde_json::from_slice(&probe.stdout).unwrap();
-        assert_eq!(v["streams"][0]["codec_name"], "opus");
-        let dur: f64 = v["format"]["duration"].as_str().unwrap().parse().unwrap();
+        let probe = common::ffprobe(&plain.join("participant-1.opus"));
+        assert_eq!(probe.codec, "opus");
+        let dur = probe.secs;
         assert!((dur - secs).abs() < 0.3, "recorded {dur} s of {secs} s");
         let decoded = dir.0.join("decoded.wav");
         assert!(

@@ -69,44 +69,6 @@ fn decrypt(rec: &Path, out: &Path, kek: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-fn ffprobe(file: &Path) -> (String, String, f64) {
-    require("ffprobe");
-    let o = Command::new("ffprobe")
-        .args([
-            "-v",
-            "error",
-            "-show_entries",
-            "format=format_name,duration:stream=codec_name",
-            "-of",
-            "json",
-        ])
-        .arg(file)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "ffprobe rejected {}: {}",
-        file.display(),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    (
-        v["format"]["format_name"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string(),
-        v["streams"][0]["codec_name"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string(),
-        v["format"]["duration"]
-            .as_str()
-            .unwrap_or("0")
-            .parse()
-            .unwrap(),
-    )
-}
-
 fn decode(file: &Path, dir: &Path) -> Vec<i16> {
     let wav = dir.join("decoded.wav");
     let _ = std::fs::remove_file(&wav);
@@ -162,7 +124,12 @@ fn recorded_speech_decrypts_to_valid_ogg_opus_matching_the_source() {
 
     let src_secs = source.len() as f64 / 48000.0;
     for f in ["participant-1.opus", "mixed.opus"] {
-        let (format, codec, secs) = ffprobe(&out.join(f));
+        let common::Probe {
+            format,
+            codec,
+            secs,
+            ..
+        } = common::ffprobe(&out.join(f));
         assert_eq!((format.as_str(), codec.as_str()), ("ogg", "opus"), "{f}");
         // Whole 20 ms frames: up to one frame longer than the source.
         assert!(
@@ -275,7 +242,12 @@ fn kill_9_mid_recording_leaves_a_decryptable_partial_recording() {
         manifest["complete"], true,
         "manifest is replaced atomically"
     );
-    let (format, codec, secs) = ffprobe(&out.join("participant-1.opus"));
+    let common::Probe {
+        format,
+        codec,
+        secs,
+        ..
+    } = common::ffprobe(&out.join("participant-1.opus"));
     assert_eq!((format.as_str(), codec.as_str()), ("ogg", "opus"));
     assert!((3.0..20.0).contains(&secs), "partial duration {secs}");
     let decoded = decode(&out.join("participant-1.opus"), &dir.0);
@@ -284,114 +256,5 @@ fn kill_9_mid_recording_leaves_a_decryptable_partial_recording() {
     assert!(
         c > 0.8,
         "partial recording does not match the source (correlation {c:.2})"
-    );
-}
-
-struct Proc(std::process::Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn metrics_text(port: u16) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    Some(out)
-}
-
-/// A recording pool process finds what earlier pods left on its volume (one
-/// scan at start), and retention's deletions come off the storage gauge.
-#[test]
-fn recording_pool_reports_storage_used_after_retention() {
-    let dir = TempDir::new("rec-storage");
-    let base = dir.0.join("recordings");
-    for (name, files) in [
-        (
-            "old-1",
-            &[("manifest.json.enc", 10), ("mixed.opus.enc", 1000)][..],
-        ),
-        (
-            "kept-2",
-            &[("manifest.json.enc", 20), ("mixed.opus.enc", 3000)][..],
-        ),
-    ] {
-        std::fs::create_dir_all(base.join(name)).unwrap();
-        for (f, len) in files {
-            std::fs::write(base.join(name).join(f), vec![0u8; *len]).unwrap();
-        }
-    }
-    let long_ago = std::time::SystemTime::now() - Duration::from_secs(40 * 86_400);
-    std::fs::File::open(base.join("old-1"))
-        .unwrap()
-        .set_modified(long_ago)
-        .unwrap();
-
-    let pki = conclave_pki::DevPki::create(dir.0.join("pki"), "ns").unwrap();
-    let files = pki
-        .client(
-            "rec",
-            &conclave_pki::Identity::new("ns", conclave_pki::Kind::Connector, "rec").unwrap(),
-        )
-        .unwrap();
-    let port = common::free_port();
-    let cfg = dir.0.join("c.json");
-    // No KMS answers: the pool retries assignments and serves its metrics meanwhile.
-    std::fs::write(
-        &cfg,
-        serde_json::json!({
-            "type": "recording", "pool": "rec",
-            "kms": {"url": "https://127.0.0.1:1", "caFile": files.ca, "certFile": files.cert, "keyFile": files.key},
-            "metricsListen": format!("127.0.0.1:{port}"),
-            "recording": {"dir": base, "retentionDays": 30}
-        })
-        .to_string(),
-    )
-    .unwrap();
-    let log = dir.0.join("connector.log");
-    let _p = Proc(
-        Command::new(BIN)
-            .arg("run")
-            .arg("--config")
-            .arg(&cfg)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let want = "conclave_connector_recording_storage_used_bytes 3020";
-    let mut text = String::new();
-    for _ in 0..200 {
-        text = metrics_text(port).unwrap_or_default();
-        if text.contains(want) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(
-        text.contains(want),
-        "{text}\n{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
-    assert!(
-        text.contains("# HELP conclave_connector_recording_storage_used_bytes ")
-            && text.contains("# TYPE conclave_connector_recording_storage_used_bytes gauge"),
-        "{text}"
-    );
-    assert!(!base.join("old-1").exists() && base.join("kept-2").exists());
-    // The sweep subtracted what it deleted from the start scan's total
-    // (4030 - 1010), rather than the scan running after the deletion.
-    let logged = std::fs::read_to_string(&log).unwrap();
-    assert!(
-        logged
-            .lines()
-            .any(|l| l.contains("retention sweep") && l.contains("\"bytes\":1010")),
-        "{logged}"
     );
 }

@@ -1,5 +1,6 @@
 //! The connector-node binary as a process: config validation errors, a
-//! telephony pool answering SIP, /metrics and /healthz.
+//! telephony pool answering SIP, /metrics and /healthz, a recording pool's
+//! storage gauge.
 
 mod common;
 
@@ -129,4 +130,94 @@ fn telephony_pool_serves_sip_metrics_and_health() {
         "{metrics}"
     );
     assert!(metrics.contains("# TYPE conclave_connector_phone_legs_active gauge"));
+}
+
+/// A recording pool process finds what earlier pods left on its volume (one
+/// scan at start), and retention's deletions come off the storage gauge.
+#[test]
+fn recording_pool_reports_storage_used_after_retention() {
+    let dir = TempDir::new("rec-storage");
+    let base = dir.0.join("recordings");
+    for (name, files) in [
+        (
+            "old-1",
+            &[("manifest.json.enc", 10), ("mixed.opus.enc", 1000)][..],
+        ),
+        (
+            "kept-2",
+            &[("manifest.json.enc", 20), ("mixed.opus.enc", 3000)][..],
+        ),
+    ] {
+        std::fs::create_dir_all(base.join(name)).unwrap();
+        for (f, len) in files {
+            std::fs::write(base.join(name).join(f), vec![0u8; *len]).unwrap();
+        }
+    }
+    let long_ago = std::time::SystemTime::now() - Duration::from_secs(40 * 86_400);
+    std::fs::File::open(base.join("old-1"))
+        .unwrap()
+        .set_modified(long_ago)
+        .unwrap();
+
+    let pki = conclave_pki::DevPki::create(dir.0.join("pki"), "ns").unwrap();
+    let files = pki
+        .client(
+            "rec",
+            &conclave_pki::Identity::new("ns", conclave_pki::Kind::Connector, "rec").unwrap(),
+        )
+        .unwrap();
+    let port = common::free_port();
+    let cfg = dir.0.join("c.json");
+    // No KMS answers: the pool retries assignments and serves its metrics meanwhile.
+    std::fs::write(
+        &cfg,
+        serde_json::json!({
+            "type": "recording", "pool": "rec",
+            "kms": {"url": "https://127.0.0.1:1", "caFile": files.ca, "certFile": files.cert, "keyFile": files.key},
+            "metricsListen": format!("127.0.0.1:{port}"),
+            "recording": {"dir": base, "retentionDays": 30}
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let log = dir.0.join("connector.log");
+    let _p = Proc(
+        Command::new(BIN)
+            .arg("run")
+            .arg("--config")
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let want = "conclave_connector_recording_storage_used_bytes 3020";
+    let mut text = String::new();
+    for _ in 0..200 {
+        text = http_get(port, "/metrics").unwrap_or_default();
+        if text.contains(want) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        text.contains(want),
+        "{text}\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert!(
+        text.contains("# HELP conclave_connector_recording_storage_used_bytes ")
+            && text.contains("# TYPE conclave_connector_recording_storage_used_bytes gauge"),
+        "{text}"
+    );
+    assert!(!base.join("old-1").exists() && base.join("kept-2").exists());
+    // The sweep subtracted what it deleted from the start scan's total
+    // (4030 - 1010), rather than the scan running after the deletion.
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged
+            .lines()
+            .any(|l| l.contains("retention sweep") && l.contains("\"bytes\":1010")),
+        "{logged}"
+    );
 }

@@ -230,27 +230,13 @@ async fn pushes_to_nginx_rtmp_restarts_ffmpeg_and_refuses_other_targets() {
 
 /// ffprobe the FLV nginx recorded: one AAC audio stream; its duration in s.
 fn probe_aac(flv: &Path) -> f64 {
-    let o = Command::new("ffprobe")
-        .args([
-            "-v",
-            "error",
-            "-show_entries",
-            "format=duration:stream=codec_type,codec_name",
-            "-of",
-            "json",
-        ])
-        .arg(flv)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "ffprobe: {}",
-        String::from_utf8_lossy(&o.stderr)
+    let p = common::ffprobe(flv);
+    assert_eq!(
+        (p.kind.as_str(), p.codec.as_str()),
+        ("audio", "aac"),
+        "{p:?}"
     );
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(v["streams"][0]["codec_type"], "audio", "{v}");
-    assert_eq!(v["streams"][0]["codec_name"], "aac", "{v}");
-    v["format"]["duration"].as_str().unwrap().parse().unwrap()
+    p.secs
 }
 
 /// A CA and a server certificate for 127.0.0.1 it signs, as PEM files.

@@ -405,13 +405,6 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    fn du(dir: &Path) -> u64 {
-        std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().metadata().unwrap().len())
-            .sum()
-    }
-
     #[test]
     fn tracked_size_matches_the_files_on_disk() {
         let dir = std::env::temp_dir().join(format!(
@@ -423,7 +416,10 @@ mod tests {
         let key = DataKey::generate();
         let wrapped = kek.wrap(&key);
         let mut rec = Recorder::create(&dir, "m", key, wrapped, 1).unwrap();
-        assert_eq!(rec.size().on_disk, du(&dir));
+        assert_eq!(
+            rec.size().on_disk,
+            crate::recording::retention::used_bytes(&dir)
+        );
         let mut enc =
             opus::Encoder::new(RATE, opus::Channels::Mono, opus::Application::Voip).unwrap();
         let mut out = vec![0u8; 4000];
@@ -444,13 +440,17 @@ mod tests {
             rec.tick().unwrap();
             if i % 25 == 24 {
                 let s = rec.flush().unwrap();
-                assert_eq!(s.on_disk, du(&dir), "after frame {i}");
+                assert_eq!(
+                    s.on_disk,
+                    crate::recording::retention::used_bytes(&dir),
+                    "after frame {i}"
+                );
                 assert!(s.written >= last.written && s.written >= s.on_disk);
                 last = s;
             }
         }
         let (_, s) = rec.finish(4).unwrap();
-        assert_eq!(s.on_disk, du(&dir));
+        assert_eq!(s.on_disk, crate::recording::retention::used_bytes(&dir));
         assert!(s.written > s.on_disk, "replaced manifests were written too");
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -305,3 +305,48 @@ impl Drop for Baresip {
         self.stop();
     }
 }
+
+/// What ffprobe reads in a media file.
+#[derive(Debug)]
+pub struct Probe {
+    pub format: String,
+    /// First stream's codec_type (audio, video) and codec_name.
+    pub kind: String,
+    pub codec: String,
+    pub secs: f64,
+}
+
+/// ffprobe a file; fails the test with ffprobe's message if it refuses it.
+pub fn ffprobe(file: &Path) -> Probe {
+    require("ffprobe");
+    let o = Command::new("ffprobe")
+        .args([
+            "-v",
+            "error",
+            "-show_entries",
+            "format=format_name,duration:stream=codec_type,codec_name",
+            "-of",
+            "json",
+        ])
+        .arg(file)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "ffprobe rejected {}: {}",
+        file.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+    Probe {
+        format: s(&v["format"]["format_name"]),
+        kind: s(&v["streams"][0]["codec_type"]),
+        codec: s(&v["streams"][0]["codec_name"]),
+        secs: v["format"]["duration"]
+            .as_str()
+            .unwrap_or("0")
+            .parse()
+            .unwrap(),
+    }
+}
