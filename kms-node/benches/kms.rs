@@ -5,12 +5,13 @@
 //! 2. HPKE sealing (every key release seals once): the ring-based
 //!    implementation the server uses, against the `hpke` crate.
 //! 3. Key releases (joins: token check, state change, durable audit, HPKE
-//!    seal, ticket) per second over mTLS (the client presents a certificate;
-//!    participants are still authenticated by their join token) through kms-client against the real
-//!    binary, with p50/p99 latency; baseline: unauthenticated `/v1/info`
-//!    requests over the same client (HTTP + TLS stack alone). The bench
-//!    client shares the machine's cores with the server, so the CPU time
-//!    each side spends per release is reported too (load-independent).
+//!    seal, roster and ticket signatures) per second over mTLS (the client
+//!    presents a certificate; participants are still authenticated by their
+//!    join token) against the real binary, with p50/p99 latency; baseline:
+//!    unauthenticated `/v1/info` requests over the same connections (HTTP +
+//!    TLS stack alone). The load generator (see [`load`]) shares the
+//!    machine's two cores with the server, so it is kept lean, and the CPU
+//!    time each side spends per release is reported too (load-independent).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -20,7 +21,8 @@ use kms_node::core::Write;
 use kms_node::store::{Committer, Store};
 use meeting_proto::ids::MeetingId;
 use meeting_proto::key_release::EphemeralKey;
-use meeting_proto::kms_api::AuditKind;
+use meeting_proto::kms_api::{self as api, AuditKind, Hex};
+use meeting_proto::ticket::Ticket;
 use meeting_proto::token::Role;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -133,71 +135,167 @@ async fn audit_run(max_batch: usize, jobs: usize, concurrency: usize) -> (f64, f
     (rate, percentile(&lat, 0.99))
 }
 
-async fn releases(
-    kms: &support::Kms,
-    c: &kms_client::KmsClient,
-    prefix: &str,
-    total: usize,
-    concurrency: usize,
-) -> (f64, Vec<f64>) {
-    // Tokens and participant key pairs are made before timing: the portal
-    // and each participant's device make them, not the KMS.
-    let tokens: Vec<_> = (0..total)
-        .map(|i| {
-            let meeting = format!("b{}", i % 200);
-            let token = kms.token(&format!("{prefix}{i}"), &meeting, Role::Participant);
-            (meeting, token, EphemeralKey::generate())
-        })
-        .collect();
-    let queue = Arc::new(std::sync::Mutex::new(tokens));
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..concurrency {
-        let (c, queue) = (c.clone(), queue.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
-            loop {
-                let Some((meeting, token, key)) = queue.lock().unwrap().pop() else {
-                    break;
-                };
-                let t0 = Instant::now();
-                support::join_with_key(&c, &meeting, token, key)
-                    .await
-                    .unwrap();
-                lat.push(t0.elapsed().as_secs_f64() * 1000.0);
-            }
-            lat
-        }));
+/// The load generator, kept lean as real load tools are, because it shares
+/// the machine's two cores with the server: one kept-alive HTTP/1.1
+/// connection per task over mTLS (tokio-rustls and hyper's bare client
+/// connection, no pool), every request built before timing, a
+/// current-thread runtime. During the timed phase each response is checked
+/// for status 200 and kept; one in [`SAMPLE_EVERY`] is decoded and verified
+/// at once, and after the timed phase every response is: the meeting key
+/// opened with the participant's key (HPKE), the roster and ticket
+/// signatures checked against the KMS's key.
+mod load {
+    use bytes::Bytes;
+    use http::{Method, Request, StatusCode, header};
+    use http_body_util::{BodyExt, Full};
+    use hyper::client::conn::http1::SendRequest;
+    use hyper_util::rt::TokioIo;
+    use std::sync::{Arc, Mutex};
+    use std::time::Instant;
+
+    pub const SAMPLE_EVERY: usize = 50;
+
+    pub struct Conn(SendRequest<Full<Bytes>>);
+
+    pub async fn connect(port: u16, tls: Arc<rustls::ClientConfig>) -> Conn {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        tcp.set_nodelay(true).unwrap();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let tls = tokio_rustls::TlsConnector::from(tls)
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        Conn(send)
     }
-    let mut lat = Vec::new();
-    for t in tasks {
-        lat.extend(t.await.unwrap());
+
+    pub fn request(method: Method, path: &str, body: Vec<u8>) -> Request<Full<Bytes>> {
+        Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, "127.0.0.1")
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap()
     }
-    let rate = lat.len() as f64 / started.elapsed().as_secs_f64();
-    lat.sort_by(f64::total_cmp);
-    (rate, lat)
+
+    /// One answer: (request index, latency ms, body).
+    pub type Answer = (usize, f64, Bytes);
+
+    /// Looks at one answer body (by request index) during the run.
+    pub type Check = Arc<dyn Fn(usize, &[u8]) + Send + Sync>;
+
+    /// Sends every request over `conns` (one task per connection, each
+    /// taking the next request from a shared queue); `check` sees each
+    /// `SAMPLE_EVERY`-th answer during the run. Returns the connections,
+    /// the answers and the elapsed seconds.
+    pub async fn run(
+        conns: Vec<Conn>,
+        requests: Vec<Request<Full<Bytes>>>,
+        check: Check,
+    ) -> (Vec<Conn>, Vec<Answer>, f64) {
+        let queue = Arc::new(Mutex::new(
+            requests.into_iter().enumerate().rev().collect::<Vec<_>>(),
+        ));
+        let started = Instant::now();
+        let tasks: Vec<_> = conns
+            .into_iter()
+            .map(|mut conn| {
+                let (queue, check) = (queue.clone(), check.clone());
+                tokio::spawn(async move {
+                    let mut answers = Vec::new();
+                    loop {
+                        let Some((i, req)) = queue.lock().unwrap().pop() else {
+                            break;
+                        };
+                        let t0 = Instant::now();
+                        let resp = conn.0.send_request(req).await.unwrap();
+                        let status = resp.status();
+                        let body = resp.into_body().collect().await.unwrap().to_bytes();
+                        assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+                        let ms = t0.elapsed().as_secs_f64() * 1000.0;
+                        if i % SAMPLE_EVERY == 0 {
+                            check(i, &body);
+                        }
+                        answers.push((i, ms, body));
+                    }
+                    (conn, answers)
+                })
+            })
+            .collect();
+        let (mut conns, mut answers) = (Vec::new(), Vec::new());
+        for t in tasks {
+            let (c, a) = t.await.unwrap();
+            conns.push(c);
+            answers.extend(a);
+        }
+        (conns, answers, started.elapsed().as_secs_f64())
+    }
 }
 
-async fn info_rate(c: &kms_client::KmsClient, total: usize, concurrency: usize) -> f64 {
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..concurrency {
-        let c = c.clone();
-        tasks.push(tokio::spawn(async move {
-            for _ in 0..total / concurrency {
-                c.info().await.unwrap();
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    (total / concurrency * concurrency) as f64 / started.elapsed().as_secs_f64()
+/// Everything needed to verify one release after the fact.
+struct Expected {
+    meeting: MeetingId,
+    key: EphemeralKey,
+}
+
+/// Checks a join response as a participant would: opens the meeting key,
+/// verifies the roster (and that it lists the participant) and the ticket.
+fn verify_release(body: &[u8], e: &Expected, kms_key: &ed25519_dalek::VerifyingKey) {
+    let r: api::JoinResponse = serde_json::from_slice(body).expect("join response decodes");
+    e.key
+        .open_meeting_key(&r.key, &e.meeting, r.participant)
+        .expect("sealed meeting key opens");
+    let roster = r.roster.verify(kms_key).expect("roster signature");
+    assert!(
+        roster
+            .members
+            .iter()
+            .any(|m| m.participant == r.participant)
+    );
+    Ticket::verify(&r.relay.ticket.0, kms_key, &r.relay.relay, support::now_s())
+        .expect("ticket signature");
+}
+
+/// Join requests for `total` fresh participants spread over 200 meetings.
+/// Tokens and participant key pairs are made here, before timing: the
+/// portal and each participant's device make them, not the KMS.
+fn join_requests(
+    kms: &support::Kms,
+    prefix: &str,
+    total: usize,
+) -> (
+    Vec<http::Request<http_body_util::Full<bytes::Bytes>>>,
+    Vec<Expected>,
+) {
+    (0..total)
+        .map(|i| {
+            let meeting = MeetingId::new(format!("b{}", i % 200)).unwrap();
+            let token = kms.token(&format!("{prefix}{i}"), meeting.as_str(), Role::Participant);
+            let key = EphemeralKey::generate();
+            let body = serde_json::to_vec(&serde_json::json!({
+                "token": token,
+                "public_key": Hex::encode(&key.public_key()),
+            }))
+            .unwrap();
+            let path = api::paths::fill(api::paths::JOIN, "meeting", meeting.as_str());
+            (
+                load::request(http::Method::POST, &path, body),
+                Expected { meeting, key },
+            )
+        })
+        .unzip()
 }
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread for the whole benchmark: the load generator must not take
+    // both cores from the server it measures.
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
@@ -223,14 +321,52 @@ fn main() {
 
         let kms = support::Kms::start("bench", "audit: {groupCommitMax: 512}\n");
         kms.register_relay().await;
-        // One client (one connection pool) for the whole run: the warm-up
-        // opens its 64 mTLS connections, so handshakes are not timed as
-        // releases (they were 2% of the samples, i.e. the p99, before).
-        let client = kms.admin();
-        let baseline = info_rate(&client, 2000, 64).await;
-        // Warm up the connection pool, then measure.
-        let _ = releases(&kms, &client, "warm", 200, 64).await;
-        let total = if Instant::now() < deadline { 3000 } else { 500 };
+        let kms_key = {
+            let info = kms.admin().info().await.unwrap();
+            ed25519_dalek::VerifyingKey::from_bytes(&info.signing_public_key.array().unwrap())
+                .unwrap()
+        };
+        // The admin certificate: mTLS on every connection (participants are
+        // still authenticated by their join tokens).
+        let files = kms
+            .pki
+            .client(
+                "admin",
+                &conclave_pki::Identity::new(support::NS, conclave_pki::Kind::Admin, "auditor")
+                    .unwrap(),
+            )
+            .unwrap();
+        let tls = Arc::new(conclave_pki::tls::client_config(&files).unwrap());
+        const CONCURRENCY: usize = 64;
+        let mut conns = Vec::new();
+        for _ in 0..CONCURRENCY {
+            conns.push(load::connect(kms.port, tls.clone()).await);
+        }
+        let no_check: load::Check = Arc::new(|_, _| {});
+        // Baseline: unauthenticated /v1/info over the same connections
+        // (HTTP + TLS stack alone).
+        let infos = (0..4000)
+            .map(|_| load::request(http::Method::GET, api::paths::INFO, Vec::new()))
+            .collect();
+        let (conns, answers, secs) = load::run(conns, infos, no_check.clone()).await;
+        let baseline = answers.len() as f64 / secs;
+        // Warm up (meetings created, allocator and caches warm), then measure.
+        let total = if Instant::now() < deadline {
+            6000
+        } else {
+            1000
+        };
+        let (warm, _) = join_requests(&kms, "warm", 400);
+        let (requests, expected) = join_requests(&kms, "u", total);
+        // The bench relay sends no heartbeats: registering again keeps it
+        // live however long the steps above took on a loaded machine.
+        kms.register_relay().await;
+        let (conns, _, _) = load::run(conns, warm, no_check).await;
+        let expected = Arc::new(expected);
+        let sampled = {
+            let expected = expected.clone();
+            Arc::new(move |i: usize, body: &[u8]| verify_release(body, &expected[i], &kms_key))
+        };
         let server_cpu = || async {
             let text = kms.admin().metrics_text().await.unwrap_or_default();
             text.lines()
@@ -243,8 +379,29 @@ fn main() {
                 .unwrap_or(f64::NAN)
         };
         let (server0, client0) = (server_cpu().await, own_cpu_seconds());
-        let (rate, lat) = releases(&kms, &client, "u", total, 64).await;
+        let (conns, answers, secs) = load::run(conns, requests, sampled).await;
         let (server1, client1) = (server_cpu().await, own_cpu_seconds());
+        drop(conns);
+        let rate = answers.len() as f64 / secs;
+        let mut lat: Vec<f64> = answers.iter().map(|a| a.1).collect();
+        lat.sort_by(f64::total_cmp);
+        println!(
+            "kms bench load generator: {CONCURRENCY} kept-alive mTLS HTTP/1.1 connections, \
+             one client thread, requests (tokens, participant keys) built before timing; \
+             1 in {} responses verified during the run, all {} after it",
+            load::SAMPLE_EVERY,
+            answers.len()
+        );
+        // Every release, verified after the timed phase.
+        for (i, _, body) in &answers {
+            verify_release(body, &expected[*i], &kms_key);
+        }
+        bench(
+            "kms_releases_verified",
+            answers.len() as f64,
+            "responses",
+            Some(total as f64),
+        );
         bench("kms_key_releases_per_s", rate, "releases/s", Some(baseline));
         bench(
             "kms_release_latency_p50_ms",

@@ -283,16 +283,27 @@ impl Shared {
         }
     }
 
+    /// Runs a core operation and queues its effects for commit; the
+    /// receiver resolves once they are durable. Nothing may be answered
+    /// before then, but work for the answer can overlap the commit.
+    fn begin<T>(
+        &self,
+        f: impl FnOnce(&mut Core) -> (Result<T, Denial>, Effects),
+    ) -> (
+        Result<T, Denial>,
+        tokio::sync::oneshot::Receiver<Result<(), crate::store::StoreError>>,
+    ) {
+        let mut core = self.core();
+        let (result, fx) = f(&mut core);
+        (result, self.submit(fx))
+    }
+
     /// Runs a core operation, commits its effects, then returns its result.
     async fn run<T>(
         &self,
         f: impl FnOnce(&mut Core) -> (Result<T, Denial>, Effects),
     ) -> Result<T, ApiError> {
-        let (result, rx) = {
-            let mut core = self.core();
-            let (result, fx) = f(&mut core);
-            (result, self.submit(fx))
-        };
+        let (result, rx) = self.begin(f);
         self.durable(rx).await?;
         result.map_err(ApiError::from)
     }
@@ -592,17 +603,23 @@ async fn join(
         }
     };
     let now = now_ms();
-    let g = s.run(|c| c.join(now, &meeting, joiner, pk)).await?;
-    let key = s.seal(&g.release)?;
-    let relay = s.assignment(&meeting, &g.placement, g.participant, g.sender_index)?;
-    Ok(Json(api::JoinResponse {
-        participant: g.participant,
-        session: g.session,
-        sender_index: g.sender_index,
-        roster: (*g.roster).clone(),
-        key,
-        relay,
-    }))
+    let (granted, rx) = s.begin(|c| c.join(now, &meeting, joiner, pk));
+    // Sealing and signing (most of a release's CPU) run while the commit's
+    // fsync is under way; the answer still waits for durability below.
+    let response = granted.map_err(ApiError::from).and_then(|g| {
+        let key = s.seal(&g.release)?;
+        let relay = s.assignment(&meeting, &g.placement, g.participant, g.sender_index)?;
+        Ok(api::JoinResponse {
+            participant: g.participant,
+            session: g.session,
+            sender_index: g.sender_index,
+            roster: (*g.roster).clone(),
+            key,
+            relay,
+        })
+    });
+    s.durable(rx).await?;
+    Ok(Json(response?))
 }
 
 async fn session_or_deny(
