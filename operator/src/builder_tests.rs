@@ -268,9 +268,41 @@ fn telephony_pool_renders_sip_over_tls_with_dial_in() {
     assert!(sip.tls_cert_file.is_some() && sip.credentials_file.is_some());
     assert_eq!(
         sip.tls_ca_file.unwrap().to_str(),
-        Some("/etc/conclave/sip-ca/ca.crt")
+        Some("/etc/conclave/peer-ca/ca.crt")
     );
     assert!(crate::pool::sip_service(&p).is_some());
+}
+
+#[test]
+fn streaming_pool_verifies_rtmps_targets_with_the_mounted_ca() {
+    let mut p = pool("live", "zone-a");
+    p.spec = serde_json::from_value(json!({
+        "zoneRef": {"name": "zone-a"}, "type": "liveStreaming",
+        "liveStreaming": {"allowedTargets": ["rtmps://live.example.com/app/"], "credentialsSecretRef": {"name": "keys"},
+                          "targetCaSecretRef": {"name": "live-ca", "key": "bundle.pem"}},
+    }))
+    .unwrap();
+    crate::pool::validate(&p).unwrap();
+    let st = crate::pool::config(&p, &link()).unwrap().streaming.unwrap();
+    assert_eq!(
+        st.tls_ca_file.unwrap().to_str(),
+        Some("/etc/conclave/peer-ca/bundle.pem")
+    );
+    let dep = crate::pool::deployment(&p, &link(), &Settings::default(), "h").unwrap();
+    let spec = dep.spec.unwrap().template.spec.unwrap();
+    let ca = spec
+        .volumes
+        .unwrap()
+        .into_iter()
+        .find(|v| v.name == "peer-ca")
+        .unwrap();
+    assert_eq!(ca.secret.unwrap().secret_name.as_deref(), Some("live-ca"));
+    let mounts = spec.containers[0].volume_mounts.clone().unwrap();
+    assert!(
+        mounts
+            .iter()
+            .any(|m| m.mount_path == "/etc/conclave/peer-ca" && m.read_only == Some(true))
+    );
 }
 
 #[test]

@@ -18,7 +18,9 @@ pub const COMPONENT: &str = "connector";
 pub const RECORDINGS_DIR: &str = "/var/lib/conclave-recordings";
 pub const STREAMING_DIR: &str = "/etc/conclave/streaming";
 pub const SIP_DIR: &str = "/etc/conclave/sip";
-pub const SIP_CA_DIR: &str = "/etc/conclave/sip-ca";
+/// Where the CA that verifies the pool's outbound TLS peer is mounted: the SIP trunk, the room
+/// systems' CA, or the RTMPS streaming targets (a pool has one type, so one of them).
+pub const PEER_CA_DIR: &str = "/etc/conclave/peer-ca";
 
 pub fn workload_name(pool: &str) -> String {
     format!("{pool}-connector")
@@ -131,6 +133,9 @@ pub fn config(pool: &ConnectorPool, kms: &KmsLink) -> Result<ConnectorConfig, St
             if l.credentials_secret_ref.is_some() {
                 st["credentialsFile"] = json!(format!("{STREAMING_DIR}/credentials"));
             }
+            if let Some(ca) = &l.target_ca_secret_ref {
+                st["tlsCaFile"] = json!(format!("{PEER_CA_DIR}/{}", ca.key_or("ca.crt")));
+            }
             v["streaming"] = st;
         }
         ConnectorType::Telephony => {
@@ -156,7 +161,7 @@ pub fn config(pool: &ConnectorPool, kms: &KmsLink) -> Result<ConnectorConfig, St
                     .trunk_ca_secret_ref
                     .as_ref()
                     .ok_or("spec.telephony.trunkCaSecretRef: required with transport tls")?;
-                sip["tlsCaFile"] = json!(format!("{SIP_CA_DIR}/{}", ca.key_or("ca.crt")));
+                sip["tlsCaFile"] = json!(format!("{PEER_CA_DIR}/{}", ca.key_or("ca.crt")));
             }
             v["sip"] = sip;
         }
@@ -168,7 +173,7 @@ pub fn config(pool: &ConnectorPool, kms: &KmsLink) -> Result<ConnectorConfig, St
                 sip["tlsCertFile"] = json!(format!("{TLS_DIR}/tls.crt"));
                 sip["tlsKeyFile"] = json!(format!("{TLS_DIR}/tls.key"));
                 sip["tlsCaFile"] = json!(match &r.ca_secret_ref {
-                    Some(ca) => format!("{SIP_CA_DIR}/{}", ca.key_or("ca.crt")),
+                    Some(ca) => format!("{PEER_CA_DIR}/{}", ca.key_or("ca.crt")),
                     None => format!("{TLS_DIR}/ca.crt"),
                 });
             }
@@ -293,17 +298,21 @@ pub fn deployment(
             json!({"name": "streaming", "secret": {"secretName": c.name, "defaultMode": 0o400}}),
         );
     }
-    let sip_ca = s
+    let peer_ca = s
         .telephony
         .as_ref()
         .and_then(|t| t.trunk_ca_secret_ref.as_ref())
         .or(s
             .room_system
             .as_ref()
-            .and_then(|r| r.ca_secret_ref.as_ref()));
-    if let Some(ca) = sip_ca {
-        mounts.push(json!({"name": "sip-ca", "mountPath": SIP_CA_DIR, "readOnly": true}));
-        volumes.push(json!({"name": "sip-ca", "secret": {"secretName": ca.name}}));
+            .and_then(|r| r.ca_secret_ref.as_ref()))
+        .or(s
+            .live_streaming
+            .as_ref()
+            .and_then(|l| l.target_ca_secret_ref.as_ref()));
+    if let Some(ca) = peer_ca {
+        mounts.push(json!({"name": "peer-ca", "mountPath": PEER_CA_DIR, "readOnly": true}));
+        volumes.push(json!({"name": "peer-ca", "secret": {"secretName": ca.name}}));
     }
     if let Some(c) = s
         .telephony

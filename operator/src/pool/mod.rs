@@ -123,6 +123,13 @@ pub struct StreamingSettings {
     /// Secret with stream keys or credentials, mounted read-only at /etc/conclave/streaming.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret_ref: Option<LocalRef>,
+    /// Secret with the CA certificate (PEM; key `ca.crt` unless `key` says otherwise) that
+    /// verifies `rtmps://` targets. Without it the system trust store of the connector image
+    /// does. Verification is never skipped: a target whose certificate does not verify is
+    /// refused, and the pool's status and `conclave_connector_stream_tls_verify_failures_total`
+    /// say so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_ca_secret_ref: Option<SecretKeyRef>,
 }
 
 /// SIP signalling transport.
