@@ -50,40 +50,58 @@ fn invalid_config_is_refused_with_the_key_named() {
     assert!(err.contains("streaming.allowedTargets"), "{err}");
 }
 
-#[test]
-fn telephony_pool_serves_sip_metrics_and_health() {
-    let dir = TempDir::new("run-tel");
+/// `connector-node run` for a pool of `kind` named `pool`, with `section`
+/// (the kind's config section) and real certificate files, but no KMS at
+/// its URL: a pool keeps retrying assignments and serves meanwhile. Returns
+/// the process, its metrics port and its log file.
+fn start_pool(
+    dir: &TempDir,
+    kind: &str,
+    pool: &str,
+    section: (&str, serde_json::Value),
+) -> (Proc, u16, std::path::PathBuf) {
     let metrics_port = common::free_port();
-    let sip_port = common::free_port();
-    // Real certificate files; no KMS needs to answer for SIP to be served.
     let pki = conclave_pki::DevPki::create(dir.0.join("pki"), "ns").unwrap();
     let files = pki
         .client(
-            "phones",
-            &conclave_pki::Identity::new("ns", conclave_pki::Kind::Connector, "phones").unwrap(),
+            pool,
+            &conclave_pki::Identity::new("ns", conclave_pki::Kind::Connector, pool).unwrap(),
         )
         .unwrap();
-    let cfg = dir.0.join("c.json");
-    std::fs::write(
-        &cfg,
-        serde_json::json!({
-            "type": "telephony", "pool": "phones",
-            "kms": {"url": "https://127.0.0.1:1", "caFile": files.ca, "certFile": files.cert, "keyFile": files.key},
-            "metricsListen": format!("127.0.0.1:{metrics_port}"),
-            "sip": {"listen": format!("127.0.0.1:{sip_port}"), "dialIn": {"+15550100": "weekly-sync"}}
-        })
-        .to_string(),
-    )
-    .unwrap();
-    let _p = Proc(
+    let mut cfg = serde_json::json!({
+        "type": kind, "pool": pool,
+        "kms": {"url": "https://127.0.0.1:1", "caFile": files.ca, "certFile": files.cert, "keyFile": files.key},
+        "metricsListen": format!("127.0.0.1:{metrics_port}"),
+    });
+    cfg[section.0] = section.1;
+    let path = dir.0.join("c.json");
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    let log = dir.0.join("connector.log");
+    let p = Proc(
         Command::new(BIN)
             .arg("run")
             .arg("--config")
-            .arg(&cfg)
+            .arg(&path)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap(),
+    );
+    (p, metrics_port, log)
+}
+
+#[test]
+fn telephony_pool_serves_sip_metrics_and_health() {
+    let dir = TempDir::new("run-tel");
+    let sip_port = common::free_port();
+    let (_p, metrics_port, _) = start_pool(
+        &dir,
+        "telephony",
+        "phones",
+        (
+            "sip",
+            serde_json::json!({"listen": format!("127.0.0.1:{sip_port}"), "dialIn": {"+15550100": "weekly-sync"}}),
+        ),
     );
     let mut health = None;
     for _ in 0..100 {
@@ -159,37 +177,14 @@ fn recording_pool_reports_storage_used_after_retention() {
         .set_modified(long_ago)
         .unwrap();
 
-    let pki = conclave_pki::DevPki::create(dir.0.join("pki"), "ns").unwrap();
-    let files = pki
-        .client(
-            "rec",
-            &conclave_pki::Identity::new("ns", conclave_pki::Kind::Connector, "rec").unwrap(),
-        )
-        .unwrap();
-    let port = common::free_port();
-    let cfg = dir.0.join("c.json");
-    // No KMS answers: the pool retries assignments and serves its metrics meanwhile.
-    std::fs::write(
-        &cfg,
-        serde_json::json!({
-            "type": "recording", "pool": "rec",
-            "kms": {"url": "https://127.0.0.1:1", "caFile": files.ca, "certFile": files.cert, "keyFile": files.key},
-            "metricsListen": format!("127.0.0.1:{port}"),
-            "recording": {"dir": base, "retentionDays": 30}
-        })
-        .to_string(),
-    )
-    .unwrap();
-    let log = dir.0.join("connector.log");
-    let _p = Proc(
-        Command::new(BIN)
-            .arg("run")
-            .arg("--config")
-            .arg(&cfg)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
+    let (_p, port, log) = start_pool(
+        &dir,
+        "recording",
+        "rec",
+        (
+            "recording",
+            serde_json::json!({"dir": base, "retentionDays": 30}),
+        ),
     );
     let want = "conclave_connector_recording_storage_used_bytes 3020";
     let mut text = String::new();
