@@ -11,10 +11,9 @@ participant pods runs while it scrapes. Then:
 - every pod answers its scrape and passes `promtool check metrics`;
 - every query of every dashboard the chart ships, with the dashboard variables substituted
   (datasource, namespace=observed, zone at its default "All"; the zone variable must list
-  zone-a), returns data from that Prometheus, except the few allow-listed below, each with
-  its reason: series that only appear on an event this scenario does not cause (a phone
-  call, a denial, a reconcile error), and metrics a component does not export yet (warned
-  about on every run);
+  zone-a), returns data from that Prometheus, except the one allow-listed below with its
+  reason (a series whose label only exists once the event happens); an allow-listed query
+  that returns data fails too, so the list stays exact;
 - a relay pod killed with `kubectl delete --grace-period=0 --force` makes the chart's
   ConclaveRelayDown alert fire in that Prometheus within its `for` window. The targets file is
   not refreshed after the kill, so the dead pod's address stays a target and shows as down
@@ -33,7 +32,6 @@ import sys
 import tempfile
 import time
 import urllib.request
-import warnings
 from pathlib import Path
 
 import pytest
@@ -57,29 +55,13 @@ RATE_INTERVAL = "20s"
 RULES = REPO / "charts" / "conclave" / "rules" / "conclave-alerts.yaml"
 
 # Dashboard queries that may return no data in this scenario, by (file, panel title, refId),
-# each with why. Everything else must return data. Entries found to have data are reported as
-# stale (a warning), so the list only shrinks.
-NO_CALLS = "no phone call in this scenario (needs a SIP trunk); the family gets its first series on the first call"
-NO_STREAM = "no RTMP stream in this scenario; the family gets its first series on the first ffmpeg exit"
+# each with why. Everything else must return data, and an entry that does return data fails
+# the test too (it is stale: remove it), so the list stays exact. Families with bounded label
+# values exist at 0 from the start; only those whose labels come from the event itself (a SIP
+# failure code) have no series until it happens.
 ALLOWED_EMPTY = {
-    ("connectors.json", "SRTP share of phone legs", "A"): NO_CALLS + " (conclave_connector_phone_legs_total{srtp})",
-    ("connectors.json", "Calls started/s by direction", "A"): NO_CALLS + " (conclave_connector_sip_calls_total{direction})",
-    ("connectors.json", "Failures/s", "A"): NO_CALLS + " (conclave_connector_sip_calls_failed_total{code})",
-    ("connectors.json", "Failures/s", "B"): NO_CALLS + " (conclave_connector_sip_calls_refused_total{reason})",
-    ("connectors.json", "Failures/s", "C"): NO_STREAM + " (conclave_connector_ffmpeg_exits_total{kind})",
-    ("connectors.json", "RTP packets/s", "A"): NO_CALLS + " (conclave_connector_rtp_packets_total{direction})",
-    ("connectors.json", "RTP packets/s", "B"): NO_CALLS + " (conclave_connector_rtp_packets_dropped_total{reason})",
-}
-# Metrics a dashboard needs that a component does not export yet: not scenario-dependent, so
-# each is warned about on every run until the component exports it (observability/README.md,
-# "Metrics the components do not export yet").
-RECORDINGS_ACTIVE = ("connector-node: conclave_connector_recordings_active (the gauge exists in its metrics.rs "
-                     "but is never registered)")
-NOT_EXPORTED_YET = {
-    ("relays.json", "CPU per relay", "A"): "media-node: process_cpu_seconds_total (process metrics from /proc/self)",
-    ("relays.json", "Memory per relay", "A"): "media-node: process_resident_memory_bytes",
-    ("connectors.json", "Recordings active", "A"): RECORDINGS_ACTIVE,
-    ("connectors.json", "Active recordings, streams and calls", "A"): RECORDINGS_ACTIVE,
+    ("connectors.json", "Failures/s", "A"): "no failed phone call in this scenario: conclave_connector_sip_calls_failed_total"
+                                            "{code} gets its first series with the first SIP failure code",
 }
 
 
@@ -255,22 +237,17 @@ def test_every_dashboard_query_returns_data(observed):
     results = check_dashboards.check(prom.api, dashboards, overrides, range_s=600, step_s=2)
     assert len(results) >= 80, len(results)
     empty = [r for r in results if r["status"] in ("error", "empty")]
-    allowed = {**ALLOWED_EMPTY, **NOT_EXPORTED_YET}
-    unexplained = [r for r in empty if (r["file"], r["panel"], r["ref"]) not in allowed]
-    stale = sorted(k for k in allowed if not any((r["file"], r["panel"], r["ref"]) == k for r in empty))
-    missing = sorted({NOT_EXPORTED_YET[k] for k in NOT_EXPORTED_YET if k not in stale})
+    unexplained = [r for r in empty if (r["file"], r["panel"], r["ref"]) not in ALLOWED_EMPTY]
+    stale = sorted(k for k in ALLOWED_EMPTY if not any((r["file"], r["panel"], r["ref"]) == k for r in empty))
     summary = {s: sum(r["status"] == s for r in results) for s in ("ok", "nan", "empty", "error")}
     print(f"\n{len(results)} dashboard queries: {summary}; allow-listed empty: {len(empty) - len(unexplained)}")
     for r in results:
         if r["status"] != "ok":
             print(f"  {r['status']:5} {r['file']} / {r['panel']} [{r['ref']}]: {r.get('detail', '')}")
-    if missing:
-        warnings.warn("dashboard panels without data because a component does not export: " + "; ".join(missing))
-    if stale:
-        warnings.warn(f"allow-listed dashboard queries that now return data (remove them): {stale}")
     assert not unexplained, "dashboard queries without data:\n" + "\n".join(
         f"{r['file']} / {r['panel']} [{r['ref']}]: {r.get('detail')}\n    {r.get('query', r['expr'])}"
         for r in unexplained)
+    assert not stale, f"allow-listed dashboard queries that return data (remove them from ALLOWED_EMPTY): {stale}"
     render = os.environ.get("CONCLAVE_OBS_RENDER")
     if render:
         out = subprocess.run([sys.executable, str(REPO / "observability" / "render_overview.py"), prom.url,
