@@ -35,7 +35,7 @@ fn unix_now() -> u64 {
 }
 
 /// Receive batches handled per wake-up before timers and control get a turn.
-const BATCHES_PER_WAKEUP: usize = 64;
+pub const BATCHES_PER_WAKEUP: usize = 64;
 
 /// Handles one receive batch and sends everything it produced in one go
 /// (sendmmsg/GSO, [`MediaSocket::send_batch`]).
@@ -111,7 +111,7 @@ pub async fn run(
                 // Under load, keep draining the socket without going back
                 // through select! (timers, control) for every batch; bounded
                 // so expiry and drain still run.
-                for _ in 0..BATCHES_PER_WAKEUP {
+                for batch in 1..=BATCHES_PER_WAKEUP {
                     match r {
                         Ok(n) => forward_batch(&socket, &mut relay, &metrics, &bufs, n).await,
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
@@ -120,6 +120,13 @@ pub async fn run(
                             tracing::debug!(error = %e, "receive failed");
                             break;
                         }
+                    }
+                    // Receive the next batch only if this wake-up will
+                    // forward it: one received after the last turn would be
+                    // overwritten by the next receive, unforwarded and
+                    // uncounted.
+                    if batch == BATCHES_PER_WAKEUP {
+                        break;
                     }
                     r = bufs.try_recv_from(&socket);
                 }
