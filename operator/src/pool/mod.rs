@@ -210,8 +210,9 @@ pub struct RoomSystemSettings {
     /// to `ca.crt`). Defaults to the namespace CA.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_secret_ref: Option<SecretKeyRef>,
-    /// CIDRs room systems call from; others are refused (NetworkPolicy and connector check).
-    /// Empty: any source.
+    /// CIDRs room systems call from: the pool's NetworkPolicy admits SIP and media only from
+    /// these (on a CNI that enforces NetworkPolicies; connector-node itself does not check the
+    /// source). Empty: any source.
     #[serde(default)]
     pub allowed_sources: Vec<String>,
 }
