@@ -132,6 +132,7 @@ def assert_media_resumed(reports: dict[str, dict], share: float) -> None:
                 f"{n} decoded {got} of {other}'s {sent} audio frames: media did not resume after the fault"
 
 
+@pytest.mark.xfail(strict=False, reason="see RELAY_COMES_BACK_TOO_SOON")
 def test_a_relay_pod_dies_mid_meeting_and_the_meeting_moves(zone):
     names = start_participants(zone, duration=30)
     wait_running(names)
@@ -171,11 +172,14 @@ def container_pid(container_id: str) -> int:
     return pid
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "the restarted relay re-registers (same identity, same address) within the KMS's 15 s heartbeat "
-    "timeout, so the KMS keeps the meeting on it and never sends a new placement; the new process has "
-    "no bindings and drops the members' packets as unbound: the meeting stays silent (seen 15:12 UTC: "
-    "~300 of ~1750 frames each, all before the kill)"))
+RELAY_COMES_BACK_TOO_SOON = (
+    "the replacement relay re-registers (same identity) within the KMS's 15 s heartbeat timeout, so the "
+    "KMS keeps the meeting on it and never sends a new placement; the new process has no bindings and "
+    "drops the members' packets as unbound: the meeting stays silent after the fault (2026-11-26: crash "
+    "~365 of ~1750 frames each, all before the kill; pod delete 401 of 1501)")
+
+
+@pytest.mark.xfail(strict=False, reason=RELAY_COMES_BACK_TOO_SOON)
 def test_a_crashed_relay_process_restarts_and_the_meeting_resumes(zone):
     """SIGKILL, unlike a pod deletion, gives the relay no SIGTERM to drain
     with: the members learn nothing from the relay and must be moved by the
