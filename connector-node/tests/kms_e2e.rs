@@ -218,6 +218,41 @@ async fn start_relay(w: &World) -> (Proc, tokio::task::JoinHandle<()>) {
 }
 
 /// The host's credentials to join the relay (E2EE with the KMS's epoch key).
+/// The meeting's host, joined through the KMS with `key`.
+async fn join_host(
+    w: &World,
+    people: &KmsClient,
+    meeting: &MeetingId,
+    key: &EphemeralKey,
+) -> api::JoinResponse {
+    people
+        .join(
+            meeting,
+            &api::JoinRequest {
+                token: Some(w.token("ada", meeting.as_str(), Role::Host)),
+                invitation: None,
+                public_key: Hex(key.public_key().to_vec()),
+                display_name: None,
+            },
+        )
+        .await
+        .unwrap()
+}
+
+/// What a SIP peer (baresip) plays, a 30 s 1000 Hz tone at 8 kHz in `wav_name`, and the
+/// directory for its configuration and recordings.
+fn sip_peer_files(w: &World, wav_name: &str) -> (PathBuf, PathBuf) {
+    let wav = w._dir.0.join(wav_name);
+    common::write_wav(
+        &wav,
+        8000,
+        &connector_node::media::tone::sine(1000.0, 8000, 8000.0, 0, 8000 * 30),
+    );
+    let dir = w._dir.0.join("baresip");
+    std::fs::create_dir_all(&dir).unwrap();
+    (wav, dir)
+}
+
 fn host_creds(host: &api::JoinResponse, key: &EphemeralKey, meeting: &MeetingId) -> Credentials {
     let opened = key
         .open_meeting_key(&host.key, meeting, host.participant)
@@ -357,18 +392,7 @@ async fn invited_recorder_records_under_a_kms_key_only_readers_decrypt() {
         let people = w.client("anon", None);
         let host_key = EphemeralKey::generate();
         let meeting = MeetingId::new("board").unwrap();
-        let host = people
-            .join(
-                &meeting,
-                &api::JoinRequest {
-                    token: Some(w.token("ada", "board", Role::Host)),
-                    invitation: None,
-                    public_key: Hex(host_key.public_key().to_vec()),
-                    display_name: None,
-                },
-            )
-            .await
-            .unwrap();
+        let host = join_host(&w, &people, &meeting, &host_key).await;
         let session = kms_client::Session(host.session.clone());
         let recorder = w.client(
             "rec0",
@@ -698,18 +722,7 @@ async fn invited_phone_bridges_a_baresip_caller_into_the_meeting() {
         let people = w.client("anon", None);
         let host_key = EphemeralKey::generate();
         let meeting = MeetingId::new("standup").unwrap();
-        let host = people
-            .join(
-                &meeting,
-                &api::JoinRequest {
-                    token: Some(w.token("ada", "standup", Role::Host)),
-                    invitation: None,
-                    public_key: Hex(host_key.public_key().to_vec()),
-                    display_name: None,
-                },
-            )
-            .await
-            .unwrap();
+        let host = join_host(&w, &people, &meeting, &host_key).await;
         let session = kms_client::Session(host.session.clone());
         // The telephony connector: SIP on 127.0.0.1, +15550100 -> standup;
         // short media timeout, so a killed phone leaves the meeting quickly.
@@ -738,14 +751,7 @@ async fn invited_phone_bridges_a_baresip_caller_into_the_meeting() {
             Some(meeting::MeetingEvent::Joined)
         );
 
-        let wav = w._dir.0.join("phone.wav");
-        common::write_wav(
-            &wav,
-            8000,
-            &connector_node::media::tone::sine(1000.0, 8000, 8000.0, 0, 8000 * 30),
-        );
-        let phone_dir = w._dir.0.join("baresip");
-        std::fs::create_dir_all(&phone_dir).unwrap();
+        let (wav, phone_dir) = sip_peer_files(&w, "phone.wav");
         let mut phone = common::Baresip::start_as(
             &phone_dir,
             &wav,
@@ -865,18 +871,7 @@ async fn host_invites_a_phone_by_sip_uri_and_the_connector_dials_out() {
         let people = w.client("anon", None);
         let host_key = EphemeralKey::generate();
         let meeting = MeetingId::new("callout").unwrap();
-        let host = people
-            .join(
-                &meeting,
-                &api::JoinRequest {
-                    token: Some(w.token("ada", "callout", Role::Host)),
-                    invitation: None,
-                    public_key: Hex(host_key.public_key().to_vec()),
-                    display_name: None,
-                },
-            )
-            .await
-            .unwrap();
+        let host = join_host(&w, &people, &meeting, &host_key).await;
         let session = kms_client::Session(host.session.clone());
         sip_pool(
             &w,
@@ -888,14 +883,7 @@ async fn host_invites_a_phone_by_sip_uri_and_the_connector_dials_out() {
         .await;
 
         // The callee: baresip answering automatically, saying 1000 Hz.
-        let wav = w._dir.0.join("phone.wav");
-        common::write_wav(
-            &wav,
-            8000,
-            &connector_node::media::tone::sine(1000.0, 8000, 8000.0, 0, 8000 * 30),
-        );
-        let phone_dir = w._dir.0.join("baresip");
-        std::fs::create_dir_all(&phone_dir).unwrap();
+        let (wav, phone_dir) = sip_peer_files(&w, "phone.wav");
         let mut phone = common::Baresip::start(
             &phone_dir,
             &wav,
@@ -1007,18 +995,7 @@ async fn a_room_system_joins_under_its_sip_display_name() {
         let people = w.client("anon", None);
         let host_key = EphemeralKey::generate();
         let meeting = MeetingId::new("huddle").unwrap();
-        let host = people
-            .join(
-                &meeting,
-                &api::JoinRequest {
-                    token: Some(w.token("ada", "huddle", Role::Host)),
-                    invitation: None,
-                    public_key: Hex(host_key.public_key().to_vec()),
-                    display_name: None,
-                },
-            )
-            .await
-            .unwrap();
+        let host = join_host(&w, &people, &meeting, &host_key).await;
         let session = kms_client::Session(host.session.clone());
         let sip_port = sip_pool(
             &w,
@@ -1042,14 +1019,7 @@ async fn a_room_system_joins_under_its_sip_display_name() {
             link.events.recv().await,
             Some(meeting::MeetingEvent::Joined)
         );
-        let wav = w._dir.0.join("room.wav");
-        common::write_wav(
-            &wav,
-            8000,
-            &connector_node::media::tone::sine(1000.0, 8000, 8000.0, 0, 8000 * 30),
-        );
-        let room_dir = w._dir.0.join("baresip");
-        std::fs::create_dir_all(&room_dir).unwrap();
+        let (wav, room_dir) = sip_peer_files(&w, "room.wav");
         let _room = common::Baresip::start_as(
             &room_dir,
             &wav,
@@ -1158,18 +1128,7 @@ async fn recorder_process_killed_mid_meeting_leaves_a_decryptable_partial_record
         let people = w.client("anon", None);
         let host_key = EphemeralKey::generate();
         let meeting = MeetingId::new("standup").unwrap();
-        let host = people
-            .join(
-                &meeting,
-                &api::JoinRequest {
-                    token: Some(w.token("ada", "standup", Role::Host)),
-                    invitation: None,
-                    public_key: Hex(host_key.public_key().to_vec()),
-                    display_name: None,
-                },
-            )
-            .await
-            .unwrap();
+        let host = join_host(&w, &people, &meeting, &host_key).await;
         people
             .invite(
                 &meeting,
