@@ -289,6 +289,23 @@ impl KmsClient {
         .await
     }
 
+    /// Connector certificate: report what became of an assigned invitation
+    /// (the host sees it in the roster). Never put the target in `outcome`.
+    pub async fn report_outcome(
+        &self,
+        meeting: &MeetingId,
+        invitation: u64,
+        outcome: api::InvitationOutcome,
+    ) -> Result<api::InvitationOutcomeResponse, Error> {
+        let req = api::InvitationOutcomeRequest {
+            meeting: meeting.clone(),
+            invitation,
+            outcome,
+        };
+        self.post(paths::INVITATION_OUTCOME.into(), None, &req)
+            .await
+    }
+
     // ----- relays -----
 
     pub async fn register_relay(

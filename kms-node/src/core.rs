@@ -316,7 +316,7 @@ impl Core {
                 &record.wrapped_key.0,
             )?;
             for inv in &record.invitations {
-                if inv.claimed_by.is_none() {
+                if inv.is_open() {
                     core.open_invitations
                         .insert((inv.kind, record.id.clone(), inv.id));
                 }
@@ -536,7 +536,7 @@ impl Core {
                     m.record
                         .invitations
                         .iter()
-                        .any(|i| i.id == *invitation && i.kind == *kind && i.claimed_by.is_none())
+                        .any(|i| i.id == *invitation && i.kind == *kind && i.is_open())
                 });
                 if !invited {
                     return Err(fx.deny(
@@ -898,6 +898,7 @@ impl Core {
                     invited_by: host,
                     claimed_by: None,
                     participant: None,
+                    outcome: None,
                 };
                 m.record.next_invitation += 1;
                 m.record.invitations.push(invitation.clone());
@@ -944,6 +945,73 @@ impl Core {
                     .map(|t| t.0.clone()),
             })
             .collect()
+    }
+
+    /// A connector of `kind` (certificate `identity`) reports what became of
+    /// invitation `invitation`: one it could not fulfil, or whose work has
+    /// ended. Only the kind it was for may report, and once it is claimed
+    /// only the connector that claimed it; the first outcome stands. The
+    /// outcome goes into the roster (every member, the host first, sees
+    /// it), the invitation is no longer offered and its target is dropped.
+    pub fn report_outcome(
+        &mut self,
+        now_ms: u64,
+        identity: &str,
+        kind: ConnectorKind,
+        meeting: &MeetingId,
+        invitation: u64,
+        outcome: meeting_proto::kms_api::InvitationOutcome,
+    ) -> (Result<Invitation, Denial>, Effects) {
+        let mut fx = Effects::default();
+        let refuse = |fx: &mut Effects, status, code, message: &str| {
+            Err(fx.deny(identity, Some(meeting), Denial::new(status, code, message)))
+        };
+        if let Err(why) = outcome.check() {
+            return (refuse(&mut fx, 400, "bad_outcome", why), fx);
+        }
+        let Some(inv) = self
+            .meetings
+            .get_mut(meeting)
+            .and_then(|m| m.record.invitations.iter_mut().find(|i| i.id == invitation))
+        else {
+            let r = refuse(
+                &mut fx,
+                404,
+                "unknown_invitation",
+                "no such invitation in this meeting",
+            );
+            return (r, fx);
+        };
+        if inv.kind != kind {
+            let msg = format!("invitation {invitation} is for connector:{}", inv.kind);
+            return (refuse(&mut fx, 403, "wrong_kind", &msg), fx);
+        }
+        if inv.claimed_by.as_deref().is_some_and(|c| c != identity) {
+            let msg = "another connector took this invitation";
+            return (refuse(&mut fx, 403, "claimed_by_other", msg), fx);
+        }
+        if inv.outcome.is_some() {
+            let msg = "this invitation already has an outcome";
+            return (refuse(&mut fx, 409, "outcome_reported", msg), fx);
+        }
+        let detail = format!("connector:{kind} invitation {invitation} {outcome}");
+        inv.outcome = Some(outcome);
+        let reported = inv.clone();
+        let m = self.meetings.get_mut(meeting).expect("found above");
+        m.record.targets.remove(&invitation);
+        m.record.version += 1;
+        Self::save_meeting(m, now_ms, &mut fx);
+        self.open_invitations
+            .remove(&(kind, meeting.clone(), invitation));
+        // The outcome holds no target (connectors never put it there, and
+        // the message is canonical text of bounded length).
+        let mut rec = AuditRecord::new(AuditKind::Invitation, identity, detail).meeting(meeting);
+        if let Some(p) = reported.participant {
+            rec = rec.participant(p);
+        }
+        fx.audit.push(rec);
+        fx.changed.push(meeting.clone());
+        (Ok(reported), fx)
     }
 
     /// Records a denial decided outside the core (authentication failures).
@@ -1492,6 +1560,186 @@ mod tests {
         let (r, fx) = c.recording_key(&id, &Reader::Token(claims("bob", Role::Participant, 41)));
         assert_eq!(r.unwrap_err().code, "not_a_reader");
         assert_eq!(fx.audit[0].kind, AuditKind::Denial);
+    }
+
+    #[test]
+    fn a_connector_reports_an_outcome_the_host_sees_and_nobody_else_may() {
+        use meeting_proto::kms_api::{InvitationOutcome, OutcomeState};
+        let mut c = core();
+        let vk = c.signing_key().verifying_key();
+        let host = join(&mut c, "ada", Role::Host, 1);
+        let (r, _) = c.invite(
+            1000,
+            &m(),
+            &session(&host),
+            ConnectorKind::Telephony,
+            Some("sip:+15551234567@pbx.example.com".into()),
+        );
+        let (inv, roster) = r.unwrap();
+        let before = roster.verify(&vk).unwrap().version;
+        let (r, _) = c.invite(1000, &m(), &session(&host), ConnectorKind::Recording, None);
+        let (rec_inv, _) = r.unwrap();
+        let phones = "conclave://ns/connector/phones/phones-0";
+        let busy = InvitationOutcome::new(OutcomeState::Failed, "busy", Some(486), "Busy Here");
+        // Refusals change nothing and are audited as denials.
+        let refusals = [
+            (
+                ConnectorKind::Telephony,
+                m(),
+                99,
+                busy.clone(),
+                404,
+                "unknown_invitation",
+            ),
+            (
+                ConnectorKind::Telephony,
+                MeetingId::new("elsewhere").unwrap(),
+                inv.id,
+                busy.clone(),
+                404,
+                "unknown_invitation",
+            ),
+            (
+                ConnectorKind::LiveStreaming,
+                m(),
+                inv.id,
+                busy.clone(),
+                403,
+                "wrong_kind",
+            ),
+            (
+                ConnectorKind::Telephony,
+                m(),
+                rec_inv.id,
+                busy.clone(),
+                403,
+                "wrong_kind",
+            ),
+            (
+                ConnectorKind::Telephony,
+                m(),
+                inv.id,
+                InvitationOutcome {
+                    message: "line\nbreak".into(),
+                    ..busy.clone()
+                },
+                400,
+                "bad_outcome",
+            ),
+            (
+                ConnectorKind::Telephony,
+                m(),
+                inv.id,
+                InvitationOutcome {
+                    code: "x".repeat(1000),
+                    ..busy.clone()
+                },
+                400,
+                "bad_outcome",
+            ),
+        ];
+        for (kind, meeting, id, outcome, status, code) in refusals {
+            let (r, fx) = c.report_outcome(1000, phones, kind, &meeting, id, outcome);
+            let d = r.unwrap_err();
+            assert_eq!((d.status, d.code), (status, code), "{}", d.message);
+            assert!(fx.writes.is_empty() && fx.changed.is_empty());
+            assert_eq!(fx.audit[0].kind, AuditKind::Denial);
+        }
+        assert_eq!(c.assignments(ConnectorKind::Telephony).len(), 1);
+
+        let (r, fx) = c.report_outcome(
+            2000,
+            phones,
+            ConnectorKind::Telephony,
+            &m(),
+            inv.id,
+            busy.clone(),
+        );
+        let reported = r.unwrap();
+        assert_eq!(reported.outcome.as_ref(), Some(&busy));
+        assert_eq!(fx.changed, vec![m()], "the host's long poll wakes");
+        assert_eq!(fx.writes.len(), 1);
+        assert_eq!(fx.audit[0].kind, AuditKind::Invitation);
+        assert_eq!(
+            fx.audit[0].detail,
+            "connector:telephony invitation 1 failed: busy (486): Busy Here"
+        );
+        let Write::Meeting(_, record) = &fx.writes[0] else {
+            panic!("a meeting write")
+        };
+        let record: MeetingRecord = serde_json::from_slice(record).unwrap();
+        assert!(record.targets.is_empty(), "the dial target is dropped");
+        assert!(
+            !String::from_utf8_lossy(&serde_json::to_vec(&record).unwrap()).contains("5551234567")
+        );
+        // Not offered any more, and nobody can join with it.
+        assert!(c.assignments(ConnectorKind::Telephony).is_empty());
+        let (r, _) = c.join(
+            2000,
+            &m(),
+            Joiner::Connector {
+                identity: phones.into(),
+                kind: ConnectorKind::Telephony,
+                invitation: inv.id,
+                display_name: None,
+            },
+            [9; 32],
+        );
+        assert_eq!(r.unwrap_err().code, "not_invited");
+        // The host's next event is the roster showing the outcome.
+        let (r, _) = c.events(2000, &m(), &session(&host), before + 1);
+        let roster = r.unwrap().unwrap().roster.unwrap().verify(&vk).unwrap();
+        let shown = roster.invitations.iter().find(|i| i.id == inv.id).unwrap();
+        assert_eq!(shown.outcome.as_ref(), Some(&busy));
+        // The first outcome stands.
+        let again = InvitationOutcome::new(OutcomeState::Failed, "rejected", Some(603), "");
+        let (r, fx) = c.report_outcome(3000, phones, ConnectorKind::Telephony, &m(), inv.id, again);
+        assert_eq!(r.unwrap_err().code, "outcome_reported");
+        assert_eq!(fx.audit[0].kind, AuditKind::Denial);
+
+        // A claimed invitation: only the connector that claimed it reports its end.
+        let (r, _) = c.invite(3000, &m(), &session(&host), ConnectorKind::Recording, None);
+        let (claimed, _) = r.unwrap();
+        let recorder = "conclave://ns/connector/rec/rec-0";
+        let (r, _) = c.join(
+            3000,
+            &m(),
+            Joiner::Connector {
+                identity: recorder.into(),
+                kind: ConnectorKind::Recording,
+                invitation: claimed.id,
+                display_name: None,
+            },
+            [10; 32],
+        );
+        let g = r.unwrap();
+        let stopped = InvitationOutcome::new(OutcomeState::Ended, "stopped", None, "");
+        let (r, _) = c.report_outcome(
+            4000,
+            "conclave://ns/connector/rec/rec-1",
+            ConnectorKind::Recording,
+            &m(),
+            claimed.id,
+            stopped.clone(),
+        );
+        assert_eq!(r.unwrap_err().code, "claimed_by_other");
+        let (r, fx) = c.report_outcome(
+            4000,
+            recorder,
+            ConnectorKind::Recording,
+            &m(),
+            claimed.id,
+            stopped,
+        );
+        assert_eq!(r.unwrap().participant, Some(g.participant));
+        assert_eq!(fx.audit[0].participant, Some(g.participant));
+        assert_eq!(
+            fx.audit[0].detail,
+            format!(
+                "connector:recording invitation {} ended: stopped",
+                claimed.id
+            )
+        );
     }
 
     #[test]

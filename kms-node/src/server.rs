@@ -779,6 +779,68 @@ async fn assignments(
     }
 }
 
+/// A connector reports what became of an invitation it was assigned. The
+/// body is parsed here rather than by the `Json` extractor so oversize and
+/// malformed reports are refused with an audited denial like any other.
+async fn invitation_outcome(
+    State(s): State<Arc<Shared>>,
+    Extension(peer): Extension<Peer>,
+    body: axum::body::Bytes,
+) -> ApiResult<api::InvitationOutcomeResponse> {
+    let Some((identity, kind)) = s.connector_kind(&peer) else {
+        let actor = peer
+            .0
+            .as_ref()
+            .map_or("anonymous".to_owned(), Identity::to_uri);
+        let d = Denial::new(
+            403,
+            "not_a_connector",
+            "invitation outcomes are for configured connector pools",
+        );
+        return Err(s.deny(&actor, None, d).await);
+    };
+    s.limit(&identity, None)?;
+    if body.len() > api::MAX_OUTCOME_BODY {
+        let d = Denial::new(
+            413,
+            "too_large",
+            format!(
+                "an outcome report is at most {} bytes",
+                api::MAX_OUTCOME_BODY
+            ),
+        );
+        return Err(s.deny(&identity, None, d).await);
+    }
+    let req: api::InvitationOutcomeRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            // serde's messages can quote the input: say only where it broke.
+            let msg = format!(
+                "not an outcome report ({:?} error at line {} column {})",
+                e.classify(),
+                e.line(),
+                e.column()
+            );
+            let d = Denial::new(400, "bad_request", msg);
+            return Err(s.deny(&identity, None, d).await);
+        }
+    };
+    let now = now_ms();
+    let invitation = s
+        .run(|c| {
+            c.report_outcome(
+                now,
+                &identity,
+                kind,
+                &req.meeting,
+                req.invitation,
+                req.outcome,
+            )
+        })
+        .await?;
+    Ok(Json(api::InvitationOutcomeResponse { invitation }))
+}
+
 fn relay_identity(peer: &Peer) -> Option<(String, String, String)> {
     let id = peer.0.as_ref()?;
     if id.kind() != Kind::Relay {
@@ -1172,6 +1234,7 @@ pub fn router(s: Arc<Shared>) -> Router {
         .route(paths::REMOVE, post(remove))
         .route(paths::INVITE, post(invite))
         .route(paths::ASSIGNMENTS, get(assignments))
+        .route(paths::INVITATION_OUTCOME, post(invitation_outcome))
         .route(paths::RELAY_REGISTER, post(relay_register))
         .route(paths::RELAY_HEARTBEAT, post(relay_heartbeat))
         .route(paths::RECORDING_KEYS, post(recording_create))

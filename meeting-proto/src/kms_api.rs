@@ -32,6 +32,9 @@ pub mod paths {
     pub const INVITE: &str = "/v1/meetings/{meeting}/connectors";
     /// GET `?wait_ms=<n>` (connector certificate) -> [`super::AssignmentsResponse`].
     pub const ASSIGNMENTS: &str = "/v1/connector/assignments";
+    /// POST [`super::InvitationOutcomeRequest`] (connector certificate)
+    /// -> [`super::InvitationOutcomeResponse`].
+    pub const INVITATION_OUTCOME: &str = "/v1/connector/outcomes";
     /// POST [`super::RelayRegisterRequest`] (relay certificate) -> [`super::RelayRegisterResponse`].
     pub const RELAY_REGISTER: &str = "/v1/relays/register";
     /// POST [`super::RelayHeartbeatRequest`] (relay certificate) -> [`super::RelayHeartbeatResponse`].
@@ -264,6 +267,11 @@ pub const MAX_DISPLAY_NAME_CHARS: usize = 64;
 /// made one space, trimmed, cut to [`MAX_DISPLAY_NAME_CHARS`]. `None` when
 /// nothing is left. The KMS accepts only names already in this form.
 pub fn display_name(raw: &str) -> Option<String> {
+    canonical_text(raw, MAX_DISPLAY_NAME_CHARS)
+}
+
+/// [`display_name`]'s canonical form, cut to `max` characters.
+fn canonical_text(raw: &str, max: usize) -> Option<String> {
     let mut out = String::new();
     let mut space = false;
     for c in raw.chars() {
@@ -277,7 +285,7 @@ pub fn display_name(raw: &str) -> Option<String> {
         {
             continue;
         }
-        if out.chars().count() + usize::from(space) >= MAX_DISPLAY_NAME_CHARS {
+        if out.chars().count() + usize::from(space) >= max {
             break;
         }
         if space {
@@ -380,6 +388,131 @@ pub struct Invitation {
     /// The participant the connector joined as, once it has.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub participant: Option<ParticipantId>,
+    /// What became of it, as its connector reported: a dial-out that was
+    /// busy, a stream target the pool refused. Absent while it is open or
+    /// running (and in records made before outcomes existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<InvitationOutcome>,
+}
+
+impl Invitation {
+    /// Still waiting for a connector: not claimed, no outcome.
+    pub fn is_open(&self) -> bool {
+        self.claimed_by.is_none() && self.outcome.is_none()
+    }
+}
+
+/// How an invitation finished.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutcomeState {
+    /// The connector could not do what the host asked (busy, refused target).
+    Failed,
+    /// It did, and that has ended (the phone hung up, the stream stopped).
+    Ended,
+}
+
+impl fmt::Display for OutcomeState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Failed => "failed",
+            Self::Ended => "ended",
+        })
+    }
+}
+
+/// What a connector reports about an invitation, shown in the roster to
+/// every member. Never carries the target (a stream URL holds its key, a SIP
+/// URI a number or credentials): a `code` and a short text.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InvitationOutcome {
+    pub state: OutcomeState,
+    /// Machine-readable, lowercase `[a-z0-9_]`, at most
+    /// [`MAX_OUTCOME_CODE_LEN`]: `busy`, `no_answer`, `rejected`,
+    /// `unreachable`, `call_failed`, `target_not_allowed`, `bad_target`,
+    /// `tls_verify_failed`, `stream_failed`, `hung_up`, `stopped`.
+    pub code: String,
+    /// The protocol's status, where there is one (a SIP final response).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// Short human text in [`display_name`]'s canonical form, at most
+    /// [`MAX_OUTCOME_MESSAGE_CHARS`] characters.
+    pub message: String,
+}
+
+/// Longest [`InvitationOutcome::code`], in bytes.
+pub const MAX_OUTCOME_CODE_LEN: usize = 32;
+/// Longest [`InvitationOutcome::message`], in characters.
+pub const MAX_OUTCOME_MESSAGE_CHARS: usize = 200;
+
+impl InvitationOutcome {
+    /// An outcome with `message` put in canonical form (cut to fit), as a
+    /// connector builds it from whatever its peer said.
+    pub fn new(state: OutcomeState, code: &str, status: Option<u16>, message: &str) -> Self {
+        Self {
+            state,
+            code: code.to_string(),
+            status,
+            message: canonical_text(message, MAX_OUTCOME_MESSAGE_CHARS).unwrap_or_default(),
+        }
+    }
+
+    /// What the KMS accepts: a well-formed code and a canonical message, so
+    /// no report can make a roster line read as something else.
+    pub fn check(&self) -> Result<(), &'static str> {
+        if self.code.is_empty()
+            || self.code.len() > MAX_OUTCOME_CODE_LEN
+            || !self
+                .code
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        {
+            return Err("code must be 1 to 32 of a-z, 0-9 and _");
+        }
+        if !self.message.is_empty()
+            && canonical_text(&self.message, MAX_OUTCOME_MESSAGE_CHARS).as_deref()
+                != Some(self.message.as_str())
+        {
+            return Err(
+                "message must be at most 200 characters without control characters or extra spaces",
+            );
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for InvitationOutcome {
+    /// `failed: busy (486): the callee is busy`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.state, self.code)?;
+        if let Some(s) = self.status {
+            write!(f, " ({s})")?;
+        }
+        if !self.message.is_empty() {
+            write!(f, ": {}", self.message)?;
+        }
+        Ok(())
+    }
+}
+
+/// POST [`paths::INVITATION_OUTCOME`]: a connector of the invitation's kind
+/// reports what became of an invitation it was assigned (one it could not
+/// fulfil, or that has ended). Bodies above [`MAX_OUTCOME_BODY`] bytes are
+/// refused.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InvitationOutcomeRequest {
+    pub meeting: MeetingId,
+    pub invitation: u64,
+    pub outcome: InvitationOutcome,
+}
+
+/// Longest [`InvitationOutcomeRequest`] body, in bytes.
+pub const MAX_OUTCOME_BODY: usize = 2048;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InvitationOutcomeResponse {
+    /// The invitation as the roster now shows it.
+    pub invitation: Invitation,
 }
 
 /// Who is in a meeting at one version.
@@ -1082,6 +1215,64 @@ mod tests {
             assert!(debug.contains("rtmps://live.example.com"), "{debug}");
         }
         assert_eq!(redacted_target("rtmp://u:p@h/x"), "<invalid target>");
+    }
+
+    #[test]
+    fn invitation_outcomes_are_optional_on_the_wire_and_checked() {
+        // Records and rosters from before outcomes parse, and stay byte-identical.
+        let old = r#"{"id":3,"kind":"telephony","invited_by":1}"#;
+        let inv: Invitation = serde_json::from_str(old).unwrap();
+        assert!(inv.is_open() && inv.outcome.is_none());
+        assert_eq!(serde_json::to_string(&inv).unwrap(), old);
+        let busy = InvitationOutcome::new(
+            OutcomeState::Failed,
+            "busy",
+            Some(486),
+            "the callee is busy\r\nX-Fake: 1",
+        );
+        assert_eq!(busy.message, "the callee is busy X-Fake: 1");
+        assert_eq!(busy.check(), Ok(()));
+        assert_eq!(
+            busy.to_string(),
+            "failed: busy (486): the callee is busy X-Fake: 1"
+        );
+        let with = Invitation {
+            outcome: Some(busy.clone()),
+            ..inv
+        };
+        assert!(!with.is_open());
+        let json = serde_json::to_string(&with).unwrap();
+        assert!(json.contains(r#""outcome":{"state":"failed","code":"busy","status":486"#));
+        assert_eq!(serde_json::from_str::<Invitation>(&json).unwrap(), with);
+        let long = InvitationOutcome::new(OutcomeState::Ended, "hung_up", None, &"é".repeat(500));
+        assert_eq!(long.message.chars().count(), MAX_OUTCOME_MESSAGE_CHARS);
+        assert_eq!(long.check(), Ok(()));
+        for code in ["", "Busy", "busy-here", "busy here", &"x".repeat(33)] {
+            let o = InvitationOutcome {
+                code: code.into(),
+                ..busy.clone()
+            };
+            assert!(o.check().is_err(), "{code:?}");
+        }
+        for message in [
+            "two\nlines",
+            " padded",
+            "a  b",
+            "\u{202e}evil",
+            &"x".repeat(201),
+        ] {
+            let o = InvitationOutcome {
+                message: message.into(),
+                ..busy.clone()
+            };
+            assert!(o.check().is_err(), "{message:?}");
+        }
+        assert!(
+            serde_json::from_str::<InvitationOutcome>(
+                r#"{"state":"lost","code":"x","message":""}"#
+            )
+            .is_err()
+        );
     }
 
     #[test]
