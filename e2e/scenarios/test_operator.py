@@ -278,12 +278,27 @@ def test_killed_leader_is_replaced_and_the_new_one_converges(ns):
         and not p["metadata"].get("deletionTimestamp")]) == 2, timeout=300, interval=2)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "in the full e2e run (2026-11-26, 15:55) the minute was not idle: the zone's relays changed readiness and "
-    "endpoints and the KMS its Ready condition, and the operator wrote exactly those status changes (2 writes, "
-    "logged with their fields); alone the module passes with 0 writes. The test should re-measure when the pods "
-    "changed during the minute instead of counting the operator's answer to a real change"))
+def pod_versions(namespace: str) -> dict[str, str]:
+    """Each pod's resourceVersion: the kubelet writes a pod only when its status
+    changes (readiness, restarts), so an unchanged map means an idle minute."""
+    return {p["metadata"]["name"]: p["metadata"]["resourceVersion"]
+            for p in kubectl_json("get", "pods", "-n", namespace)["items"]}
+
+
+def pod_readiness(namespace: str) -> dict[str, list]:
+    return {p["metadata"]["name"]: [(c["name"], c.get("ready"), c.get("restartCount", 0))
+                                    for c in p["status"].get("containerStatuses", [])]
+            for p in kubectl_json("get", "pods", "-n", namespace)["items"]}
+
+
+IDLE_ATTEMPTS = 3
+
+
 def test_idle_operator_makes_no_writes_in_a_minute(ns):
+    """A minute in which nothing changed costs no API writes besides Lease
+    renewals. A minute in which a pod changed (a relay's readiness after the
+    leader test scaled the zone, say) is measured again: the operator must
+    answer real changes, and that is not what this test is about."""
     wait_ready(ns, "kms", "main")
     wait_ready(ns, "mz", "zone-a")
     pod = leader()
@@ -295,17 +310,26 @@ def test_idle_operator_makes_no_writes_in_a_minute(ns):
         if w != last["w"]:
             last.update(w=w, since=time.monotonic())
         return time.monotonic() - last["since"] >= 10
-    wait_until("the operator to stop writing", settled, timeout=300, interval=2)
-    start = operator_metrics(pod)
-    time.sleep(60)
-    end = operator_metrics(pod)
-    assert leader() == pod, "leadership changed during the idle minute"
-    idle = writes(end, leases=False) - writes(start, leases=False)
-    renewals = writes(end, leases=True) - writes(start, leases=True)
-    print(f"idle minute: {idle} writes besides {renewals} Lease renewals")
-    assert idle == 0, (f"{idle} writes in an idle minute: {write_deltas(start, end)}; status updates logged: "
-                       f"{status_updates(pod, since_s=75)}")
-    assert renewals > 0, "the leader stopped renewing its Lease"
+    changed = []
+    for attempt in range(IDLE_ATTEMPTS):
+        wait_until("the operator to stop writing", settled, timeout=300, interval=2)
+        pods_before, start = pod_versions(ns), operator_metrics(pod)
+        time.sleep(60)
+        end, pods_after = operator_metrics(pod), pod_versions(ns)
+        assert leader() == pod, "leadership changed during the idle minute"
+        idle = writes(end, leases=False) - writes(start, leases=False)
+        renewals = writes(end, leases=True) - writes(start, leases=True)
+        moved = sorted(n for n in pods_before.keys() | pods_after.keys() if pods_before.get(n) != pods_after.get(n))
+        print(f"minute {attempt + 1}: {idle} writes besides {renewals} Lease renewals; pods changed: {moved}")
+        if moved:
+            changed.append((moved, idle, pod_readiness(ns)))
+            continue
+        assert idle == 0, (f"{idle} writes in an idle minute: {write_deltas(start, end)}; status updates logged: "
+                           f"{status_updates(pod, since_s=75)}")
+        assert renewals > 0, "the leader stopped renewing its Lease"
+        return
+    pytest.fail(f"no idle minute in {IDLE_ATTEMPTS}: pods kept changing (pods changed, operator writes, "
+                f"readiness after): {changed}")
 
 
 def served_certificate(ip: str, port: int) -> str:
