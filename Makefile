@@ -54,7 +54,8 @@ test: deps ## Everything CI runs: checks, unit and process tests, then e2e on a 
 demo: deps ## Local cluster + Conclave + a short meeting, end to end.
 	bash $(E2E)/demo.sh
 
-demo-down: cluster-down ## Remove what `make demo` left running (the whole local cluster).
+demo-down: ## Remove what `make demo` left running (the local cluster, or on your own cluster the demo namespace and chart).
+	bash $(E2E)/demo-down.sh
 
 bench: build ## Run every benchmark; results in target/bench/results.json.
 	bash $(E2E)/bench.sh

@@ -4,7 +4,8 @@ short encrypted meeting through it: three participants, the host inviting the
 recording pool's recorder. Prints a readable summary built from what the
 cluster reports (resources and pods, each member's report, the relays'
 /metrics, the KMS audit read with the admin certificate, the recording
-restored on this host); exits non-zero if the meeting did not work."""
+restored on this host); exits non-zero if the meeting did not work.
+`demo.py --down` removes what it installed on a cluster it did not start."""
 import json
 import os
 import shlex
@@ -19,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from deploy import (SYSTEM_NS, TONES, audit_entries, component_pods, conclave_installed,  # noqa: E402
                     install_conclave, kms_admin, member_pod, pod_json_lines, pool_client_identity,
-                    pool_volume_path, publish_kms_ca, restore_command, setup_meetings_namespace, wait_members_done,
-                    wait_ready)
+                    pool_volume_path, publish_kms_ca, restore_command, setup_meetings_namespace,
+                    uninstall_conclave, wait_members_done, wait_ready)
 from kube import apply, kubectl, kubectl_json, wait_until  # noqa: E402
 
 NS = "demo"
@@ -328,7 +329,10 @@ def show_explore() -> None:
                 f"kubectl get events -n {NS} --sort-by=.lastTimestamp",
                 f"kubectl logs -n {SYSTEM_NS} -l app.kubernetes.io/component=operator"):
         print(f"   {cmd}")
-    print("   make demo-down    # removes everything make demo started (the whole local cluster)")
+    if os.environ.get("CONCLAVE_DEMO_EXTERNAL"):
+        print(f"   make demo-down    # deletes namespace {NS} and uninstalls the chart (retained volumes stay)")
+    else:
+        print("   make demo-down    # removes everything make demo started (the whole local cluster)")
 
 
 def main() -> int:
@@ -366,9 +370,25 @@ def main() -> int:
     return 0
 
 
+def down() -> int:
+    """Namespace first, while the operator still runs to release its
+    finalizers; then the chart. Volumes kept by the KMS's retain policy stay."""
+    progress(f"deleting namespace {NS} (the demo's KMS, zone and pools)")
+    kubectl("delete", "namespace", NS, "--ignore-not-found", "--wait=true", "--timeout=300s")
+    if conclave_installed():
+        progress("uninstalling the conclave chart")
+        uninstall_conclave()
+    retained = [pv["metadata"]["name"] for pv in kubectl_json("get", "pv")["items"]
+                if pv["spec"].get("claimRef", {}).get("namespace") == NS]
+    if retained:
+        progress(f"persistent volumes kept by their reclaim policy (delete them when the data may go): "
+                 f"{' '.join(retained)}")
+    return 0
+
+
 if __name__ == "__main__":
     try:
-        sys.exit(main())
+        sys.exit(down() if sys.argv[1:] == ["--down"] else main())
     except (AssertionError, TimeoutError, RuntimeError, FileNotFoundError) as e:
         # What failed and why, without a traceback a newcomer has to decode.
         print(f"\n== demo FAILED after {time.monotonic() - STARTED:.0f} s: {e}", flush=True)
