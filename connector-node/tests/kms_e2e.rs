@@ -177,6 +177,7 @@ async fn start_relay(w: &World) -> (Proc, tokio::task::JoinHandle<()>) {
             zone: "zone-a".into(),
             address: format!("127.0.0.1:{relay_port}"),
             capacity: 1000,
+            instance: None,
         })
         .await
         .unwrap();

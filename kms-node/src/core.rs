@@ -13,8 +13,9 @@ use crate::relays::Relays;
 use ed25519_dalek::SigningKey;
 use meeting_proto::ids::{MeetingId, ParticipantId};
 use meeting_proto::kms_api::{
-    Assignment, AuditKind, ConnectorKind, Hex, Invitation, Role, Roster, RosterMember,
-    SignedRoster, TargetError, check_invite_target, redacted_target,
+    Assignment, AuditKind, ConnectorKind, Hex, Invitation, MAX_RELAY_INSTANCE_LEN,
+    RelayRegisterRequest, Role, Roster, RosterMember, SignedRoster, TargetError,
+    check_invite_target, redacted_target,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -129,6 +130,12 @@ pub struct MeetingRecord {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub targets: BTreeMap<u64, Target>,
     pub relay: Option<String>,
+    /// The relay process (its registration's instance) the meeting was
+    /// placed on: a relay restarted under the same id has lost the members'
+    /// bindings, and only a different instance tells the KMS so. None in
+    /// records from before relays sent one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_instance: Option<String>,
     pub updated_ms: u64,
 }
 
@@ -407,6 +414,7 @@ impl Core {
                 invitations: Vec::new(),
                 targets: BTreeMap::new(),
                 relay: None,
+                relay_instance: None,
                 updated_ms: now_ms,
             },
             key: Arc::new(key),
@@ -450,29 +458,50 @@ impl Core {
         Ok(())
     }
 
-    /// Ensures the meeting sits on a live relay; re-places it otherwise.
+    /// Ensures the meeting sits on a live relay, still the process it was
+    /// placed on; re-places it otherwise.
     fn ensure_placement(&mut self, meeting: &MeetingId, now_ms: u64) -> Option<Placement> {
-        let current = self.meetings.get(meeting)?.record.relay.clone();
-        if let Some(id) = &current
-            && self.relays.is_live(id, now_ms)
+        let record = &self.meetings.get(meeting)?.record;
+        if let Some(id) = &record.relay
+            && self
+                .relays
+                .still_serves(id, record.relay_instance.as_deref(), now_ms)
         {
-            self.relays.add_pending(id);
-            let r = self.relays.get(id)?;
-            return Some(Placement {
+            let id = id.clone();
+            self.relays.add_pending(&id);
+            let r = self.relays.get(&id)?;
+            let placement = Placement {
                 relay: r.id.clone(),
                 address: r.address.clone(),
-            });
+            };
+            let instance = r.instance.clone();
+            // A record from before relays sent an instance learns the one
+            // it trusted, so the next restart of that relay is noticed.
+            let record = &mut self.meetings.get_mut(meeting)?.record;
+            if record.relay_instance.is_none() {
+                record.relay_instance = instance;
+            }
+            return Some(placement);
         }
+        self.place_meeting(meeting, now_ms)
+    }
+
+    /// Places the meeting on the least-loaded relay that takes it; a move
+    /// from an earlier placement is a new roster version, which sends the
+    /// members their new ticket. The caller saves the record.
+    fn place_meeting(&mut self, meeting: &MeetingId, now_ms: u64) -> Option<Placement> {
         let r = self.relays.place(self.config.zone.as_deref(), now_ms)?;
         let placement = Placement {
             relay: r.id.clone(),
             address: r.address.clone(),
         };
+        let instance = r.instance.clone();
         let m = self.meetings.get_mut(meeting)?;
-        m.record.relay = Some(placement.relay.clone());
-        if current.is_some() {
+        if m.record.relay.is_some() {
             m.record.version += 1;
         }
+        m.record.relay = Some(placement.relay.clone());
+        m.record.relay_instance = instance;
         Some(placement)
     }
 
@@ -1021,23 +1050,89 @@ impl Core {
         (d, fx)
     }
 
+    /// A relay (re)registers. When it is a new process under an id that
+    /// holds meetings (a restarted pod keeps its name), those meetings are
+    /// placed again at once: the process lost their bindings, and waiting
+    /// for its heartbeat to time out would never happen, as it is alive.
     pub fn register_relay(
         &mut self,
         now_ms: u64,
         relay: String,
-        zone: String,
-        address: String,
-        capacity: u32,
+        req: RelayRegisterRequest,
         actor: &str,
-    ) -> Effects {
+    ) -> (Result<(), Denial>, Effects) {
         let mut fx = Effects::default();
+        if let Some(i) = &req.instance
+            && (i.is_empty()
+                || i.len() > MAX_RELAY_INSTANCE_LEN
+                || !i
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+        {
+            let d = Denial::new(
+                400,
+                "bad_instance",
+                format!(
+                    "instance must be 1 to {MAX_RELAY_INSTANCE_LEN} ASCII letters, digits, '-' or '_'"
+                ),
+            );
+            return (Err(fx.deny(actor, None, d)), fx);
+        }
+        let RelayRegisterRequest {
+            zone,
+            address,
+            capacity,
+            instance,
+        } = req;
+        let process = instance.as_deref().unwrap_or("unknown");
         fx.audit.push(AuditRecord::new(
             AuditKind::Relay,
             actor,
-            format!("registered relay {relay} in zone {zone} at {address} capacity {capacity}"),
+            format!(
+                "registered relay {relay} in zone {zone} at {address} capacity {capacity} instance {process}"
+            ),
         ));
-        self.relays.register(relay, zone, address, capacity, now_ms);
-        fx
+        self.relays.register(
+            relay.clone(),
+            zone,
+            address,
+            capacity,
+            instance.clone(),
+            now_ms,
+        );
+        let mut stranded: Vec<MeetingId> = self
+            .meetings
+            .values()
+            .filter(|m| {
+                !m.members.is_empty()
+                    && m.record.relay.as_deref() == Some(relay.as_str())
+                    && m.record.relay_instance.is_some()
+                    && m.record.relay_instance != instance
+            })
+            .map(|m| m.record.id.clone())
+            .collect();
+        stranded.sort();
+        for id in stranded {
+            // No relay with room: the members' next polls try again.
+            let Some(placement) = self.place_meeting(&id, now_ms) else {
+                continue;
+            };
+            let m = self.meetings.get_mut(&id).expect("listed above");
+            Self::save_meeting(m, now_ms, &mut fx);
+            fx.audit.push(
+                AuditRecord::new(
+                    AuditKind::Relay,
+                    actor,
+                    format!(
+                        "relay {relay} restarted as instance {process}: meeting placed again on relay {}",
+                        placement.relay
+                    ),
+                )
+                .meeting(&id),
+            );
+            fx.changed.push(id);
+        }
+        (Ok(()), fx)
     }
 
     /// Returns the number of meetings on the relay, or None if unknown.
@@ -1326,15 +1421,26 @@ mod tests {
             Loaded::default(),
         )
         .unwrap();
-        c.register_relay(
-            0,
-            "z/r0".into(),
-            "z".into(),
-            "127.0.0.1:4000".into(),
-            100,
-            "relay",
-        );
+        register(&mut c, 0, "z/r0", 4000, Some("i0"));
         c
+    }
+
+    fn register(
+        c: &mut Core,
+        now_ms: u64,
+        relay: &str,
+        port: u16,
+        instance: Option<&str>,
+    ) -> Effects {
+        let req = RelayRegisterRequest {
+            zone: "z".into(),
+            address: format!("127.0.0.1:{port}"),
+            capacity: 100,
+            instance: instance.map(str::to_owned),
+        };
+        let (r, fx) = c.register_relay(now_ms, relay.into(), req, "relay");
+        r.unwrap();
+        fx
     }
 
     fn m() -> MeetingId {
@@ -1860,18 +1966,125 @@ mod tests {
         let fx = c.tick(61 * MIN);
         assert!(fx.audit.iter().any(|x| x.kind == AuditKind::EpochChange));
         // The relay went silent long ago; a new one registers; the next poll re-places.
-        c.register_relay(
-            61 * MIN,
-            "z/r1".into(),
-            "z".into(),
-            "127.0.0.1:4001".into(),
-            100,
-            "relay",
-        );
+        register(&mut c, 61 * MIN, "z/r1", 4001, Some("i1"));
         let (r, _) = c.events(61 * MIN + 1, &m(), &session(&a), 0);
         let g = r.unwrap().unwrap();
         assert_eq!(g.placement.unwrap().0.relay, "z/r1");
         assert_eq!(g.release.unwrap().epoch, 2);
+    }
+
+    /// The same state read back the way a restarted KMS reads its store;
+    /// relays are not stored, so it knows none.
+    fn restarted(c: &Core) -> Core {
+        let (keys, _) = KeyRing::open(
+            RootKey::from_bytes(&[1; 32]).unwrap(),
+            None,
+            c.keys().keks().cloned().collect(),
+        )
+        .unwrap();
+        let mut loaded = Loaded::default();
+        for m in c.meetings.values() {
+            loaded
+                .meetings
+                .push(serde_json::from_slice(&json(&m.record)).unwrap());
+            for member in m.members.values() {
+                loaded.members.push((m.record.id.clone(), member.clone()));
+            }
+        }
+        Core::new(c.config.clone(), keys, c.signing.clone(), loaded).unwrap()
+    }
+
+    #[test]
+    fn a_relay_restarted_as_a_new_process_gets_its_meetings_placed_again() {
+        let mut c = core();
+        let a = join(&mut c, "ada", Role::Host, 1);
+        let placed = c.meetings[&m()].record.clone();
+        assert_eq!(placed.relay_instance.as_deref(), Some("i0"));
+        // The same process registering again moves nothing.
+        let fx = register(&mut c, 2000, "z/r0", 4000, Some("i0"));
+        assert!(fx.changed.is_empty() && fx.writes.is_empty());
+        assert_eq!(fx.audit.len(), 1);
+        // A new process under the same id, well within the heartbeat
+        // timeout, at a new address: the meeting is placed again at once.
+        let fx = register(&mut c, 3000, "z/r0", 4002, Some("i1"));
+        assert_eq!(fx.changed, vec![m()]);
+        assert!(
+            fx.writes
+                .iter()
+                .any(|w| matches!(w, Write::Meeting(id, _) if *id == m()))
+        );
+        let moved = &fx.audit[1];
+        assert_eq!(
+            (moved.kind, moved.meeting.as_ref()),
+            (AuditKind::Relay, Some(&m()))
+        );
+        assert_eq!(
+            moved.detail,
+            "relay z/r0 restarted as instance i1: meeting placed again on relay z/r0"
+        );
+        let record = &c.meetings[&m()].record;
+        assert_eq!(record.version, placed.version + 1);
+        assert_eq!(record.relay_instance.as_deref(), Some("i1"));
+        // The member's (woken) poll returns the new placement, no new key.
+        let (r, _) = c.events(3001, &m(), &session(&a), placed.version);
+        let g = r.unwrap().unwrap();
+        assert_eq!(g.placement.unwrap().0.address, "127.0.0.1:4002");
+        assert!(g.release.is_none());
+        // A meeting nobody is in is left alone (its next join places it).
+        let (r, _) = c.leave(4000, &m(), &session(&a));
+        r.unwrap();
+        let fx = register(&mut c, 5000, "z/r0", 4003, Some("i2"));
+        assert!(fx.changed.is_empty() && fx.writes.is_empty());
+        // A malformed instance is refused, audited, and registers nothing.
+        for bad in ["", "a b", &"x".repeat(MAX_RELAY_INSTANCE_LEN + 1)] {
+            let req = RelayRegisterRequest {
+                zone: "z".into(),
+                address: "127.0.0.1:4009".into(),
+                capacity: 100,
+                instance: Some(bad.to_owned()),
+            };
+            let (r, fx) = c.register_relay(6000, "z/r9".into(), req, "relay");
+            assert_eq!(r.unwrap_err().code, "bad_instance");
+            assert_eq!(fx.audit[0].kind, AuditKind::Denial);
+            assert!(c.relays.get("z/r9").is_none());
+        }
+    }
+
+    #[test]
+    fn a_kms_restart_moves_nothing_and_records_without_an_instance_are_trusted() {
+        let mut c = core();
+        let a = join(&mut c, "ada", Role::Host, 1);
+        let version = c.meetings[&m()].record.version;
+        // The KMS restarts; the same relay process registers again.
+        let mut c = restarted(&c);
+        assert_eq!(
+            c.meetings[&m()].record.relay_instance.as_deref(),
+            Some("i0")
+        );
+        let fx = register(&mut c, 2000, "z/r0", 4000, Some("i0"));
+        assert!(fx.changed.is_empty() && fx.writes.is_empty());
+        let (r, fx) = c.events(2001, &m(), &session(&a), version);
+        assert!(r.unwrap().is_none());
+        assert!(fx.writes.is_empty());
+
+        // A record stored before relays sent an instance: the live relay is
+        // trusted (no move) and its instance remembered from then on.
+        c.meetings.get_mut(&m()).unwrap().record.relay_instance = None;
+        let mut c = restarted(&c);
+        assert_eq!(c.meetings[&m()].record.relay_instance, None);
+        let fx = register(&mut c, 3000, "z/r0", 4000, Some("i1"));
+        assert!(fx.changed.is_empty() && fx.writes.is_empty());
+        let (r, _) = c.events(3001, &m(), &session(&a), version);
+        assert!(r.unwrap().is_none());
+        let b = join(&mut c, "bob", Role::Participant, 2);
+        assert_eq!(b.placement.relay, "z/r0");
+        assert_eq!(
+            c.meetings[&m()].record.relay_instance.as_deref(),
+            Some("i1")
+        );
+        // From then on its restart is noticed.
+        let fx = register(&mut c, 4000, "z/r0", 4000, Some("i2"));
+        assert_eq!(fx.changed, vec![m()]);
     }
 
     #[test]

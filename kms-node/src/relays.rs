@@ -17,6 +17,9 @@ pub struct Relay {
     pub pending: u32,
     pub ready: bool,
     pub last_seen_ms: u64,
+    /// The relay process that registered last (random per process start;
+    /// None from relays too old to send one).
+    pub instance: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -39,6 +42,7 @@ impl Relays {
         zone: String,
         address: String,
         capacity: u32,
+        instance: Option<String>,
         now_ms: u64,
     ) {
         self.relays.insert(
@@ -52,6 +56,7 @@ impl Relays {
                 pending: 0,
                 ready: true,
                 last_seen_ms: now_ms,
+                instance,
             },
         );
     }
@@ -74,10 +79,16 @@ impl Relays {
         self.relays.get(id)
     }
 
-    pub fn is_live(&self, id: &str, now_ms: u64) -> bool {
-        self.relays
-            .get(id)
-            .is_some_and(|r| now_ms.saturating_sub(r.last_seen_ms) <= self.timeout_ms)
+    /// Whether a meeting placed on relay `id` when it was process
+    /// `instance` may stay there: the relay is live and is still that
+    /// process. A process that restarted under the same id lost its
+    /// bindings, so its members must be placed again. An unknown `instance`
+    /// (a record from before relays sent one) is taken on trust.
+    pub fn still_serves(&self, id: &str, instance: Option<&str>, now_ms: u64) -> bool {
+        self.relays.get(id).is_some_and(|r| {
+            now_ms.saturating_sub(r.last_seen_ms) <= self.timeout_ms
+                && instance.is_none_or(|i| r.instance.as_deref() == Some(i))
+        })
     }
 
     /// Whether [`Self::place`] would find a relay (without counting anyone).
@@ -134,9 +145,9 @@ mod tests {
     #[test]
     fn places_least_loaded_live_ready_relay_of_the_zone() {
         let mut r = Relays::new(1000);
-        r.register("a/0".into(), "a".into(), "10.0.0.1:1".into(), 10, 0);
-        r.register("a/1".into(), "a".into(), "10.0.0.2:1".into(), 10, 0);
-        r.register("b/0".into(), "b".into(), "10.0.0.3:1".into(), 10, 0);
+        r.register("a/0".into(), "a".into(), "10.0.0.1:1".into(), 10, None, 0);
+        r.register("a/1".into(), "a".into(), "10.0.0.2:1".into(), 10, None, 0);
+        r.register("b/0".into(), "b".into(), "10.0.0.3:1".into(), 10, None, 0);
         r.heartbeat("a/0", 5, true, 0);
         assert_eq!(r.place(Some("a"), 10).unwrap().id, "a/1");
         assert_eq!(r.place(Some("b"), 10).unwrap().id, "b/0");
@@ -153,10 +164,10 @@ mod tests {
     #[test]
     fn silent_or_draining_relays_get_nothing() {
         let mut r = Relays::new(1000);
-        r.register("a/0".into(), "a".into(), "x:1".into(), 10, 0);
-        assert!(r.is_live("a/0", 1000));
+        r.register("a/0".into(), "a".into(), "x:1".into(), 10, None, 0);
+        assert!(r.still_serves("a/0", None, 1000));
         assert!(r.place(None, 1001).is_none(), "heartbeat timed out");
-        assert!(!r.is_live("a/0", 1001));
+        assert!(!r.still_serves("a/0", None, 1001));
         assert!(r.heartbeat("a/0", 0, false, 1001));
         assert!(r.place(None, 1002).is_none(), "draining");
         assert!(r.heartbeat("a/0", 0, true, 1003));
@@ -167,10 +178,40 @@ mod tests {
     #[test]
     fn full_relays_are_skipped() {
         let mut r = Relays::new(1000);
-        r.register("a/0".into(), "a".into(), "x:1".into(), 1, 0);
+        r.register("a/0".into(), "a".into(), "x:1".into(), 1, None, 0);
         assert!(r.place(None, 0).is_some());
         assert!(r.place(None, 0).is_none());
         r.heartbeat("a/0", 0, true, 1);
         assert!(r.place(None, 1).is_some());
+    }
+
+    #[test]
+    fn a_restarted_process_no_longer_serves_what_its_predecessor_held() {
+        let mut r = Relays::new(1000);
+        let first = Some("aa".to_owned());
+        r.register("a/0".into(), "a".into(), "x:1".into(), 10, first.clone(), 0);
+        assert!(r.still_serves("a/0", Some("aa"), 10));
+        // The same process registering again (the KMS restarted) still serves.
+        r.register("a/0".into(), "a".into(), "x:1".into(), 10, first, 20);
+        assert!(r.still_serves("a/0", Some("aa"), 30));
+        // A new process under the same id, within the heartbeat timeout: live,
+        // but not the process that holds the bindings.
+        r.register(
+            "a/0".into(),
+            "a".into(),
+            "x:1".into(),
+            10,
+            Some("bb".into()),
+            40,
+        );
+        assert!(!r.still_serves("a/0", Some("aa"), 50));
+        assert!(r.still_serves("a/0", Some("bb"), 50));
+        // A record from before relays sent an instance is taken on trust;
+        // a relay that sends none cannot be the process a record names.
+        assert!(r.still_serves("a/0", None, 50));
+        r.register("a/0".into(), "a".into(), "x:1".into(), 10, None, 60);
+        assert!(!r.still_serves("a/0", Some("bb"), 70));
+        assert!(!r.still_serves("a/0", None, 2000), "heartbeat timed out");
+        assert!(!r.still_serves("zz", None, 70));
     }
 }

@@ -889,11 +889,8 @@ async fn relay_register(
     }
     s.limit(&uri, None)?;
     let now = now_ms();
-    s.run(|c| {
-        let fx = c.register_relay(now, relay.clone(), zone, req.address, req.capacity, &uri);
-        (Ok(()), fx)
-    })
-    .await?;
+    s.run(|c| c.register_relay(now, relay.clone(), req, &uri))
+        .await?;
     Ok(Json(api::RelayRegisterResponse {
         relay,
         ticket_public_key: Hex(s.signing.verifying_key().to_bytes().to_vec()),

@@ -1051,6 +1051,7 @@ async fn placement_follows_heartbeats() {
                 zone: "zone-a".into(),
                 address: format!("127.0.0.1:{port}"),
                 capacity: 10,
+                instance: None,
             })
             .await
             .unwrap();
@@ -1061,6 +1062,7 @@ async fn placement_follows_heartbeats() {
                 zone: "zone-b".into(),
                 address: "127.0.0.1:1".into(),
                 capacity: 10,
+                instance: None,
             })
             .await
             .unwrap_err();
@@ -1096,6 +1098,98 @@ async fn placement_follows_heartbeats() {
             .unwrap();
         assert_eq!(d.joined.relay.relay, "zone-a/relay-1");
         assert_eq!(r1.heartbeat(&hb).await.unwrap().meetings, 3);
+    })
+    .await
+    .unwrap();
+}
+
+/// A relay process that restarts under the same id (a StatefulSet pod, a
+/// SIGKILLed container) registers again long before its heartbeat times out,
+/// with no bindings: its meetings are placed again at once and the members'
+/// long polls wake with a new ticket. The same process registering again
+/// after a KMS restart moves nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_restarted_under_its_id_gets_its_meetings_placed_again() {
+    tokio::time::timeout(LIMIT, async {
+        // A timeout far beyond the test: liveness never moves anything here.
+        let mut kms = Kms::start(
+            "relay-restart",
+            "relays: {heartbeatIntervalMs: 100, heartbeatTimeoutMs: 600000}\n",
+        );
+        let register = |kms: &Kms, instance: &str| {
+            let r = kms.relay();
+            let req = api::RelayRegisterRequest {
+                zone: "zone-a".into(),
+                address: "127.0.0.1:40000".into(),
+                capacity: 100,
+                instance: Some(instance.into()),
+            };
+            async move { r.register_relay(&req).await }
+        };
+        register(&kms, "first").await.unwrap();
+        let c = kms.anonymous();
+        let ada = join_with_token(&c, "m1", kms.token("ada", "m1", Role::Host))
+            .await
+            .unwrap();
+        let vk = vk(&kms).await;
+        let joined_version = ada.joined.roster.verify(&vk).unwrap().version;
+        let quiet = |kms: &Kms| {
+            let c = kms.anonymous();
+            let (meeting, session) = (ada.meeting.clone(), ada.session());
+            async move {
+                c.events(&meeting, &session, joined_version, 0)
+                    .await
+                    .unwrap()
+            }
+        };
+
+        // The KMS restarts and forgets its relays; the same relay process
+        // registers again: the meeting stays, no new version, no ticket.
+        kms.restart();
+        register(&kms, "first").await.unwrap();
+        let ev = quiet(&kms).await;
+        assert_eq!(ev.version, joined_version);
+        assert!(ev.relay.is_none() && ev.roster.is_none(), "{ev:?}");
+
+        // A member waits for news; the relay restarts as a new process.
+        let c = kms.anonymous();
+        let (meeting, session) = (ada.meeting.clone(), ada.session());
+        let waiting = tokio::spawn(async move {
+            c.events(&meeting, &session, joined_version, api::MAX_WAIT_MS)
+                .await
+                .unwrap()
+        });
+        // Waiting (woken by the registration) or arriving after it (answered
+        // at once), the poll gets the new placement; a poll that missed it
+        // would return empty after MAX_WAIT_MS.
+        let bad = register(&kms, "not hex!").await.unwrap_err();
+        assert_eq!(bad.code(), Some("bad_instance"));
+        register(&kms, "second").await.unwrap();
+        let ev = waiting.await.unwrap();
+        assert!(ev.version > joined_version, "{ev:?}");
+        let relay = ev.relay.expect("a new placement for the restarted relay");
+        assert_eq!(
+            (relay.relay.as_str(), relay.address.as_str()),
+            ("zone-a/relay-0", "127.0.0.1:40000")
+        );
+        assert!(!relay.ticket.0.is_empty());
+        // Settled: the next poll from the new version has nothing more.
+        let c = kms.anonymous();
+        let later = c
+            .events(&ada.meeting, &ada.session(), ev.version, 0)
+            .await
+            .unwrap();
+        assert!(later.relay.is_none(), "{later:?}");
+        let admin = kms.admin();
+        assert!(
+            audit_has(&admin, |e| e.kind == AuditKind::Relay
+                && e.meeting.as_ref() == Some(&ada.meeting)
+                && e.detail
+                    == "relay zone-a/relay-0 restarted as instance second: \
+                        meeting placed again on relay zone-a/relay-0")
+            .await
+        );
+        assert!(admin.verify_audit().await.unwrap().ok);
     })
     .await
     .unwrap();

@@ -27,7 +27,17 @@ pub fn client(kms: &RelayKms) -> anyhow::Result<KmsClient> {
     Ok(KmsClient::new(&kms.url, tls)?)
 }
 
-fn register_request(config: &RelayConfig) -> RelayRegisterRequest {
+/// This process's registration instance: random, so a restart under the
+/// same relay id (same pod, same certificate) is told apart from the same
+/// process registering again after a KMS restart. Not a secret.
+pub fn new_instance() -> anyhow::Result<String> {
+    let mut bytes = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| anyhow::anyhow!("the system random generator failed"))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn register_request(config: &RelayConfig, instance: &str) -> RelayRegisterRequest {
     RelayRegisterRequest {
         zone: config.zone.clone(),
         address: config.advertise.clone(),
@@ -35,6 +45,7 @@ fn register_request(config: &RelayConfig) -> RelayRegisterRequest {
             .limits
             .participants_per_meeting
             .saturating_mul(config.limits.meetings),
+        instance: Some(instance.to_owned()),
     }
 }
 
@@ -43,10 +54,14 @@ fn register_request(config: &RelayConfig) -> RelayRegisterRequest {
 pub async fn register(
     kms: &KmsClient,
     config: &RelayConfig,
+    instance: &str,
 ) -> Result<RelayRegisterResponse, kms_client::Error> {
     let mut wait = Duration::from_millis(200);
     loop {
-        match kms.register_relay(&register_request(config)).await {
+        match kms
+            .register_relay(&register_request(config, instance))
+            .await
+        {
             Ok(r) => return Ok(r),
             Err(e)
                 if e.status()
@@ -64,10 +79,12 @@ pub async fn register(
 }
 
 /// Heartbeats until the process ends, reporting load and readiness;
-/// registers again when the KMS forgot this relay (it restarted).
+/// registers again (as the same instance: its meetings stay) when the KMS
+/// forgot this relay (it restarted).
 pub async fn heartbeat(
     kms: KmsClient,
     config: RelayConfig,
+    instance: String,
     mut interval: Duration,
     control: mpsc::Sender<Control>,
     health: Arc<Health>,
@@ -92,11 +109,27 @@ pub async fn heartbeat(
             }
             Err(e) if e.code() == Some("unknown_relay") => {
                 tracing::info!("KMS does not know this relay (restarted?): registering again");
-                if let Err(e) = register(&kms, &config).await {
+                if let Err(e) = register(&kms, &config, &instance).await {
                     tracing::error!(error = %e, "KMS refused the relay's registration");
                 }
             }
             Err(e) => tracing::warn!(error = %e, "KMS heartbeat failed"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_process_draws_its_own_instance_in_the_form_the_kms_accepts() {
+        let (a, b) = (new_instance().unwrap(), new_instance().unwrap());
+        assert_ne!(a, b);
+        for i in [&a, &b] {
+            assert_eq!(i.len(), 32);
+            assert!(i.len() <= meeting_proto::kms_api::MAX_RELAY_INSTANCE_LEN);
+            assert!(i.bytes().all(|c| c.is_ascii_hexdigit()), "{i}");
         }
     }
 }

@@ -71,7 +71,8 @@ async fn main() -> anyhow::Result<()> {
     let mut kms_link = None;
     if let Some(k) = &config.kms {
         let client = kms::client(k)?;
-        let reg = kms::register(&client, &config)
+        let instance = kms::new_instance()?;
+        let reg = kms::register(&client, &config, &instance)
             .await
             .context("the KMS refused this relay's registration")?;
         // The KMS names relays by their certificate and signs their tickets:
@@ -84,9 +85,9 @@ async fn main() -> anyhow::Result<()> {
             ticket_key = ed25519_dalek::VerifyingKey::from_bytes(&bytes)
                 .context("KMS returned an invalid ticket key")?;
         }
-        tracing::info!(relay = %relay_id, "registered with the KMS");
+        tracing::info!(relay = %relay_id, %instance, "registered with the KMS");
         let interval = Duration::from_millis(reg.heartbeat_interval_ms.max(500)) / 2;
-        kms_link = Some((client, interval));
+        kms_link = Some((client, interval, instance));
     }
 
     println!(
@@ -104,10 +105,11 @@ async fn main() -> anyhow::Result<()> {
         health.clone(),
         ctl_rx,
     ));
-    let heartbeat = kms_link.map(|(client, interval)| {
+    let heartbeat = kms_link.map(|(client, interval, instance)| {
         tokio::spawn(kms::heartbeat(
             client,
             config.clone(),
+            instance,
             interval,
             ctl_tx.clone(),
             health.clone(),

@@ -211,14 +211,31 @@ fn listen_after_leave_reports_that_nothing_after_the_rotation_opens() {
 
 #[test]
 fn killing_the_relay_moves_the_meeting_to_another_and_media_resumes() {
+    the_meeting_outlives_its_relay("failover", &["relay-0", "relay-1"], false);
+}
+
+/// A relay restarted under the same id (the pod's certificate) registers
+/// again long before its heartbeat times out, with none of the bindings:
+/// the KMS must tell the new process from the old one and send the members
+/// a new placement, even though it is the same relay id.
+#[test]
+fn a_relay_restarted_under_its_id_takes_the_meeting_back_and_media_resumes() {
+    the_meeting_outlives_its_relay("restart", &["relay-0"], true);
+}
+
+/// Two participants meet through the KMS's relays (`pods`); the one carrying
+/// the meeting is SIGKILLed mid-meeting and, if `restart`, started again
+/// with the same identity. Both must re-join and hear each other again
+/// through a relay that is still up.
+fn the_meeting_outlives_its_relay(meeting: &str, pods: &[&str], restart: bool) {
     let kms = start_kms();
-    let relays = [
-        start_relay(&kms.relay_yaml("relay-0")),
-        start_relay(&kms.relay_yaml("relay-1")),
-    ];
+    let mut relays: Vec<RelayProc> = pods
+        .iter()
+        .map(|pod| start_relay(&kms.relay_yaml(pod)))
+        .collect();
     let clients: Vec<Child> = [("alice", 440.0), ("bob", 660.0)]
         .iter()
-        .map(|(who, f)| kms.join_cmd("failover", who, *f, 12.0).spawn().unwrap())
+        .map(|(who, f)| kms.join_cmd(meeting, who, *f, 12.0).spawn().unwrap())
         .collect();
     // Find the relay the KMS placed the meeting on, by its own gauge.
     let mut placed = None;
@@ -235,9 +252,12 @@ fn killing_the_relay_moves_the_meeting_to_another_and_media_resumes() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let placed = placed.expect("the meeting never reached a relay");
-    let mut relays = Vec::from(relays);
     let mut dead = relays.remove(placed);
     dead.child.kill().unwrap();
+    dead.child.wait().unwrap();
+    if restart {
+        relays.push(start_relay(&kms.relay_yaml(pods[placed])));
+    }
     let reports: Vec<serde_json::Value> = clients.into_iter().map(report).collect();
     for r in &reports {
         assert!(
@@ -266,6 +286,6 @@ fn killing_the_relay_moves_the_meeting_to_another_and_media_resumes() {
     let (_, text) = http_get(survivor.http, "/metrics");
     assert!(
         metric(&text, r#"conclave_relay_packets_sent_total{kind="audio"}"#) >= 100.0,
-        "media did not flow through the other relay:\n{text}"
+        "media did not flow through the relay that is still up:\n{text}"
     );
 }

@@ -853,7 +853,19 @@ pub struct RelayRegisterRequest {
     pub address: String,
     /// Participants this relay accepts at most.
     pub capacity: u32,
+    /// Drawn at random by each relay process when it starts (not a secret;
+    /// 1 to [`MAX_RELAY_INSTANCE_LEN`] ASCII letters, digits, `-` or `_`).
+    /// A restarted relay keeps its id (its pod, its certificate) but has lost
+    /// every binding: a new instance tells the KMS to move the meetings it
+    /// had onto a fresh placement at once, while the same instance
+    /// registering again (the KMS restarted) keeps them where they are.
+    /// Absent from older relays: then the KMS cannot tell a restart apart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
 }
+
+/// Longest [`RelayRegisterRequest::instance`] the KMS accepts.
+pub const MAX_RELAY_INSTANCE_LEN: usize = 64;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RelayRegisterResponse {

@@ -229,6 +229,7 @@ recordingKeyReaders: [\"token:portal:auditor\"]
                 zone: "zone-a".into(),
                 address: "127.0.0.1:40000".into(),
                 capacity: 100_000,
+                instance: None,
             })
             .await
             .unwrap()
