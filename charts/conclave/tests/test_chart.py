@@ -126,6 +126,11 @@ def test_notes_and_network_policy():
     assert "kubectl wait --for=condition=Ready" in notes
     (np,) = by_kind(docs, "NetworkPolicy")
     assert np["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert len(np["spec"]["egress"]) == 2, "API server and DNS only by default"
+    kms = {"to": [{"ipBlock": {"cidr": "192.0.2.10/32"}}], "ports": [{"protocol": "TCP", "port": 8443}]}
+    docs, _ = render({"networkPolicy": {"extraEgress": [kms]}})
+    (np,) = by_kind(docs, "NetworkPolicy")
+    assert np["spec"]["egress"][2] == kms
 
 
 def test_chart_crds_are_the_generated_ones():

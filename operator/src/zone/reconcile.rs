@@ -152,6 +152,11 @@ async fn secret_has(ctx: &Context, ns: &str, name: &str, keys: &[&str]) -> Resul
         .is_some_and(|d| keys.iter().all(|k| d.contains_key(*k))))
 }
 
+/// Where the CNI enforces NetworkPolicies the operator's own policy decides
+/// whether the probe can get out at all, so an unreachable KMS may be that.
+const EGRESS_HINT: &str = " (where NetworkPolicies are enforced, the operator's chart value \
+     networkPolicy.extraEgress must allow this address)";
+
 /// Resolves an external KMS: both Secrets must exist; reachability is a TCP connect.
 pub async fn resolve_external(
     ctx: &Context,
@@ -205,12 +210,16 @@ pub async fn resolve_external(
         Ok(Err(err)) => KmsReachability {
             url: Some(e.url.clone()),
             reachable: false,
-            message: Some(format!("TCP connect from the operator failed: {err}")),
+            message: Some(format!(
+                "TCP connect from the operator failed: {err}{EGRESS_HINT}"
+            )),
         },
         Err(_) => KmsReachability {
             url: Some(e.url.clone()),
             reachable: false,
-            message: Some("TCP connect from the operator timed out".into()),
+            message: Some(format!(
+                "TCP connect from the operator timed out{EGRESS_HINT}"
+            )),
         },
     };
     Ok(Resolved::Link(
