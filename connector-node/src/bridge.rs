@@ -159,18 +159,20 @@ impl DialOut {
     }
 }
 
-/// Join the meeting of `a` for an answered leg and bridge them until either ends.
+/// Join the meeting of `a` for an answered leg and bridge them until either
+/// ends; the host is then told how the call ended. False: the join failed
+/// (the invitation is unused).
 async fn connect_leg(
     client: kms_client::KmsClient,
     telephony: crate::telephony::Telephony,
     leg: PhoneLeg,
     a: meeting_proto::kms_api::Assignment,
-) {
+) -> bool {
     let call = leg.call;
-    match crate::kms::join_assignment_as(&client, &a, Some(&leg.display_name)).await {
+    let joined = match crate::kms::join_assignment_as(&client, &a, Some(&leg.display_name)).await {
         Ok((membership, creds)) => {
             let (meeting, session) = (membership.meeting.clone(), membership.session.clone());
-            match crate::meeting::join(creds, Duration::from_secs(10)).await {
+            let why = match crate::meeting::join(creds, Duration::from_secs(10)).await {
                 Ok(link) => {
                     let (roster_tx, mut roster) =
                         tokio::sync::watch::channel(membership.roster.clone());
@@ -192,47 +194,84 @@ async fn connect_leg(
                     let why = run(leg, link).await;
                     removal.abort();
                     tracing::info!(meeting = %meeting, why, "phone leg left the meeting");
+                    why
                 }
-                Err(e) => tracing::warn!(error = %e, "relay unreachable"),
-            }
+                Err(e) => {
+                    tracing::warn!(error = %e, "relay unreachable");
+                    "the meeting's relay is unreachable".to_string()
+                }
+            };
             if let Err(e) = client.leave(&meeting, &session).await {
                 tracing::warn!(error = %e, "KMS leave failed");
             }
+            let ended = meeting_proto::kms_api::InvitationOutcome::new(
+                meeting_proto::kms_api::OutcomeState::Ended,
+                "call_ended",
+                None,
+                &why,
+            );
+            crate::kms::report_outcome(&client, &a, ended).await;
+            true
         }
-        Err(e) => tracing::warn!(error = %e, "joining with the invitation failed"),
-    }
+        Err(e) => {
+            tracing::warn!(error = %e, "joining with the invitation failed");
+            false
+        }
+    };
     telephony.hangup(call).await;
+    joined
 }
 
-/// Place the host's dial-out call of `a` and, once answered, join the meeting.
+/// Place the host's dial-out call of `a` and, once answered, join the
+/// meeting. A call that does not connect (busy, no answer, rejected,
+/// unreachable) is reported to the host through the KMS.
 async fn dial_out(
     client: kms_client::KmsClient,
     telephony: crate::telephony::Telephony,
     plan: DialOut,
     a: meeting_proto::kms_api::Assignment,
 ) {
+    use meeting_proto::kms_api::{InvitationOutcome, OutcomeState};
     let target = a.target.clone().unwrap_or_default();
     // Logs name only what the KMS's summary shows (never a full number).
     let shown = meeting_proto::kms_api::redacted_target(&target);
+    let failed = |code: &str, message: &str| {
+        InvitationOutcome::new(OutcomeState::Failed, code, None, message)
+    };
     let placed = async {
-        let (uri, peer) = plan.plan(&target)?;
+        let (uri, peer) = plan.plan(&target).map_err(|e| (e, failed("not_dialable", "this pool cannot call that target (no trunk for numbers, or no host in the URI)")))?;
         let addr = tokio::net::lookup_host(&peer)
             .await
-            .map_err(|e| format!("resolving {peer}: {e}"))?
-            .next()
-            .ok_or_else(|| format!("{peer} resolves to nothing"))?;
+            .map_err(|e| format!("resolving {peer}: {e}"))
+            .and_then(|mut a| {
+                a.next()
+                    .ok_or_else(|| format!("{peer} resolves to nothing"))
+            })
+            .map_err(|e| {
+                (
+                    e,
+                    failed("unreachable", "the callee's SIP host does not resolve"),
+                )
+            })?;
         telephony
             .dial(addr, &uri, a.meeting.clone())
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| (e.to_string(), e.outcome()))
     };
     match placed.await {
         Ok(leg) => {
             tracing::info!(meeting = %a.meeting.as_str(), target = %shown, "dial-out answered");
-            connect_leg(client, telephony, leg, a).await;
+            if !connect_leg(client.clone(), telephony, leg, a.clone()).await {
+                let outcome = failed(
+                    "join_failed",
+                    "the call was answered but could not join the meeting",
+                );
+                crate::kms::report_outcome(&client, &a, outcome).await;
+            }
         }
-        Err(e) => {
-            tracing::warn!(meeting = %a.meeting.as_str(), target = %shown, error = %e, "dial-out failed")
+        Err((e, outcome)) => {
+            tracing::warn!(meeting = %a.meeting.as_str(), target = %shown, error = %e, "dial-out failed");
+            crate::kms::report_outcome(&client, &a, outcome).await;
         }
     }
 }

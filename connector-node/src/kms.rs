@@ -132,6 +132,36 @@ pub async fn join_assignment_as(
     Ok((m, creds))
 }
 
+/// Tell the host what became of an assignment: the KMS puts `outcome` in
+/// the roster. Best effort: a KMS that is briefly away gets two more tries;
+/// a refusal (the invitation already has an outcome, or another connector
+/// took it) is only logged, as there is nothing better to do with it.
+pub async fn report_outcome(
+    client: &KmsClient,
+    a: &api::Assignment,
+    outcome: api::InvitationOutcome,
+) {
+    for attempt in 1..=3 {
+        match client
+            .report_outcome(&a.meeting, a.invitation, outcome.clone())
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(meeting = %a.meeting, invitation = a.invitation, %outcome, "invitation outcome reported to the host");
+                return;
+            }
+            Err(e) if e.status().is_some_and(|s| s < 500) || attempt == 3 => {
+                tracing::warn!(meeting = %a.meeting, invitation = a.invitation, %outcome, error = %e, "could not report the invitation outcome");
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, attempt, "reporting the invitation outcome; retrying");
+                tokio::time::sleep(Duration::from_millis(500 * attempt)).await;
+            }
+        }
+    }
+}
+
 /// What the connector currently knows of its meeting's roster.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RosterView {

@@ -8,7 +8,7 @@
 
 use crate::metrics::Metrics;
 use meeting_proto::config::connector::StreamingSettings;
-use meeting_proto::kms_api::redacted_target;
+use meeting_proto::kms_api::{InvitationOutcome, OutcomeState, redacted_target};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -119,6 +119,11 @@ pub struct StreamStatus {
     pub pid: Option<u32>,
     pub restarts: u64,
     pub last_error: Option<String>,
+    /// ffmpeg runs in a row that failed before [`HEALTHY_RUN`] (or did not
+    /// start): a target that keeps refusing counts up, a healthy run resets.
+    pub failures_in_a_row: u32,
+    /// The last exit was the rtmps target failing certificate verification.
+    pub tls_verify_failed: bool,
 }
 
 #[derive(Debug)]
@@ -230,8 +235,10 @@ pub fn start(
             let mut child: Child = match ffmpeg_command(&ffmpeg, &url).spawn() {
                 Ok(c) => c,
                 Err(e) => {
-                    status_tx
-                        .send_modify(|s| s.last_error = Some(format!("cannot start ffmpeg: {e}")));
+                    status_tx.send_modify(|s| {
+                        s.last_error = Some(format!("cannot start ffmpeg: {e}"));
+                        s.failures_in_a_row += 1;
+                    });
                     metrics.ffmpeg_started(restarts > 0);
                     metrics.ffmpeg_exited("spawnError");
                     if wait_or_stop(&mut stop_rx, &mut audio, backoff).await {
@@ -316,11 +323,14 @@ pub fn start(
                     if tls_verify {
                         metrics.stream_tls_verify_failed();
                     }
+                    let healthy = started.elapsed() >= HEALTHY_RUN;
                     status_tx.send_modify(|s| {
                         s.pid = None;
                         s.last_error = Some(why);
+                        s.tls_verify_failed = tls_verify;
+                        s.failures_in_a_row = if healthy { 0 } else { s.failures_in_a_row + 1 };
                     });
-                    if started.elapsed() >= HEALTHY_RUN {
+                    if healthy {
                         backoff = BACKOFF_START;
                     }
                     if wait_or_stop(&mut stop_rx, &mut audio, backoff).await {
@@ -407,7 +417,13 @@ pub async fn stream_assignment(
     use crate::meeting::MeetingEvent;
     use anyhow::Context;
     let target = assignment.target.as_deref().unwrap_or(default_target);
-    let url = resolve_target(settings, target, &metrics)?;
+    let url = match resolve_target(settings, target, &metrics) {
+        Ok(url) => url,
+        Err(e) => {
+            crate::kms::report_outcome(&client, &assignment, e.outcome()).await;
+            return Err(e.into());
+        }
+    };
     let (membership, creds) = crate::kms::join_assignment(&client, &assignment)
         .await
         .context("joining with the invitation")?;
@@ -424,6 +440,10 @@ pub async fn stream_assignment(
     ));
     let (audio_tx, audio_rx) = mpsc::channel(100);
     let sup = start(settings.ffmpeg.clone(), url, audio_rx, metrics.clone());
+    let mut ffmpeg = sup.status.clone();
+    // Why streaming ended, for the host: (code, text), or a failure.
+    let mut end = ("link_closed", "the connection to the meeting ended");
+    let mut failure = None;
     let mut decoders: std::collections::BTreeMap<u16, meeting_client::audio::Decoder> =
         Default::default();
     let mut queues: std::collections::BTreeMap<u16, Playout> = Default::default();
@@ -431,9 +451,18 @@ pub async fn stream_assignment(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     loop {
         tokio::select! {
-            _ = stop.wait_for(|s| *s) => break,
+            _ = stop.wait_for(|s| *s) => {
+                end = ("stopped", "the streaming connector stopped");
+                break;
+            }
             _ = roster.wait_for(|r| !r.member) => {
                 tracing::info!(meeting = %meeting, "removed from the meeting by the host: streaming stops");
+                end = ("removed", "the host removed the stream from the meeting");
+                break;
+            }
+            r = ffmpeg.wait_for(|s| s.tls_verify_failed || s.failures_in_a_row >= GIVE_UP_AFTER) => {
+                failure = r.ok().map(|s| given_up(&s));
+                tracing::warn!(meeting = %meeting, "the stream target keeps failing: streaming stops");
                 break;
             }
             _ = tick.tick() => {
@@ -478,7 +507,54 @@ pub async fn stream_assignment(
     if let Err(e) = client.leave(&meeting, &session).await {
         tracing::warn!(error = %e, "KMS leave failed");
     }
+    let outcome =
+        failure.unwrap_or_else(|| InvitationOutcome::new(OutcomeState::Ended, end.0, None, end.1));
+    crate::kms::report_outcome(&client, &assignment, outcome).await;
     Ok(status)
+}
+
+/// ffmpeg runs failing in a row before the connector gives the target up
+/// and tells the host (about 8 s of backoff in all): a target that refuses
+/// this often is not coming back by itself.
+pub const GIVE_UP_AFTER: u32 = 6;
+
+/// The host's view of a target given up on. ffmpeg's own words stay in the
+/// connector's status and logs: they may quote parts of the target.
+fn given_up(s: &StreamStatus) -> InvitationOutcome {
+    if s.tls_verify_failed {
+        return InvitationOutcome::new(
+            OutcomeState::Failed,
+            "tls_verify_failed",
+            None,
+            "the stream target's TLS certificate failed verification against the pool's CA",
+        );
+    }
+    InvitationOutcome::new(
+        OutcomeState::Failed,
+        "stream_failed",
+        None,
+        &format!(
+            "the stream target kept refusing: ffmpeg failed {} times in a row",
+            s.failures_in_a_row
+        ),
+    )
+}
+
+impl StreamError {
+    /// What the host is told when a target is refused before streaming.
+    pub fn outcome(&self) -> InvitationOutcome {
+        let (code, message) = match self {
+            Self::NotAllowed(_) => (
+                "target_not_allowed",
+                "the stream target is not in this pool's allowedTargets",
+            ),
+            Self::Credentials(_) | Self::TlsCa(_) => (
+                "pool_misconfigured",
+                "the pool's stream credentials or CA file is unreadable",
+            ),
+        };
+        InvitationOutcome::new(OutcomeState::Failed, code, None, message)
+    }
 }
 
 #[cfg(test)]
@@ -507,6 +583,43 @@ mod tests {
         }
         assert_eq!(q.frames.len(), MAX_QUEUED, "bounded");
         assert_eq!(q.pop(), Some(frame(15)), "the oldest went first");
+    }
+
+    #[test]
+    fn the_host_is_told_why_without_the_target() {
+        let refused = StreamError::NotAllowed("rtmp://evil.example".into()).outcome();
+        assert_eq!(
+            (refused.state, refused.code.as_str()),
+            (OutcomeState::Failed, "target_not_allowed")
+        );
+        assert!(!refused.message.contains("evil"), "{refused}");
+        assert_eq!(
+            StreamError::Credentials("/secret/key: gone".into())
+                .outcome()
+                .code,
+            "pool_misconfigured"
+        );
+        let tls = given_up(&StreamStatus {
+            tls_verify_failed: true,
+            failures_in_a_row: 1,
+            last_error: Some("ffmpeg exited: tls: rtmps://cdn.example:443".into()),
+            ..StreamStatus::default()
+        });
+        assert_eq!(tls.code, "tls_verify_failed");
+        let refusing = given_up(&StreamStatus {
+            failures_in_a_row: GIVE_UP_AFTER,
+            last_error: Some("ffmpeg exited: rtmp://cdn.example: publish refused".into()),
+            ..StreamStatus::default()
+        });
+        assert_eq!(refusing.code, "stream_failed");
+        assert_eq!(
+            refusing.message,
+            "the stream target kept refusing: ffmpeg failed 6 times in a row"
+        );
+        for o in [refused, tls, refusing] {
+            assert_eq!(o.check(), Ok(()), "{o}");
+            assert!(!o.message.contains("cdn.example"), "{o}");
+        }
     }
 
     #[test]

@@ -17,6 +17,7 @@ use crate::sip::transport::{Command, SipHandle};
 use crate::sip::ua::{CallRef, EndReason, Event, UaStats};
 use meeting_proto::config::connector::SrtpPolicy;
 use meeting_proto::ids::MeetingId;
+use meeting_proto::kms_api::{InvitationOutcome, OutcomeState};
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -89,6 +90,40 @@ pub enum DialError {
     Failed { code: u16, reason: String },
     #[error("the callee's answer is unusable: {0}")]
     Sdp(#[from] sdp::SdpError),
+}
+
+impl DialError {
+    /// What the host is told: the SIP final response picks the code (a ring
+    /// timeout or a transaction timeout is no answer); the text never names
+    /// the callee.
+    pub fn outcome(&self) -> InvitationOutcome {
+        let failed = |code: &str, status: Option<u16>, message: &str| {
+            InvitationOutcome::new(OutcomeState::Failed, code, status, message)
+        };
+        match self {
+            Self::Busy(c) => failed("busy", Some(*c), "the callee is busy"),
+            Self::NoAnswer(c) => failed("no_answer", Some(*c), "nobody answered"),
+            Self::Failed { code, reason } => {
+                let kind = match code {
+                    401 | 403 | 407 | 603 | 606 => "rejected",
+                    404 | 410 | 484 | 604 => "not_found",
+                    _ => "call_failed",
+                };
+                failed(kind, Some(*code), reason)
+            }
+            Self::Sdp(sdp::SdpError::BadLine(_)) => failed(
+                "media_refused",
+                None,
+                "the callee's SDP answer is malformed",
+            ),
+            Self::Sdp(e) => failed("media_refused", None, &e.to_string()),
+            Self::Local(_) | Self::Gone => failed(
+                "unreachable",
+                None,
+                "the call could not be placed (SIP transport failed)",
+            ),
+        }
+    }
 }
 
 enum Control {
@@ -657,7 +692,53 @@ async fn media_loop(
 
 #[cfg(test)]
 mod tests {
-    use super::{leg_name, masked_number};
+    use super::{DialError, OutcomeState, leg_name, masked_number, sdp};
+
+    #[test]
+    fn dial_failures_become_outcomes_by_sip_status() {
+        let failed = |code: u16, reason: &str| DialError::Failed {
+            code,
+            reason: reason.into(),
+        };
+        let cases = [
+            (DialError::Busy(486), "busy", Some(486)),
+            (DialError::Busy(600), "busy", Some(600)),
+            (DialError::NoAnswer(408), "no_answer", Some(408)),
+            (DialError::NoAnswer(487), "no_answer", Some(487)),
+            (failed(603, "Decline"), "rejected", Some(603)),
+            (failed(404, "Not Found"), "not_found", Some(404)),
+            (failed(503, "Service Unavailable"), "call_failed", Some(503)),
+            (
+                DialError::Sdp(sdp::SdpError::SrtpRequired),
+                "media_refused",
+                None,
+            ),
+            (
+                DialError::Local("connection refused".into()),
+                "unreachable",
+                None,
+            ),
+            (DialError::Gone, "unreachable", None),
+        ];
+        for (e, code, status) in cases {
+            let o = e.outcome();
+            assert_eq!(
+                (o.state, o.code.as_str(), o.status),
+                (OutcomeState::Failed, code, status),
+                "{e}"
+            );
+            assert_eq!(o.check(), Ok(()), "what the KMS accepts: {o}");
+        }
+        // The reason phrase is the peer's: it cannot add lines to the roster.
+        let o = failed(503, "Service\r\nX-Injected: 1").outcome();
+        assert_eq!(o.message, "Service X-Injected: 1");
+        assert_eq!(
+            DialError::Sdp(sdp::SdpError::BadLine("c=IN IP4 x".into()))
+                .outcome()
+                .message,
+            "the callee's SDP answer is malformed"
+        );
+    }
 
     #[test]
     fn legs_are_named_by_masked_number_or_room_system_name() {

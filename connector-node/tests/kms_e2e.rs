@@ -382,6 +382,33 @@ async fn member_with_role(
     }
 }
 
+/// Follows the meeting's signed roster from version `since` until
+/// invitation `id` shows an outcome, and returns it.
+async fn invitation_outcome(
+    people: &KmsClient,
+    meeting: &MeetingId,
+    session: &kms_client::Session,
+    vk: &ed25519_dalek::VerifyingKey,
+    since: &mut u64,
+    id: u64,
+) -> api::InvitationOutcome {
+    loop {
+        let ev = people.events(meeting, session, *since, 5000).await.unwrap();
+        *since = ev.version;
+        if let Some(r) = ev.roster
+            && let Some(o) = r
+                .verify(vk)
+                .unwrap()
+                .invitations
+                .into_iter()
+                .find(|i| i.id == id)
+                .and_then(|i| i.outcome)
+        {
+            return o;
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invited_recorder_records_under_a_kms_key_only_readers_decrypt() {
     require("ffprobe");
@@ -650,8 +677,16 @@ async fn invited_streamer_pushes_the_meeting_to_nginx_rtmp() {
             tls_ca_file: None,
         };
         let metrics = std::sync::Arc::new(Metrics::new());
-        // A target outside the allow-list is refused before anything starts.
-        let elsewhere = api::Assignment { target: Some("rtmp://203.0.113.9/live/x".into()), ..a.clone() };
+        // A target outside the pool's allow-list (a valid stream URL, so the
+        // KMS takes the invitation) is refused before anything starts, and
+        // the host is told so in the roster, without the target.
+        let off_list = people
+            .invite(&meeting, &session, ConnectorKind::LiveStreaming, Some("rtmp://203.0.113.9/live/SK-OFFLIST"))
+            .await
+            .unwrap();
+        let elsewhere = streamer.assignments(0).await.unwrap().assignments.into_iter()
+            .find(|x| x.invitation == off_list.invitation.id)
+            .expect("the off-list invitation is assigned");
         let refused = connector_node::streaming::stream_assignment(
             streamer.clone(), elsewhere, &settings, &format!("rtmp://127.0.0.1:{rtmp_port}/live/default"),
             watch::channel(false).1, metrics.clone(),
@@ -659,6 +694,16 @@ async fn invited_streamer_pushes_the_meeting_to_nginx_rtmp() {
         .await
         .unwrap_err();
         assert!(refused.to_string().contains("not in this pool's allow-list"), "{refused}");
+        let vk = ed25519_dalek::VerifyingKey::from_bytes(
+            &people.info().await.unwrap().signing_public_key.array().unwrap(),
+        )
+        .unwrap();
+        let mut since = host.roster.verify(&vk).unwrap().version;
+        let outcome = invitation_outcome(&people, &meeting, &session, &vk, &mut since, off_list.invitation.id).await;
+        assert_eq!((outcome.state, outcome.code.as_str()), (api::OutcomeState::Failed, "target_not_allowed"), "{outcome}");
+        assert!(!outcome.message.contains("203.0.113.9") && !outcome.message.contains("SK-OFFLIST"), "{outcome}");
+        let open: Vec<u64> = streamer.assignments(0).await.unwrap().assignments.iter().map(|x| x.invitation).collect();
+        assert_eq!(open, vec![a.invitation], "the refused invitation is no longer offered");
 
         let (stop_tx, stop_rx) = watch::channel(false);
         // The pool's default (its first allowed target + meeting) applies only without a host target.
@@ -670,11 +715,6 @@ async fn invited_streamer_pushes_the_meeting_to_nginx_rtmp() {
             }
         });
         // Wait until the streamer is in the roster, then speak for 4 s.
-        let vk = ed25519_dalek::VerifyingKey::from_bytes(
-            &people.info().await.unwrap().signing_public_key.array().unwrap(),
-        )
-        .unwrap();
-        let mut since = host.roster.verify(&vk).unwrap().version;
         loop {
             let ev = people.events(&meeting, &session, since, 5000).await.unwrap();
             since = ev.version;
@@ -688,6 +728,9 @@ async fn invited_streamer_pushes_the_meeting_to_nginx_rtmp() {
         stop_tx.send(true).unwrap();
         let status = task.await.unwrap().unwrap();
         assert_eq!(status.restarts, 0, "{status:?}");
+        // A stream that ran and stopped ends its invitation as "ended".
+        let ended = invitation_outcome(&people, &meeting, &session, &vk, &mut since, open[0]).await;
+        assert_eq!((ended.state, ended.code.as_str()), (api::OutcomeState::Ended, "stopped"), "{ended}");
         hb.abort();
 
         assert!(!ndir.join("rec/townhall.flv").exists(), "nothing went to the pool's default target");
@@ -762,6 +805,7 @@ async fn invited_phone_bridges_a_baresip_caller_into_the_meeting() {
                 tls: None,
                 dial: Some(format!("sip:+15550100@127.0.0.1:{sip_port}")),
                 codecs: None,
+                max_calls: None,
             },
             "127.0.0.1",
             "+15551234567",
@@ -894,6 +938,7 @@ async fn host_invites_a_phone_by_sip_uri_and_the_connector_dials_out() {
                 tls: None,
                 dial: None,
                 codecs: None,
+                max_calls: Some(1),
             },
         );
 
@@ -959,6 +1004,61 @@ async fn host_invites_a_phone_by_sip_uri_and_the_connector_dials_out() {
         assert!(
             best > 0.7,
             "the meeting does not hear the callee ({best:.2})"
+        );
+        // The callee is on this call (one call at most): a second dial-out
+        // gets 486 Busy Here, and the host sees it in the roster.
+        let second = people
+            .invite(&meeting, &session, ConnectorKind::Telephony, Some(&target))
+            .await
+            .unwrap();
+        let busy = invitation_outcome(
+            &people,
+            &meeting,
+            &session,
+            &vk,
+            &mut since,
+            second.invitation.id,
+        )
+        .await;
+        assert_eq!(
+            (busy.state, busy.code.as_str(), busy.status),
+            (api::OutcomeState::Failed, "busy", Some(486)),
+            "{busy}"
+        );
+        assert!(
+            !busy.message.contains("127.0.0.1") && !busy.message.contains("sip:"),
+            "{busy}"
+        );
+        // Not offered again, so nobody calls twice.
+        let phones = w.client(
+            "phones-check",
+            Some(
+                Identity::new(NS, Kind::Connector, "phones")
+                    .unwrap()
+                    .with_pod("phones-1")
+                    .unwrap(),
+            ),
+        );
+        assert!(phones.assignments(0).await.unwrap().assignments.is_empty());
+        let audit = w
+            .client(
+                "auditor",
+                Some(Identity::new(NS, Kind::Admin, "auditor").unwrap()),
+            )
+            .audit(0, 1000)
+            .await
+            .unwrap();
+        let entry = audit
+            .entries
+            .iter()
+            .find(|e| e.kind == AuditKind::Invitation && e.detail.contains(" failed: busy"))
+            .expect("the outcome is audited");
+        assert!(
+            entry
+                .actor
+                .starts_with(&format!("conclave://{NS}/connector/phones"))
+                && !entry.detail.contains(&target),
+            "{entry:?}"
         );
         link.leave();
         phone.stop();
@@ -1030,6 +1130,7 @@ async fn a_room_system_joins_under_its_sip_display_name() {
                 tls: None,
                 dial: Some(format!("sip:huddle@127.0.0.1:{sip_port}")),
                 codecs: None,
+                max_calls: None,
             },
             "127.0.0.1",
             "room-4a",

@@ -313,6 +313,7 @@ async fn phone_dialled_in_is_bridged_into_the_meeting_both_ways() {
                 tls: None,
                 dial: Some(format!("sip:+15550100@127.0.0.1:{}", local.port())),
                 codecs: None,
+                max_calls: None,
             },
         );
         let leg = legs.recv().await.expect("phone leg");

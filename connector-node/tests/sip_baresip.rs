@@ -155,6 +155,7 @@ async fn dial_out_to_baresip_audio_both_ways() {
                 tls: None,
                 dial: None,
                 codecs: None,
+                max_calls: None,
             },
         );
         let c = connector(Transport::Udp, SrtpPolicy::Preferred, None).await;
@@ -200,6 +201,7 @@ async fn dial_in_from_baresip_maps_number_to_meeting() {
                 tls: None,
                 dial: Some(format!("sip:+15550100@127.0.0.1:{}", c.local.port())),
                 codecs: None,
+                max_calls: None,
             },
         );
         let mut leg = c.legs.recv().await.expect("a phone leg");
@@ -234,6 +236,7 @@ async fn srtp_required_refuses_plain_rtp_phone() {
                 tls: None,
                 dial: Some(format!("sip:+15550100@127.0.0.1:{}", c.local.port())),
                 codecs: None,
+                max_calls: None,
             },
         );
         assert!(
@@ -328,6 +331,7 @@ async fn dial_in_over_tls_with_srtp_required() {
                 tls: Some((pki.phone_pem.clone(), pki.ca_pem.clone())),
                 dial: Some(format!("sip:+15550100@127.0.0.1:{}", c.local.port())),
                 codecs: None,
+                max_calls: None,
             },
         );
         let mut leg = c.legs.recv().await.expect("a phone leg");
@@ -390,6 +394,7 @@ async fn dial_in_over_srtp_from_an_address_other_than_the_sdp_one() {
                 tls: Some((pki.phone_pem.clone(), pki.ca_pem.clone())),
                 dial: Some(format!("sip:+15550100@127.0.0.1:{}", c.local.port())),
                 codecs: None,
+                max_calls: None,
             },
             "127.0.0.2",
             "+15551234567",
@@ -553,6 +558,7 @@ async fn dial_out_over_tls_with_srtp_required() {
                 tls: Some((pki.phone_pem.clone(), pki.ca_pem.clone())),
                 dial: None,
                 codecs: None,
+                max_calls: None,
             },
         );
         let c = connector(
@@ -602,6 +608,7 @@ async fn dial_in_negotiates_opus_when_the_phone_prefers_it() {
                 tls: None,
                 dial: Some(format!("sip:+15550100@127.0.0.1:{}", c.local.port())),
                 codecs: Some("opus/48000/2"),
+                max_calls: None,
             },
         );
         let mut leg = c.legs.recv().await.expect("a phone leg");

@@ -331,6 +331,10 @@ async fn pushes_rtmps_through_a_tls_front_verified_against_the_pool_ca() {
             .clone();
         feeding.abort();
         sup.stop().await;
+        assert!(
+            failed.tls_verify_failed,
+            "a stream_assignment gives this target up at once: {failed:?}"
+        );
         let why = failed.last_error.unwrap();
         assert!(
             why.contains("certificate failed verification against streaming.tlsCaFile")
@@ -410,7 +414,9 @@ async fn an_ffmpeg_that_cannot_start_is_retried_with_capped_exponential_backoff(
         gaps.push((now - last).as_millis());
         last = now;
     }
+    let in_a_row = status.borrow().failures_in_a_row;
     sup.stop().await;
+    assert_eq!(in_a_row, 9, "every failed start counts towards giving up");
     assert_eq!(
         gaps,
         [250, 500, 1000, 2000, 4000, 8000, 10_000, 10_000],

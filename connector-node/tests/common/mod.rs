@@ -147,6 +147,9 @@ pub struct BaresipOpts<'a> {
     pub dial: Option<String>,
     /// `audio_codecs` account value; default "PCMU,PCMA".
     pub codecs: Option<&'a str>,
+    /// `call_max_calls`: past this many calls baresip answers a new INVITE
+    /// with 486 Busy Here (a phone already on a call). None: baresip's default.
+    pub max_calls: Option<u32>,
 }
 
 impl Baresip {
@@ -233,6 +236,9 @@ impl Baresip {
                 cert.display(),
                 ca.display()
             ));
+        }
+        if let Some(n) = opts.max_calls {
+            cfg.push_str(&format!("call_max_calls {n}\n"));
         }
         std::fs::write(dir.join("config"), cfg).unwrap();
         let mut account = format!(
