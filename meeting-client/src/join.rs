@@ -14,7 +14,8 @@ use meeting_proto::ids::MeetingId;
 use meeting_proto::ids::ParticipantId;
 use meeting_proto::key_release::EphemeralKey;
 use meeting_proto::kms_api::{
-    ConnectorKind, Hex, JoinRequest, Role, Roster, SealedKey, SignedRoster,
+    ConnectorKind, Hex, Invitation, InvitationOutcome, JoinRequest, OutcomeState, Role, Roster,
+    SealedKey, SignedRoster,
 };
 use meeting_proto::media_keys::EpochKey;
 use meeting_proto::wire::{StreamKind, flags};
@@ -44,6 +45,9 @@ pub enum Update {
     Relay { addr: SocketAddr, ticket: Vec<u8> },
     /// A new roster version, its KMS signature checked.
     Roster(Vec<RosterEntry>),
+    /// That roster's invitations, when a connector reported what became of
+    /// one (a dial-out that was busy, a refused stream target).
+    Invitations(Vec<Invitation>),
 }
 
 /// One roster member as this participant saw it (KMS signature checked).
@@ -127,6 +131,9 @@ impl std::str::FromStr for InviteSpec {
 pub struct Invited {
     pub kind: String,
     pub invitation: u64,
+    /// What its connector reported, once the roster shows it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<InvitationOutcome>,
 }
 
 /// This participant's standing with the KMS after joining.
@@ -267,6 +274,11 @@ pub fn follow_events(
                         {
                             return link;
                         }
+                        if r.invitations.iter().any(|i| i.outcome.is_some())
+                            && tx.send(Update::Invitations(r.invitations)).await.is_err()
+                        {
+                            return link;
+                        }
                     }
                     Err(e) => tracing::warn!(error = %e, "roster ignored"),
                 }
@@ -396,6 +408,33 @@ impl JoinReport {
     }
 }
 
+impl JoinReport {
+    /// Records (and logs, for the host at the terminal) the outcomes of
+    /// this participant's invitations the roster newly shows, e.g.
+    /// `invitation 3 (telephony): failed: busy (486): the callee is busy`.
+    pub fn saw_outcomes(&mut self, invitations: &[Invitation]) {
+        for i in invitations {
+            if let Some(o) = &i.outcome
+                && let Some(mine) = self
+                    .invited
+                    .iter_mut()
+                    .find(|x| x.invitation == i.id && x.outcome.is_none())
+            {
+                // At warn for a failure, so the CLI's default filter shows it.
+                match o.state {
+                    OutcomeState::Failed => {
+                        tracing::warn!("invitation {} ({}): {o}", i.id, mine.kind)
+                    }
+                    OutcomeState::Ended => {
+                        tracing::info!("invitation {} ({}): {o}", i.id, mine.kind)
+                    }
+                }
+                mine.outcome = Some(o.clone());
+            }
+        }
+    }
+}
+
 /// Asks the KMS to invite each connector. Only a host may: anyone else gets
 /// a clear error before the KMS is asked.
 pub async fn invite(link: &KmsLink, specs: &[InviteSpec]) -> anyhow::Result<Vec<Invited>> {
@@ -415,6 +454,7 @@ pub async fn invite(link: &KmsLink, specs: &[InviteSpec]) -> anyhow::Result<Vec<
         out.push(Invited {
             kind: s.kind.to_string(),
             invitation: r.invitation.id,
+            outcome: None,
         });
     }
     Ok(out)
@@ -544,6 +584,7 @@ pub async fn run_with(
                     report.audio_frames_since_rejoin.clear();
                 }
                 Some(Update::Roster(members)) => report.saw_roster(members),
+                Some(Update::Invitations(invitations)) => report.saw_outcomes(&invitations),
                 None => updates = None,
             },
             _ = tokio::time::sleep_until(chat_at.unwrap_or(end)), if chat_at.is_some() => {
@@ -758,5 +799,30 @@ mod tests {
         report.saw_roster(vec![entry(2, "recording")]);
         let seen: Vec<u64> = report.roster.iter().map(|m| m.participant).collect();
         assert_eq!(seen, vec![1, 2]);
+
+        // The outcomes of this participant's invitations go into the report, once.
+        report.invited = vec![Invited {
+            kind: "telephony".into(),
+            invitation: 3,
+            outcome: None,
+        }];
+        let busy = InvitationOutcome::new(OutcomeState::Failed, "busy", Some(486), "busy");
+        let inv = |id: u64, outcome: Option<InvitationOutcome>| Invitation {
+            id,
+            kind: ConnectorKind::Telephony,
+            invited_by: ParticipantId(1),
+            claimed_by: None,
+            participant: None,
+            outcome,
+        };
+        report.saw_outcomes(&[inv(3, None), inv(4, Some(busy.clone()))]);
+        assert_eq!(report.invited[0].outcome, None, "not ours, or none yet");
+        report.saw_outcomes(&[inv(3, Some(busy.clone()))]);
+        let later = InvitationOutcome::new(OutcomeState::Ended, "call_ended", None, "");
+        report.saw_outcomes(&[inv(3, Some(later))]);
+        assert_eq!(report.invited[0].outcome.as_ref(), Some(&busy));
+        let json = serde_json::to_value(&report.invited).unwrap();
+        assert_eq!(json[0]["outcome"]["code"], "busy");
+        assert_eq!(json[0]["outcome"]["status"], 486);
     }
 }
