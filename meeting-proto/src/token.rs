@@ -62,6 +62,7 @@
 use crate::ids::MeetingId;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use ed25519_dalek::VerifyingKey;
 use ring::signature::{self, Ed25519KeyPair, KeyPair as _, UnparsedPublicKey};
 use serde::de::{IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
@@ -271,6 +272,72 @@ impl Jwk {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Jwks {
     keys: Vec<Jwk>,
+    /// Per key, its Ed25519 point decoded once (every join would otherwise
+    /// decode it again); `None` for P-256 keys and for Ed25519 keys that no
+    /// token may verify under (not a curve point, or of small order).
+    ed25519: Vec<Option<VerifyingKey>>,
+}
+
+/// Decodes an Ed25519 issuer key for verification. A small-order key is
+/// refused: a signature with R = identity and S = 0 would verify under it
+/// for every message (ring's Ed25519 verification accepts that).
+fn decode_ed25519(key: &PublicKey) -> Option<VerifyingKey> {
+    let PublicKey::Ed25519(bytes) = key else {
+        return None;
+    };
+    VerifyingKey::from_bytes(bytes)
+        .ok()
+        .filter(|k| !k.is_weak())
+}
+
+/// The canonical encodings of the eight points of small order (the
+/// identity, one of order 2, two of order 4, four of order 8). An R among
+/// them is refused, as `verify_strict` refuses it; a non-canonical R never
+/// verifies, since R is compared with the canonical encoding of
+/// `[S]B - [k]A`.
+const SMALL_ORDER_R: [[u8; 32]; 8] = {
+    const fn nib(c: u8) -> u8 {
+        match c {
+            b'0'..=b'9' => c - b'0',
+            _ => c - b'a' + 10,
+        }
+    }
+    const fn hex(s: &str) -> [u8; 32] {
+        let b = s.as_bytes();
+        let mut out = [0u8; 32];
+        let mut i = 0;
+        while i < 32 {
+            out[i] = (nib(b[2 * i]) << 4) | nib(b[2 * i + 1]);
+            i += 1;
+        }
+        out
+    }
+    [
+        hex("0100000000000000000000000000000000000000000000000000000000000000"),
+        hex("ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"),
+        hex("0000000000000000000000000000000000000000000000000000000000000000"),
+        hex("0000000000000000000000000000000000000000000000000000000000000080"),
+        hex("26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05"),
+        hex("26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc85"),
+        hex("c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a"),
+        hex("c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac03fa"),
+    ]
+};
+
+/// Ed25519 verification (RFC 8032, cofactorless) with ed25519-dalek, whose
+/// AVX2 backend verifies faster here than ring's portable code (the kms
+/// bench's `kms_ed25519_verify_us` against ring). It accepts a subset of
+/// what ring accepts, the same set as dalek's `verify_strict`: S must be
+/// canonical (below the group order; dalek checks), R must equal the
+/// canonical encoding of `[S]B - [k]A` (as in ring), and neither the key
+/// ([`decode_ed25519`]) nor R may be of small order. `verify_strict` itself
+/// would decode R for that last check, which costs what the switch saves.
+fn verify_ed25519(key: Option<&VerifyingKey>, message: &[u8], signature: &[u8]) -> bool {
+    use ed25519_dalek::Verifier as _;
+    let (Some(key), Ok(signature)) = (key, ed25519_dalek::Signature::from_slice(signature)) else {
+        return false;
+    };
+    !SMALL_ORDER_R.contains(signature.r_bytes()) && key.verify(message, &signature).is_ok()
 }
 
 #[derive(Deserialize)]
@@ -300,7 +367,8 @@ impl Jwks {
                 return Err(JwksError::DuplicateKid { index });
             }
         }
-        Ok(Self { keys })
+        let ed25519 = keys.iter().map(|k| decode_ed25519(&k.key)).collect();
+        Ok(Self { keys, ed25519 })
     }
 
     /// Parses a JWKS document. Keys of other types (RSA, other curves) and
@@ -371,6 +439,12 @@ impl Jwks {
 
     pub fn get(&self, kid: &str) -> Option<&Jwk> {
         self.keys.iter().find(|k| k.kid == kid)
+    }
+
+    /// The key for `kid` with its decoded Ed25519 point, if it has one.
+    fn get_decoded(&self, kid: &str) -> Option<(&Jwk, Option<&VerifyingKey>)> {
+        let i = self.keys.iter().position(|k| k.kid == kid)?;
+        Some((&self.keys[i], self.ed25519[i].as_ref()))
     }
 
     pub fn keys(&self) -> &[Jwk] {
@@ -636,20 +710,24 @@ impl TokenVerifier {
             (None, []) => return Err(TokenError::UnknownKid),
             (None, _) => return Err(TokenError::MissingIssuer),
         };
-        let key = issuer.jwks.get(&kid).ok_or(TokenError::UnknownKid)?;
+        let (key, ed25519) = issuer
+            .jwks
+            .get_decoded(&kid)
+            .ok_or(TokenError::UnknownKid)?;
 
         let signed = &token.as_bytes()[..h64.len() + 1 + p64.len()];
         let verified = match (&alg, &key.key) {
-            (Alg::EdDsa, PublicKey::Ed25519(pk)) => {
-                UnparsedPublicKey::new(&signature::ED25519, pk).verify(signed, &signature)
-            }
+            (Alg::EdDsa, PublicKey::Ed25519(_)) => verify_ed25519(ed25519, signed, &signature),
             (Alg::Es256, PublicKey::P256(point)) => {
                 UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, &point[..])
                     .verify(signed, &signature)
+                    .is_ok()
             }
             _ => return Err(TokenError::KeyAlgMismatch),
         };
-        verified.map_err(|_| TokenError::BadSignature)?;
+        if !verified {
+            return Err(TokenError::BadSignature);
+        }
 
         let claims = Claims {
             sub: bounded_text(raw.sub, "sub", MAX_SUBJECT_LEN)?,
@@ -747,10 +825,7 @@ impl DevIssuerKey {
     /// A JWKS document holding this key's public half, for the
     /// KeyManagementServer's issuer Secret.
     pub fn jwks_json(&self) -> String {
-        Jwks {
-            keys: vec![self.jwk()],
-        }
-        .to_json()
+        serde_json::json!({ "keys": [self.jwk().to_json()] }).to_string()
     }
 
     /// Signs `claims` as an EdDSA compact JWS. `claims` are not checked here:
@@ -904,6 +979,95 @@ mod tests {
         assert_eq!(jwks.get("dev-1"), Some(&key.jwk()));
         assert!(!key.jwks_json().contains("\"d\""));
         assert!(!format!("{key:?}").contains(&URL_SAFE_NO_PAD.encode([9u8; 32])));
+    }
+
+    #[test]
+    fn small_order_table_is_the_eight_torsion_subgroup() {
+        // The multiples of a point of order 8 are exactly the points of
+        // small order; their canonical encodings must be the table.
+        let t = VerifyingKey::from_bytes(&SMALL_ORDER_R[4])
+            .unwrap()
+            .to_edwards();
+        let mut p = t;
+        let mut multiples = Vec::new();
+        for _ in 0..8 {
+            multiples.push(p.compress().to_bytes());
+            p += t;
+        }
+        multiples.sort();
+        let mut table = SMALL_ORDER_R.to_vec();
+        table.sort();
+        assert_eq!(multiples, table);
+        for r in SMALL_ORDER_R {
+            assert!(VerifyingKey::from_bytes(&r).unwrap().is_weak());
+        }
+    }
+
+    /// A token "signed" for a small-order issuer key with R = identity and
+    /// S = 0: ring's Ed25519 verification accepts it for any message, ours
+    /// refuses it (and a JWKS holding such a key still loads).
+    #[test]
+    fn small_order_issuer_key_verifies_nothing() {
+        let identity = SMALL_ORDER_R[0];
+        let jwks = Jwks::from_json(
+            Jwks::new(vec![Jwk::ed25519("weak", identity)])
+                .unwrap()
+                .to_json()
+                .as_bytes(),
+        )
+        .unwrap();
+        let v = TokenVerifier::new(vec![TrustedIssuer {
+            name: "portal".into(),
+            audience: AUD.into(),
+            jwks,
+        }]);
+        let signing_input = format!(
+            "{}.{}",
+            b64(&header("weak")),
+            b64(&serde_json::to_string(&claims()).unwrap())
+        );
+        let mut sig = [0u8; 64];
+        sig[..32].copy_from_slice(&identity);
+        assert!(
+            UnparsedPublicKey::new(&signature::ED25519, &identity)
+                .verify(signing_input.as_bytes(), &sig)
+                .is_ok(),
+            "the forgery this test is about"
+        );
+        let token = format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(sig));
+        assert_eq!(v.verify(&token, NOW), Err(TokenError::BadSignature));
+    }
+
+    /// S + L (the group order) is the same signature modulo L: refused as
+    /// non-canonical, as ring refuses it.
+    #[test]
+    fn non_canonical_s_is_refused() {
+        const L: [u8; 32] = [
+            0xed, 0xd3, 0xf5, 0x5c, 0x1a, 0x63, 0x12, 0x58, 0xd6, 0x9c, 0xf7, 0xa2, 0xde, 0xf9,
+            0xde, 0x14, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10,
+        ];
+        let key = dev_key("dev-1", 7);
+        let token = key.mint(&claims());
+        assert!(verifier(&key).verify(&token, NOW).is_ok());
+        let (signing_input, sig64) = token.rsplit_once('.').unwrap();
+        let mut sig = URL_SAFE_NO_PAD.decode(sig64).unwrap();
+        let mut carry = 0u16;
+        for (s, l) in sig[32..].iter_mut().zip(L) {
+            let sum = u16::from(*s) + u16::from(l) + carry;
+            *s = sum as u8;
+            carry = sum >> 8;
+        }
+        assert_eq!(carry, 0, "S + L fits in 32 bytes");
+        assert!(
+            UnparsedPublicKey::new(&signature::ED25519, &key.public_key())
+                .verify(signing_input.as_bytes(), &sig)
+                .is_err()
+        );
+        let forged = format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(&sig));
+        assert_eq!(
+            verifier(&key).verify(&forged, NOW),
+            Err(TokenError::BadSignature)
+        );
     }
 
     #[test]
