@@ -1294,3 +1294,159 @@ async fn interval_rotation_reaches_joined_members() {
     .await
     .unwrap();
 }
+
+/// A raw HTTP/1.1 POST over mTLS as `client` (what kms-client cannot send:
+/// a body that is not JSON). Returns the status line and body.
+async fn raw_post(kms: &Kms, client: &str, id: Identity, path: &str, body: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let files = kms.pki.client(client, &id).unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(
+        conclave_pki::tls::client_config(&files).unwrap(),
+    ));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", kms.port))
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+    let mut s = tls.connect(name, tcp).await.unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(body).await.unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connectors_report_invitation_outcomes_and_only_the_invited_kind_may() {
+    use api::{InvitationOutcome, OutcomeState};
+    tokio::time::timeout(LIMIT, async {
+        let kms = Kms::start("outcomes", "");
+        kms.register_relay().await;
+        let c = kms.anonymous();
+        let host = join_with_token(&c, "m1", kms.token("ada", "m1", Role::Host))
+            .await
+            .unwrap();
+        let vk = vk(&kms).await;
+        let inv = c
+            .invite(
+                &host.meeting,
+                &host.session(),
+                ConnectorKind::LiveStreaming,
+                Some("rtmps://live.example.com/app/SK-SECRET"),
+            )
+            .await
+            .unwrap();
+        let since = inv.roster.verify(&vk).unwrap().version;
+        let id = inv.invitation.id;
+        let refused = InvitationOutcome::new(
+            OutcomeState::Failed,
+            "target_not_allowed",
+            None,
+            "the stream target is not in this pool's allowedTargets",
+        );
+        let report = |client: kms_client::KmsClient, outcome: InvitationOutcome| {
+            let meeting = host.meeting.clone();
+            async move { client.report_outcome(&meeting, id, outcome).await }
+        };
+        // Not a connector, the wrong kind, an oversize report: 4xx, nothing recorded.
+        let err = report(kms.relay(), refused.clone()).await.unwrap_err();
+        assert_eq!(
+            (err.status(), err.code()),
+            (Some(403), Some("not_a_connector"))
+        );
+        let err = report(kms.recorder(), refused.clone()).await.unwrap_err();
+        assert_eq!((err.status(), err.code()), (Some(403), Some("wrong_kind")));
+        let huge = InvitationOutcome {
+            message: "x".repeat(4000),
+            ..refused.clone()
+        };
+        let err = report(kms.streamer(), huge).await.unwrap_err();
+        assert_eq!((err.status(), err.code()), (Some(413), Some("too_large")));
+        let live = Identity::new(NS, Kind::Connector, "live")
+            .unwrap()
+            .with_pod("live-0")
+            .unwrap();
+        let garbage = raw_post(
+            &kms,
+            "live-raw",
+            live,
+            api::paths::INVITATION_OUTCOME,
+            b"{\"meeting\":\"m1\",\"invitation\":\"SK-SECRET\"",
+        )
+        .await;
+        assert!(garbage.starts_with("HTTP/1.1 400"), "{garbage}");
+        assert!(
+            garbage.contains("\"code\":\"bad_request\"") && !garbage.contains("SK-SECRET"),
+            "{garbage}"
+        );
+        assert_eq!(
+            kms.streamer()
+                .assignments(0)
+                .await
+                .unwrap()
+                .assignments
+                .len(),
+            1,
+            "still offered"
+        );
+
+        // The streamer's report: in the host's roster at once, no longer offered.
+        let got = report(kms.streamer(), refused.clone()).await.unwrap();
+        assert_eq!(got.invitation.outcome.as_ref(), Some(&refused));
+        let ev = c
+            .events(&host.meeting, &host.session(), since, 5000)
+            .await
+            .unwrap();
+        let signed = ev
+            .roster
+            .expect("the host's poll wakes with the new roster");
+        assert!(!signed.roster_json.contains("SK-SECRET"));
+        let roster = signed.verify(&vk).unwrap();
+        assert_eq!(roster.invitations[0].outcome.as_ref(), Some(&refused));
+        assert!(
+            kms.streamer()
+                .assignments(0)
+                .await
+                .unwrap()
+                .assignments
+                .is_empty()
+        );
+        let err = report(kms.streamer(), refused.clone()).await.unwrap_err();
+        assert_eq!(
+            (err.status(), err.code()),
+            (Some(409), Some("outcome_reported"))
+        );
+
+        // Every refusal and the outcome are audited, without the target.
+        let admin = kms.admin();
+        let page = admin.audit(0, 1000).await.unwrap();
+        for code in [
+            "not_a_connector",
+            "wrong_kind",
+            "too_large",
+            "bad_request",
+            "outcome_reported",
+        ] {
+            assert!(
+                page.entries
+                    .iter()
+                    .any(|e| e.kind == AuditKind::Denial && e.detail.starts_with(code)),
+                "{code} is audited"
+            );
+        }
+        assert!(page.entries.iter().any(|e| e.kind == AuditKind::Invitation
+            && e.actor == format!("conclave://{NS}/connector/live/live-0")
+            && e.detail
+                == "connector:liveStreaming invitation 1 failed: target_not_allowed: \
+                    the stream target is not in this pool's allowedTargets"));
+        let audit = serde_json::to_string(&page.entries).unwrap();
+        assert!(!audit.contains("SK-SECRET"), "{audit}");
+        assert!(admin.verify_audit().await.unwrap().ok);
+    })
+    .await
+    .unwrap();
+}
