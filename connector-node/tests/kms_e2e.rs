@@ -1299,3 +1299,88 @@ async fn recorder_process_killed_mid_meeting_leaves_a_decryptable_partial_record
     .await
     .expect("test timed out");
 }
+
+/// The host at the terminal: `conclave-client join --invite
+/// liveStreaming=<off-list target>` hears back that the pool refused it,
+/// as a log line and in its JSON report, without the target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_host_cli_is_told_that_its_stream_target_was_refused() {
+    tokio::time::timeout(Duration::from_secs(90), async {
+        let w = World::start(TempDir::new("kms-cli-outcome"));
+        let (_relay, hb) = start_relay(&w).await;
+        let streamer = w.client(
+            "live0",
+            Some(
+                Identity::new(NS, Kind::Connector, "live")
+                    .unwrap()
+                    .with_pod("live-0")
+                    .unwrap(),
+            ),
+        );
+        // The pool's connector serves the first assignment it gets.
+        let pool = tokio::spawn(async move {
+            let settings = meeting_proto::config::connector::StreamingSettings {
+                allowed_targets: vec!["rtmp://127.0.0.1:1/live".into()],
+                credentials_file: None,
+                ffmpeg: "ffmpeg".into(),
+                tls_ca_file: None,
+            };
+            let a = loop {
+                let r = streamer.assignments(25_000).await.unwrap();
+                if let Some(a) = r.assignments.into_iter().next() {
+                    break a;
+                }
+            };
+            connector_node::streaming::stream_assignment(
+                streamer,
+                a,
+                &settings,
+                "rtmp://127.0.0.1:1/live/default",
+                watch::channel(false).1,
+                std::sync::Arc::new(Metrics::new()),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+        });
+        let out = tokio::process::Command::new(bin("conclave-client"))
+            .args(["join", "--kms", &w.url, "--kms-ca"])
+            .arg(w.pki.ca_path())
+            .args(["--token", &w.token("ada", "showcase", Role::Host)])
+            .args(["--meeting", "showcase", "--tone", "440", "--duration", "4"])
+            .args(["--invite", "liveStreaming=rtmp://203.0.113.9/live/SK-CLI"])
+            .output()
+            .await
+            .unwrap();
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(out.status.success(), "{stderr}");
+        let refused = pool.await.unwrap().unwrap_err();
+        assert!(refused.contains("allow-list"), "{refused}");
+        assert!(
+            stderr.contains(
+                "invitation 1 (liveStreaming): failed: target_not_allowed: \
+                 the stream target is not in this pool's allowedTargets"
+            ),
+            "{stderr}"
+        );
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with("{\"report\""))
+            .unwrap_or_else(|| panic!("no report line: {stdout}"));
+        let report: serde_json::Value = serde_json::from_str(line).unwrap();
+        let invited = &report["report"]["invited"][0];
+        assert_eq!(invited["invitation"], 1);
+        assert_eq!(invited["outcome"]["state"], "failed");
+        assert_eq!(invited["outcome"]["code"], "target_not_allowed");
+        assert!(
+            !stdout.contains("SK-CLI") && !stderr.contains("SK-CLI"),
+            "the target stays out of what the host prints"
+        );
+        hb.abort();
+    })
+    .await
+    .expect("test timed out");
+}
