@@ -1384,3 +1384,117 @@ async fn the_host_cli_is_told_that_its_stream_target_was_refused() {
     .await
     .expect("test timed out");
 }
+
+/// An rtmps target whose certificate does not verify against the pool's CA
+/// (here: the KMS's own TLS port, signed by another CA) is not retried
+/// forever: the connector gives it up at the first verification failure,
+/// leaves the meeting, and the host's roster says `tls_verify_failed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_rtmps_target_failing_verification_is_given_up_and_reported() {
+    require("ffmpeg");
+    tokio::time::timeout(Duration::from_secs(90), async {
+        let w = World::start(TempDir::new("kms-tls-outcome"));
+        let (_relay, hb) = start_relay(&w).await;
+        let other = DevPki::create(w._dir.0.join("other-pki"), NS).unwrap();
+        let people = w.client("anon", None);
+        let host_key = EphemeralKey::generate();
+        let meeting = MeetingId::new("tlsfail").unwrap();
+        let host = join_host(&w, &people, &meeting, &host_key).await;
+        let session = kms_client::Session(host.session.clone());
+        let port = w.url.rsplit(':').next().unwrap().to_string();
+        let target = format!("rtmps://127.0.0.1:{port}/live");
+        let inv = people
+            .invite(
+                &meeting,
+                &session,
+                ConnectorKind::LiveStreaming,
+                Some(&format!("{target}/SK-TLS")),
+            )
+            .await
+            .unwrap();
+        let streamer = w.client(
+            "live0",
+            Some(
+                Identity::new(NS, Kind::Connector, "live")
+                    .unwrap()
+                    .with_pod("live-0")
+                    .unwrap(),
+            ),
+        );
+        let a = streamer
+            .assignments(5000)
+            .await
+            .unwrap()
+            .assignments
+            .remove(0);
+        let settings = meeting_proto::config::connector::StreamingSettings {
+            allowed_targets: vec![target.clone()],
+            credentials_file: None,
+            ffmpeg: "ffmpeg".into(),
+            tls_ca_file: Some(other.ca_path()),
+        };
+        let metrics = std::sync::Arc::new(Metrics::new());
+        // Returns by itself: nobody stops it.
+        let status = connector_node::streaming::stream_assignment(
+            streamer.clone(),
+            a,
+            &settings,
+            &target,
+            watch::channel(false).1,
+            metrics.clone(),
+        )
+        .await
+        .unwrap();
+        assert!(status.tls_verify_failed, "{status:?}");
+        assert_eq!(
+            status.restarts, 0,
+            "given up at the first failure: {status:?}"
+        );
+        let vk = ed25519_dalek::VerifyingKey::from_bytes(
+            &people
+                .info()
+                .await
+                .unwrap()
+                .signing_public_key
+                .array()
+                .unwrap(),
+        )
+        .unwrap();
+        let mut since = host.roster.verify(&vk).unwrap().version;
+        let outcome = invitation_outcome(
+            &people,
+            &meeting,
+            &session,
+            &vk,
+            &mut since,
+            inv.invitation.id,
+        )
+        .await;
+        assert_eq!(
+            (outcome.state, outcome.code.as_str()),
+            (api::OutcomeState::Failed, "tls_verify_failed"),
+            "{outcome}"
+        );
+        assert!(!outcome.message.contains("SK-TLS"), "{outcome}");
+        // The streamer left the meeting: only the host is in the roster.
+        let roster = people
+            .events(&meeting, &session, 0, 0)
+            .await
+            .unwrap()
+            .roster
+            .unwrap()
+            .verify(&vk)
+            .unwrap();
+        assert_eq!(roster.members.len(), 1, "{:?}", roster.members);
+        assert!(
+            metrics
+                .render()
+                .contains("conclave_connector_stream_tls_verify_failures_total 1"),
+            "{}",
+            metrics.render()
+        );
+        hb.abort();
+    })
+    .await
+    .expect("test timed out");
+}
