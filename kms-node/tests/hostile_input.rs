@@ -64,6 +64,7 @@ fn samples() -> Vec<Vec<u8>> {
         br#"{"version":1,"wrapped":"abcd","created_ms":1,"superseded_ms":null}"#.to_vec(),
         br#"{"kind":"liveStreaming","target":"rtmps://[::1]:443/app/key?x=1#f"}"#.to_vec(),
         br#"{"kind":"telephony","target":"sips:+15551234567@pbx.example.com:5061;transport=tls?h=1"}"#.to_vec(),
+        br#"{"meeting":"m","invitation":2,"outcome":{"state":"failed","code":"busy","status":486,"message":"the callee is busy"}}"#.to_vec(),
     ]
 }
 
@@ -75,6 +76,7 @@ fn mutated_bodies_and_records_never_panic() {
     assert!(serde_json::from_slice::<MeetingRecord>(&originals[4]).is_ok());
     assert!(serde_json::from_slice::<MemberRecord>(&originals[5]).is_ok());
     assert!(serde_json::from_slice::<AuditEntry>(&originals[6]).is_ok());
+    assert!(serde_json::from_slice::<api::InvitationOutcomeRequest>(&originals[10]).is_ok());
     let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
     let mut refused = 0;
     for round in 0..20_000 {
@@ -88,6 +90,7 @@ fn mutated_bodies_and_records_never_panic() {
             serde_json::from_slice::<RecordingRecord>(&input).is_ok(),
             serde_json::from_slice::<AuditEntry>(&input).is_ok(),
             serde_json::from_slice::<StoredKek>(&input).is_ok(),
+            serde_json::from_slice::<api::InvitationOutcomeRequest>(&input).is_ok(),
         ];
         refused += results.iter().filter(|ok| !**ok).count();
         // Whatever target survives decoding, checking it never panics, and
@@ -102,6 +105,13 @@ fn mutated_bodies_and_records_never_panic() {
                 }
             }
             let _ = api::redacted_target(&target);
+        }
+        // Whatever outcome survives decoding, checking it never panics, and
+        // one that passes prints as one roster line.
+        if let Ok(req) = serde_json::from_slice::<api::InvitationOutcomeRequest>(&input)
+            && req.outcome.check().is_ok()
+        {
+            assert!(!req.outcome.to_string().contains(['\n', '\r']));
         }
     }
     assert!(refused > 0);
