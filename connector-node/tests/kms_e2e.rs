@@ -267,6 +267,25 @@ fn host_creds(host: &api::JoinResponse, key: &EphemeralKey, meeting: &MeetingId)
     }
 }
 
+/// The meeting's current epoch key, as the host gets it from the KMS (a
+/// resync: since = 0). Every join, a connector's too, starts a new epoch
+/// whose key the members get only through their events, so the host
+/// switches to it once a connector is in.
+async fn host_key_now(
+    people: &KmsClient,
+    meeting: &MeetingId,
+    host: &api::JoinResponse,
+    key: &EphemeralKey,
+) -> EpochKey {
+    let session = kms_client::Session(host.session.clone());
+    let ev = people.events(meeting, &session, 0, 0).await.unwrap();
+    let sealed = ev.key.expect("a resync releases the current key");
+    let opened = key
+        .open_meeting_key(&sealed, meeting, host.participant)
+        .unwrap();
+    EpochKey::new(meeting.clone(), opened.epoch, opened.as_bytes()).unwrap()
+}
+
 /// Join and send a 440 Hz tone for `secs`, paced in real time.
 async fn speak(creds: Credentials, secs: f64) -> meeting::MeetingLink {
     let mut link = meeting::join(creds, Duration::from_secs(5)).await.unwrap();
@@ -382,6 +401,12 @@ async fn member_with_role(
     }
 }
 
+/// The KMS's roster signing key, as members verify rosters with it.
+async fn roster_key(people: &KmsClient) -> ed25519_dalek::VerifyingKey {
+    let info = people.info().await.unwrap();
+    ed25519_dalek::VerifyingKey::from_bytes(&info.signing_public_key.array().unwrap()).unwrap()
+}
+
 /// Follows the meeting's signed roster from version `since` until
 /// invitation `id` shows an outcome, and returns it.
 async fn invitation_outcome(
@@ -453,16 +478,7 @@ async fn invited_recorder_records_under_a_kms_key_only_readers_decrypt() {
         });
 
         // The connector is in the roster, visibly, once it has joined.
-        let vk = ed25519_dalek::VerifyingKey::from_bytes(
-            &people
-                .info()
-                .await
-                .unwrap()
-                .signing_public_key
-                .array()
-                .unwrap(),
-        )
-        .unwrap();
+        let vk = roster_key(&people).await;
         let mut since = host.roster.verify(&vk).unwrap().version;
         let connector = loop {
             let ev = people
@@ -483,7 +499,11 @@ async fn invited_recorder_records_under_a_kms_key_only_readers_decrypt() {
         };
 
         // The host speaks a 440 Hz tone for 3 s through the relay (E2EE).
-        let link = speak(host_creds(&host, &host_key, &meeting), 3.0).await;
+        let creds = Credentials {
+            key: host_key_now(&people, &meeting, &host, &host_key).await,
+            ..host_creds(&host, &host_key, &meeting)
+        };
+        let link = speak(creds, 3.0).await;
 
         // Key rotation: bob joins and leaves, the meeting moves to a new epoch;
         // the host switches keys and goes on speaking for 2 s. The recorder
@@ -694,10 +714,7 @@ async fn invited_streamer_pushes_the_meeting_to_nginx_rtmp() {
         .await
         .unwrap_err();
         assert!(refused.to_string().contains("not in this pool's allow-list"), "{refused}");
-        let vk = ed25519_dalek::VerifyingKey::from_bytes(
-            &people.info().await.unwrap().signing_public_key.array().unwrap(),
-        )
-        .unwrap();
+        let vk = roster_key(&people).await;
         let mut since = host.roster.verify(&vk).unwrap().version;
         let outcome = invitation_outcome(&people, &meeting, &session, &vk, &mut since, off_list.invitation.id).await;
         assert_eq!((outcome.state, outcome.code.as_str()), (api::OutcomeState::Failed, "target_not_allowed"), "{outcome}");
@@ -724,7 +741,11 @@ async fn invited_streamer_pushes_the_meeting_to_nginx_rtmp() {
                 break;
             }
         }
-        let _link = speak(host_creds(&host, &host_key, &meeting), 4.0).await;
+        let creds = Credentials {
+            key: host_key_now(&people, &meeting, &host, &host_key).await,
+            ..host_creds(&host, &host_key, &meeting)
+        };
+        let _link = speak(creds, 4.0).await;
         stop_tx.send(true).unwrap();
         let status = task.await.unwrap().unwrap();
         assert_eq!(status.restarts, 0, "{status:?}");
@@ -814,16 +835,7 @@ async fn invited_phone_bridges_a_baresip_caller_into_the_meeting() {
 
         // The phone shows up in the roster as a telephony connector named
         // by the caller's last digits.
-        let vk = ed25519_dalek::VerifyingKey::from_bytes(
-            &people
-                .info()
-                .await
-                .unwrap()
-                .signing_public_key
-                .array()
-                .unwrap(),
-        )
-        .unwrap();
+        let vk = roster_key(&people).await;
         let mut since = host.roster.verify(&vk).unwrap().version;
         let member = member_with_role(
             &people,
@@ -834,6 +846,8 @@ async fn invited_phone_bridges_a_baresip_caller_into_the_meeting() {
             "connector:telephony",
         )
         .await;
+        let key = host_key_now(&people, &meeting, &host, &host_key).await;
+        link.keys.send(key).await.unwrap();
         assert_eq!(member.name, "Phone …4567");
         let phone_sender = member.sender_index;
 
@@ -958,16 +972,7 @@ async fn host_invites_a_phone_by_sip_uri_and_the_connector_dials_out() {
             link.events.recv().await,
             Some(meeting::MeetingEvent::Joined)
         );
-        let vk = ed25519_dalek::VerifyingKey::from_bytes(
-            &people
-                .info()
-                .await
-                .unwrap()
-                .signing_public_key
-                .array()
-                .unwrap(),
-        )
-        .unwrap();
+        let vk = roster_key(&people).await;
         let mut since = host.roster.verify(&vk).unwrap().version;
         let member = member_with_role(
             &people,
@@ -978,6 +983,8 @@ async fn host_invites_a_phone_by_sip_uri_and_the_connector_dials_out() {
             "connector:telephony",
         )
         .await;
+        let key = host_key_now(&people, &meeting, &host, &host_key).await;
+        link.keys.send(key).await.unwrap();
         assert_eq!(member.name, "Phone phone", "the callee's SIP user");
         let phone_sender = member.sender_index;
 
@@ -1136,16 +1143,7 @@ async fn a_room_system_joins_under_its_sip_display_name() {
             "room-4a",
             Some("Boardroom East"),
         );
-        let vk = ed25519_dalek::VerifyingKey::from_bytes(
-            &people
-                .info()
-                .await
-                .unwrap()
-                .signing_public_key
-                .array()
-                .unwrap(),
-        )
-        .unwrap();
+        let vk = roster_key(&people).await;
         let mut since = host.roster.verify(&vk).unwrap().version;
         let room = member_with_role(
             &people,
@@ -1156,6 +1154,8 @@ async fn a_room_system_joins_under_its_sip_display_name() {
             "connector:roomSystem",
         )
         .await;
+        let key = host_key_now(&people, &meeting, &host, &host_key).await;
+        link.keys.send(key).await.unwrap();
         assert_eq!(room.name, "Boardroom East");
         // 3 s of the room's 1000 Hz reach the host.
         let mut dec = meeting_client::audio::Decoder::new().unwrap();
@@ -1240,7 +1240,16 @@ async fn recorder_process_killed_mid_meeting_leaves_a_decryptable_partial_record
             )
             .await
             .unwrap();
-        let speaking = tokio::spawn(speak(host_creds(&host, &host_key, &meeting), 20.0));
+        // The host speaks once the recorder is in, in the epoch its join started.
+        let vk = roster_key(&people).await;
+        let mut since = host.roster.verify(&vk).unwrap().version;
+        let session = kms_client::Session(host.session.clone());
+        member_with_role(&people, &meeting, &session, &vk, &mut since, "connector:recording").await;
+        let creds = Credentials {
+            key: host_key_now(&people, &meeting, &host, &host_key).await,
+            ..host_creds(&host, &host_key, &meeting)
+        };
+        let speaking = tokio::spawn(speak(creds, 20.0));
 
         // Kill once the host's track holds sealed audio (bounded wait), the
         // meeting still going.
@@ -1450,16 +1459,7 @@ async fn an_rtmps_target_failing_verification_is_given_up_and_reported() {
             status.restarts, 0,
             "given up at the first failure: {status:?}"
         );
-        let vk = ed25519_dalek::VerifyingKey::from_bytes(
-            &people
-                .info()
-                .await
-                .unwrap()
-                .signing_public_key
-                .array()
-                .unwrap(),
-        )
-        .unwrap();
+        let vk = roster_key(&people).await;
         let mut since = host.roster.verify(&vk).unwrap().version;
         let outcome = invitation_outcome(
             &people,
