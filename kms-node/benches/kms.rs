@@ -192,6 +192,40 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+/// The `q` quantile, as the upper bound of its bucket (so within a factor
+/// of two for these exponential buckets), of the observations a histogram
+/// gained between two scrapes of `/metrics`; `series` picks the histogram's
+/// bucket lines (name and, where it has them, a label).
+fn histogram_quantile(before: &str, after: &str, series: &[&str], q: f64) -> f64 {
+    let buckets = |text: &str| -> Vec<(f64, f64)> {
+        text.lines()
+            .filter(|l| series.iter().all(|s| l.contains(s)) && l.contains("_bucket{"))
+            .filter_map(|l| {
+                let le = l.split("le=\"").nth(1)?.split('"').next()?;
+                let le = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().ok()?
+                };
+                Some((le, l.rsplit(' ').next()?.trim().parse().ok()?))
+            })
+            .collect()
+    };
+    let (b0, b1) = (buckets(before), buckets(after));
+    let gained: Vec<(f64, f64)> = b1
+        .iter()
+        .map(|&(le, n)| {
+            let n0 = b0.iter().find(|b| b.0 == le).map_or(0.0, |b| b.1);
+            (le, n - n0)
+        })
+        .collect();
+    let total = gained.iter().map(|b| b.1).fold(0.0, f64::max);
+    gained
+        .iter()
+        .find(|b| b.1 >= q * total)
+        .map_or(f64::NAN, |b| b.0)
+}
+
 /// (entries per second, p99 latency ms) for `jobs` one-entry commits
 /// submitted by `concurrency` tasks.
 async fn audit_run(max_batch: usize, jobs: usize, concurrency: usize) -> (f64, f64) {
@@ -511,6 +545,7 @@ fn main() {
                 })
                 .unwrap_or(f64::NAN)
         };
+        let metrics0 = kms.admin().metrics_text().await.unwrap_or_default();
         let (server0, client0) = (server_cpu().await, own_cpu_seconds());
         let (conns, answers, secs) = load::run(conns, requests, sampled).await;
         let (server1, client1) = (server_cpu().await, own_cpu_seconds());
@@ -572,6 +607,31 @@ fn main() {
                 .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
                 .unwrap_or(f64::NAN)
         };
+        // Where the release latency tail comes from: the server's own time
+        // per join (request in to response out, durable commit included)
+        // and the commits' time, both p99 during the run.
+        bench(
+            "kms_server_join_p99_ms",
+            histogram_quantile(
+                &metrics0,
+                &text,
+                &["conclave_kms_request_duration_seconds", "/join"],
+                0.99,
+            ) * 1000.0,
+            "ms (bucket upper bound)",
+            None,
+        );
+        bench(
+            "kms_server_commit_p99_ms",
+            histogram_quantile(
+                &metrics0,
+                &text,
+                &["conclave_kms_audit_commit_seconds"],
+                0.99,
+            ) * 1000.0,
+            "ms (bucket upper bound)",
+            None,
+        );
         let commits = metric("conclave_kms_audit_commit_seconds_count");
         bench(
             "kms_server_commit_mean_ms",
