@@ -616,6 +616,19 @@ impl Core {
                 "meeting ran out of sender indexes",
             ));
         }
+        if !m.members.is_empty() {
+            // The newcomer gets a key nobody has sent with yet: whatever it
+            // captured before joining stays closed to it. The members get
+            // the new key through their events (released_epoch < epoch).
+            Self::rotate_meeting(
+                &self.keys,
+                m,
+                now_ms,
+                &actor,
+                "member joined: new epoch for the newcomer",
+                fx,
+            )?;
+        }
         let participant = ParticipantId(m.record.next_participant);
         let sender_index = m.record.next_sender;
         m.record.next_participant += 1;
@@ -1476,18 +1489,97 @@ mod tests {
     }
 
     #[test]
-    fn three_members_join_and_share_one_epoch() {
+    fn each_join_starts_an_epoch_the_members_get_and_the_newcomer_alone_cannot_go_back() {
         let mut c = core();
         let a = join(&mut c, "ada", Role::Host, 1);
-        let b = join(&mut c, "bob", Role::Participant, 2);
+        let (r, fx) = c.join(
+            1000,
+            &m(),
+            Joiner::Person(claims("bob", Role::Participant, 2)),
+            [2; 32],
+        );
+        let b = r.unwrap();
+        // The first member starts epoch 1; every later one a new epoch,
+        // before its key is released, audited with who caused it.
+        assert_eq!((a.release.epoch, b.release.epoch), (1, 2));
+        assert_ne!(a.release.key.expose(), b.release.key.expose());
+        let change = fx
+            .audit
+            .iter()
+            .find(|x| x.kind == AuditKind::EpochChange)
+            .unwrap();
+        assert_eq!(
+            (change.epoch, change.actor.as_str(), change.detail.as_str()),
+            (
+                Some(2),
+                "token:portal:bob",
+                "member joined: new epoch for the newcomer"
+            )
+        );
+        assert_eq!(fx.changed, vec![m(), m()], "the members' polls wake");
         let d = join(&mut c, "dan", Role::Participant, 3);
-        assert_eq!(a.release.epoch, 1);
-        assert_eq!(d.release.epoch, 1);
-        assert_eq!(a.release.key.expose(), d.release.key.expose());
+        assert_eq!(d.release.epoch, 3);
         assert_ne!(a.sender_index, b.sender_index);
         let roster = d.roster.verify(&c.signing_key().verifying_key()).unwrap();
-        assert_eq!(roster.members.len(), 3);
+        assert_eq!((roster.members.len(), roster.epoch), (3, 3));
         assert_eq!(a.placement.relay, "z/r0");
+        // The members get the newcomer's epoch through their events.
+        for (who, since) in [
+            (&a, 0),
+            (
+                &b,
+                b.roster
+                    .verify(&c.signing_key().verifying_key())
+                    .unwrap()
+                    .version,
+            ),
+        ] {
+            let (r, _) = c.events(1001, &m(), &session(who), since);
+            let rel = r.unwrap().unwrap().release.unwrap();
+            assert_eq!(rel.epoch, 3);
+            assert_eq!(rel.key.expose(), d.release.key.expose());
+        }
+
+        // Real SFrame: ada and bob talk in epoch 2; dan captured it before
+        // joining and holds only epoch 3's key.
+        use meeting_proto::media_crypto::{DEFAULT_GRACE, OpenError, Receiver, Sender};
+        use meeting_proto::media_keys::EpochKey;
+        use meeting_proto::wire::{RoutingHeader, StreamKind};
+        let t = std::time::Instant::now();
+        let epoch_key =
+            |epoch, secret: &SecretKey| EpochKey::new(m(), epoch, secret.expose()).unwrap();
+        let header = RoutingHeader {
+            slot: 1,
+            sender: a.sender_index,
+            kind: StreamKind::Audio,
+            flags: 0,
+            seq: 0,
+            timestamp: 960,
+        };
+        let mut captured = Vec::new();
+        Sender::new(&epoch_key(2, &b.release.key), a.sender_index)
+            .protect(&header, b"before dan joined", &mut captured)
+            .unwrap();
+        let mut bob = Receiver::new(m(), DEFAULT_GRACE);
+        bob.set_epoch(epoch_key(2, &b.release.key), t);
+        assert_eq!(
+            bob.open(&captured, t).unwrap().payload,
+            b"before dan joined"
+        );
+        let mut dan = Receiver::new(m(), DEFAULT_GRACE);
+        dan.set_epoch(epoch_key(3, &d.release.key), t);
+        assert!(matches!(
+            dan.open(&captured, t),
+            Err(OpenError::UnknownEpoch(2))
+        ));
+        // Not a label check: dan's key bytes, claimed as epoch 2's, do not
+        // authenticate the frame either.
+        let mut forger = Receiver::new(m(), DEFAULT_GRACE);
+        forger.set_epoch(epoch_key(2, &d.release.key), t);
+        assert!(matches!(
+            forger.open(&captured, t),
+            Err(OpenError::Authentication)
+        ));
     }
 
     #[test]
@@ -1495,19 +1587,25 @@ mod tests {
         let mut c = core();
         let a = join(&mut c, "ada", Role::Host, 1);
         let b = join(&mut c, "bob", Role::Participant, 2);
+        // bob's join started epoch 2; his leave starts epoch 3.
         let (r, fx) = c.leave(2000, &m(), &session(&b));
-        assert_eq!(r.unwrap(), 2);
+        assert_eq!(r.unwrap(), 3);
         assert!(
             fx.writes
                 .iter()
                 .any(|w| matches!(w, Write::Member(_, _, None)))
         );
-        // The one who stayed gets epoch 2 sealed to their key.
+        // The one who stayed gets epoch 3 sealed to their key.
         let (r, fx) = c.events(2001, &m(), &session(&a), 0);
         let g = r.unwrap().unwrap();
         let rel = g.release.unwrap();
-        assert_eq!((rel.epoch, rel.public_key), (2, [1; 32]));
+        assert_eq!((rel.epoch, rel.public_key), (3, [1; 32]));
         assert_ne!(rel.key.expose(), a.release.key.expose());
+        assert_ne!(
+            rel.key.expose(),
+            b.release.key.expose(),
+            "the leaver's last key"
+        );
         assert_eq!(fx.audit[0].kind, AuditKind::KeyRelease);
         // Asking again: nothing new, nothing written.
         let (r, fx) = c.events(2002, &m(), &session(&a), g.version);
@@ -1516,7 +1614,7 @@ mod tests {
         // A resync (since = 0, e.g. after a lost response) releases the
         // current key again, audited.
         let (r, fx) = c.events(2002, &m(), &session(&a), 0);
-        assert_eq!(r.unwrap().unwrap().release.unwrap().epoch, 2);
+        assert_eq!(r.unwrap().unwrap().release.unwrap().epoch, 3);
         assert_eq!(fx.audit[0].kind, AuditKind::KeyRelease);
         // The leaver is refused, audited, and nothing else is written.
         let (r, fx) = c.events(2003, &m(), &session(&b), 0);
@@ -1574,7 +1672,7 @@ mod tests {
         assert_eq!(r.unwrap_err().code, "not_host");
         assert!(fx.writes.is_empty());
         let (r, _) = c.remove(1000, &m(), &session(&host), p.participant);
-        assert_eq!(r.unwrap(), 2);
+        assert_eq!(r.unwrap(), 3, "epoch 2 came with bob's join");
     }
 
     #[test]

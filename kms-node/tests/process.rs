@@ -93,11 +93,24 @@ async fn three_members_join_open_keys_and_leave_rotates() {
         let cat = join_with_token(&c, "m1", kms.token("cat", "m1", Role::Participant))
             .await
             .unwrap();
-        // Everyone opens the same epoch-1 key with their own ephemeral key.
-        let k1 = ada.open(&ada.joined.key);
-        assert_eq!(bob.open(&bob.joined.key), k1);
-        assert_eq!(cat.open(&cat.joined.key), k1);
-        assert_eq!(cat.joined.key.epoch, 1);
+        // Each join starts a new epoch (a newcomer cannot open what was
+        // sent before it joined): ada 1, bob 2, cat 3. The earlier members
+        // get epoch 3 through their events; everyone opens the same key
+        // with their own ephemeral key.
+        let epochs = [&ada, &bob, &cat].map(|m| m.joined.key.epoch);
+        assert_eq!(epochs, [1, 2, 3]);
+        let k3 = cat.open(&cat.joined.key);
+        for m in [&ada, &bob] {
+            assert_ne!(m.open(&m.joined.key), k3);
+            let since = m.joined.roster.verify(&vk).unwrap().version;
+            let ev = c
+                .events(&m.meeting, &m.session(), since, 5000)
+                .await
+                .unwrap();
+            let sealed = ev.key.expect("the newest epoch's key");
+            assert_eq!(sealed.epoch, 3);
+            assert_eq!(m.open(&sealed), k3);
+        }
         // Someone else's sealed key does not open with my key.
         assert!(
             ada.key
@@ -117,20 +130,20 @@ async fn three_members_join_open_keys_and_leave_rotates() {
         // bob leaves: a new epoch for ada and cat, nothing for bob.
         let since = roster.version;
         let left = c.leave(&bob.meeting, &bob.session()).await.unwrap();
-        assert_eq!(left.epoch, 2);
+        assert_eq!(left.epoch, 4);
         let ev = c
             .events(&ada.meeting, &ada.session(), since, 5000)
             .await
             .unwrap();
         let sealed = ev.key.expect("new epoch key for ada");
-        assert_eq!(sealed.epoch, 2);
-        let k2 = ada.open(&sealed);
-        assert_ne!(k2, k1);
+        assert_eq!(sealed.epoch, 4);
+        let k4 = ada.open(&sealed);
+        assert_ne!(k4, k3);
         let ev_cat = c
             .events(&cat.meeting, &cat.session(), since, 5000)
             .await
             .unwrap();
-        assert_eq!(cat.open(&ev_cat.key.unwrap()), k2);
+        assert_eq!(cat.open(&ev_cat.key.unwrap()), k4);
         let roster = ev.roster.unwrap().verify(&vk).unwrap();
         assert!(
             roster
@@ -147,8 +160,22 @@ async fn three_members_join_open_keys_and_leave_rotates() {
         let admin = kms.admin();
         assert!(
             audit_has(&admin, |e| e.kind == AuditKind::KeyRelease
-                && e.epoch == Some(2)
+                && e.epoch == Some(4)
                 && e.participant == Some(cat.joined.participant))
+            .await
+        );
+        // Releases went only to members of each epoch: bob never got the
+        // epoch his leave started, ada got the one cat's join started.
+        assert!(
+            !audit_has(&admin, |e| e.kind == AuditKind::KeyRelease
+                && e.epoch == Some(4)
+                && e.participant == Some(bob.joined.participant))
+            .await
+        );
+        assert!(
+            audit_has(&admin, |e| e.kind == AuditKind::EpochChange
+                && e.epoch == Some(3)
+                && e.detail == "member joined: new epoch for the newcomer")
             .await
         );
         assert!(
@@ -393,7 +420,9 @@ async fn invited_connector_joins_and_records() {
             .await
             .unwrap();
         assert_eq!(ev.roster.unwrap().verify(&vk).unwrap().invitations.len(), 1);
-        // The connector joins with the invitation and opens the same key.
+        // The connector joins with the invitation: a new epoch, whose key
+        // the host gets through its events and both open alike.
+        let since = ev.version;
         let key = EphemeralKey::generate();
         let joined = rec
             .join(
@@ -410,7 +439,15 @@ async fn invited_connector_joins_and_records() {
         let opened = key
             .open_meeting_key(&joined.key, &host.meeting, joined.participant)
             .unwrap();
-        assert_eq!(*opened.as_bytes(), host.open(&host.joined.key));
+        assert_eq!(opened.epoch, host.joined.key.epoch + 1);
+        assert_ne!(*opened.as_bytes(), host.open(&host.joined.key));
+        let ev = c
+            .events(&host.meeting, &host.session(), since, 5000)
+            .await
+            .unwrap();
+        let sealed = ev.key.expect("the connector's epoch for the host");
+        assert_eq!(sealed.epoch, opened.epoch);
+        assert_eq!(*opened.as_bytes(), host.open(&sealed));
         let roster = joined.roster.verify(&vk).unwrap();
         assert!(
             roster
@@ -1245,10 +1282,8 @@ async fn interval_rotation_reaches_joined_members() {
             .unwrap();
         let vk = vk(&kms).await;
         let since = bob.joined.roster.verify(&vk).unwrap().version;
-        let k1 = ada.open(&ada.joined.key);
-        assert_eq!(ada.joined.key.epoch, 1);
-        // Nobody leaves; the KMS rotates on its own. Long-poll (bounded by
-        // LIMIT) until the new epoch's key arrives.
+        assert_eq!((ada.joined.key.epoch, bob.joined.key.epoch), (1, 2));
+        // Long-poll (bounded by LIMIT) until a newer epoch's key arrives.
         let next_key = |m: &Member, since: u64| {
             let c = c.clone();
             let (meeting, session) = (m.meeting.clone(), m.session());
@@ -1264,21 +1299,27 @@ async fn interval_rotation_reaches_joined_members() {
                 }
             }
         };
+        // bob's join started epoch 2: ada gets it at once.
+        let (k, _) = next_key(&ada, since).await;
+        assert_eq!(k.epoch, 2);
+        let k2 = ada.open(&k);
+        assert_eq!(bob.open(&bob.joined.key), k2);
+        // Nobody joins or leaves; the KMS rotates on its own.
         let (ka, roster) = next_key(&ada, since).await;
         let (kb, _) = next_key(&bob, since).await;
-        assert_eq!((ka.epoch, kb.epoch), (2, 2));
-        let k2 = ada.open(&ka);
-        assert_eq!(bob.open(&kb), k2);
-        assert_ne!(k2, k1);
+        assert_eq!((ka.epoch, kb.epoch), (3, 3));
+        let k3 = ada.open(&ka);
+        assert_eq!(bob.open(&kb), k3);
+        assert_ne!(k3, k2);
         let roster = roster
             .expect("roster with the new epoch")
             .verify(&vk)
             .unwrap();
-        assert_eq!((roster.epoch, roster.members.len()), (2, 2));
+        assert_eq!((roster.epoch, roster.members.len()), (3, 2));
         let admin = kms.admin();
         assert!(
             audit_has(&admin, |e| e.kind == AuditKind::EpochChange
-                && e.epoch == Some(2)
+                && e.epoch == Some(3)
                 && e.actor == "kms"
                 && e.detail == "interval rotation")
             .await

@@ -426,11 +426,15 @@ mod tests {
     }
 
     fn joined(sender: u16, now: Instant) -> Session {
+        joined_with(sender, key(1), now)
+    }
+
+    fn joined_with(sender: u16, key: EpochKey, now: Instant) -> Session {
         let mut s = Session::new(
             MeetingId::new("m").unwrap(),
             sender,
             b"ticket".to_vec(),
-            key(1),
+            key,
             sender as u64,
             now,
         );
@@ -544,5 +548,38 @@ mod tests {
         b.handle_datagram(&fourth, t);
         assert_eq!(b.poll_event(), None);
         assert_eq!(b.stats().open_failures.get("authentication"), Some(&1));
+    }
+
+    #[test]
+    fn a_newcomer_cannot_open_what_was_sent_before_it_joined() {
+        let t = Instant::now();
+        let mut a = joined(1, t);
+        a.send_media(StreamKind::Audio, 0, 960, b"before").unwrap();
+        let captured = a.poll_transmit().unwrap();
+        // The KMS starts epoch 2 for the newcomer, who gets only that key.
+        a.set_epoch(key(2), t);
+        let mut c = joined_with(3, key(2), t);
+        c.handle_datagram(&captured, t);
+        assert_eq!(c.poll_event(), None);
+        assert_eq!(c.stats().open_failures.get("unknown_epoch"), Some(&1));
+        // Its key bytes presented as epoch 1's do not authenticate it either.
+        let mut claims_old = joined_with(
+            4,
+            EpochKey::new(MeetingId::new("m").unwrap(), 1, &[2; 32]).unwrap(),
+            t,
+        );
+        claims_old.handle_datagram(&captured, t);
+        assert_eq!(claims_old.poll_event(), None);
+        assert_eq!(
+            claims_old.stats().open_failures.get("authentication"),
+            Some(&1)
+        );
+        // What a member sends from the newcomer's epoch on opens for it.
+        a.send_media(StreamKind::Audio, 0, 1920, b"after").unwrap();
+        let after = a.poll_transmit().unwrap();
+        c.handle_datagram(&after, t);
+        assert!(
+            matches!(c.poll_event(), Some(Event::Media(o)) if o.payload == b"after" && o.epoch == 2)
+        );
     }
 }

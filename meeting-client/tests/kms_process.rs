@@ -32,6 +32,16 @@ fn three_participants_join_through_the_kms_and_hear_each_other() {
         .iter()
         .map(|r| r["sender_index"].as_u64().unwrap())
         .collect();
+    // Each join started an epoch of its own (a newcomer gets no key that
+    // was used before it joined); all three ended on the last one.
+    let epochs: Vec<Vec<u64>> = reports
+        .iter()
+        .map(|r| serde_json::from_value(r["epochs"].clone()).unwrap())
+        .collect();
+    let mut first: Vec<u64> = epochs.iter().map(|e| e[0]).collect();
+    first.sort();
+    assert_eq!(first, [1, 2, 3], "{epochs:?}");
+    assert!(epochs.iter().all(|e| e.last() == Some(&3)), "{epochs:?}");
     for (i, r) in reports.iter().enumerate() {
         assert_eq!(r["joined"], true, "{r}");
         let auth = r["stats"]["open_failures"]["authentication"]
