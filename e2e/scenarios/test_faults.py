@@ -132,18 +132,32 @@ def assert_media_resumed(reports: dict[str, dict], share: float) -> None:
                 f"{n} decoded {got} of {other}'s {sent} audio frames: media did not resume after the fault"
 
 
-@pytest.mark.xfail(strict=False, reason="see RELAY_COMES_BACK_TOO_SOON")
+def assert_placed_again(victim: str, since_ms: int) -> None:
+    """The KMS's audit shows the meeting placed again because the relay's
+    id registered as a new process (instance), not because it timed out."""
+    moved = [e for e in audit_entries(NS) if e["kind"] == "relay" and e.get("meeting") == MEETING
+             and e["time_ms"] >= since_ms and "restarted as instance" in e["detail"]]
+    assert moved, f"no audited re-placement of {MEETING} after {victim}'s relay came back"
+    print(f"audit: {moved[0]['detail']}")
+
+
 def test_a_relay_pod_dies_mid_meeting_and_the_meeting_moves(zone):
+    """The StatefulSet brings the pod back under the same name (the same
+    relay id) long before the KMS's heartbeat timeout: the KMS tells the new
+    process from the old by its registration instance and places the meeting
+    again, so the members re-join (on the new pod or the other relay)."""
     names = start_participants(zone, duration=30)
     wait_running(names)
     victim = hosting_relay()
     time.sleep(5)  # let the meeting carry audio on the first relay before it dies
+    deleted_ms = int(time.time() * 1000)
     kubectl("delete", "pod", "-n", NS, victim, "--grace-period=0", "--force")
     reports = wait_members_done(NS, names, timeout=150)
     assert_everyone_heard_everyone(reports, {n: TONES[i] for i, n in enumerate(names)})
     for n, r in reports.items():
         assert r["rejoins"] >= 1, f"{n} never re-joined after its relay {victim} died: {r}"
     assert_media_resumed(reports, 0.4)
+    assert_placed_again(victim, deleted_ms)
     gap = max(r["max_audio_gap_ms"] for r in reports.values())
     record_figure("e2e_relay_pod_delete_audio_gap_ms", gap, "ms")
 
@@ -172,24 +186,20 @@ def container_pid(container_id: str) -> int:
     return pid
 
 
-RELAY_COMES_BACK_TOO_SOON = (
-    "the replacement relay re-registers (same identity) within the KMS's 15 s heartbeat timeout, so the "
-    "KMS keeps the meeting on it and never sends a new placement; the new process has no bindings and "
-    "drops the members' packets as unbound: the meeting stays silent after the fault (2026-11-26: crash "
-    "~365 of ~1750 frames each, all before the kill; pod delete 401 of 1501)")
-
-
-@pytest.mark.xfail(strict=False, reason=RELAY_COMES_BACK_TOO_SOON)
 def test_a_crashed_relay_process_restarts_and_the_meeting_resumes(zone):
     """SIGKILL, unlike a pod deletion, gives the relay no SIGTERM to drain
     with: the members learn nothing from the relay and must be moved by the
-    KMS's placement (to the other relay, or to the restarted one)."""
+    KMS's placement (to the other relay, or to the restarted one). The
+    container restarts within the heartbeat timeout under the same relay id;
+    its new registration instance is what makes the KMS place the meeting
+    again."""
     names = start_participants(zone, duration=35)
     wait_running(names)
     victim = hosting_relay()
     before = relay_container(victim)
     pid = container_pid(before["containerID"].split("://", 1)[1])
     time.sleep(5)  # let the meeting carry audio on the relay before it crashes
+    killed_ms = int(time.time() * 1000)
     os.kill(pid, signal.SIGKILL)
     killed_at = time.monotonic()
     print(f"SIGKILL to PID {pid}, the relay of {victim}")
@@ -216,6 +226,7 @@ def test_a_crashed_relay_process_restarts_and_the_meeting_resumes(zone):
     # The kill comes about 6 s into 35 s of audio: at least 40% decoded means
     # several seconds of audio after the re-join, whatever the silence was.
     assert_media_resumed(reports, 0.4)
+    assert_placed_again(victim, killed_ms)
 
 
 def test_a_leaver_keeps_listening_and_cannot_decrypt_after_the_rotation(zone):
