@@ -269,13 +269,20 @@ impl Jwk {
 }
 
 /// An issuer's key set.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct Jwks {
     keys: Vec<Jwk>,
     /// Per key, its Ed25519 point decoded once (every join would otherwise
     /// decode it again); `None` for P-256 keys and for Ed25519 keys that no
     /// token may verify under (not a curve point, or of small order).
     ed25519: Vec<Option<VerifyingKey>>,
+}
+
+impl fmt::Debug for Jwks {
+    /// The keys only: the decoded points repeat them.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Jwks").field("keys", &self.keys).finish()
+    }
 }
 
 /// Decodes an Ed25519 issuer key for verification. A small-order key is
