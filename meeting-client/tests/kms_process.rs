@@ -6,7 +6,7 @@ mod common;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use common::kms::start_kms;
+use common::kms::{kill_the_meetings_relay, start_kms};
 use common::*;
 use meeting_client::join;
 use meeting_client::session::{Event, Session};
@@ -239,36 +239,7 @@ fn a_relay_restarted_under_its_id_takes_the_meeting_back_and_media_resumes() {
 /// through a relay that is still up.
 fn the_meeting_outlives_its_relay(meeting: &str, pods: &[&str], restart: bool) {
     let kms = start_kms();
-    let mut relays: Vec<RelayProc> = pods
-        .iter()
-        .map(|pod| start_relay(&kms.relay_yaml(pod)))
-        .collect();
-    let clients: Vec<Child> = [("alice", 440.0), ("bob", 660.0)]
-        .iter()
-        .map(|(who, f)| kms.join_cmd(meeting, who, *f, 12.0).spawn().unwrap())
-        .collect();
-    // Find the relay the KMS placed the meeting on, by its own gauge.
-    let mut placed = None;
-    for _ in 0..200 {
-        placed = relays.iter().position(|r| {
-            metric(
-                &http_get(r.http, "/metrics").1,
-                "conclave_relay_participants",
-            ) == 2.0
-        });
-        if placed.is_some() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let placed = placed.expect("the meeting never reached a relay");
-    let mut dead = relays.remove(placed);
-    dead.child.kill().unwrap();
-    dead.child.wait().unwrap();
-    if restart {
-        relays.push(start_relay(&kms.relay_yaml(pods[placed])));
-    }
-    let reports: Vec<serde_json::Value> = clients.into_iter().map(report).collect();
+    let (reports, relays) = kill_the_meetings_relay(&kms, meeting, pods, restart);
     for r in &reports {
         assert!(
             r["rejoins"].as_u64().unwrap() >= 1,

@@ -10,7 +10,7 @@ use conclave_pki::{DevPki, Identity, Kind};
 use meeting_proto::ids::MeetingId;
 use meeting_proto::token::{Claims, DevIssuerKey, Role};
 
-use super::{bin, temp_dir};
+use super::{RelayProc, bin, http_get, metric, report, start_relay, temp_dir};
 
 const NS: &str = "ns";
 const AUDIENCE: &str = "conclave-kms";
@@ -140,4 +140,45 @@ impl Kms {
             .stderr(Stdio::piped());
         c
     }
+}
+
+/// Two participants (440 and 660 Hz, 12 s) meet through relays `pods` of
+/// this KMS; once audio flows through the relay carrying the meeting (so a
+/// gap spans the kill), that relay is SIGKILLed and, if `restart`, started
+/// again under the same identity (as a pod or container restart would).
+/// Returns the participants' reports and the relays still up.
+pub fn kill_the_meetings_relay(
+    kms: &Kms,
+    meeting: &str,
+    pods: &[&str],
+    restart: bool,
+) -> (Vec<serde_json::Value>, Vec<RelayProc>) {
+    let mut relays: Vec<RelayProc> = pods
+        .iter()
+        .map(|pod| start_relay(&kms.relay_yaml(pod)))
+        .collect();
+    let clients: Vec<Child> = [("alice", 440.0), ("bob", 660.0)]
+        .iter()
+        .map(|(who, f)| kms.join_cmd(meeting, who, *f, 12.0).spawn().unwrap())
+        .collect();
+    let mut placed = None;
+    for _ in 0..200 {
+        placed = relays.iter().position(|r| {
+            let text = http_get(r.http, "/metrics").1;
+            metric(&text, "conclave_relay_participants") == 2.0
+                && metric(&text, r#"conclave_relay_packets_sent_total{kind="audio"}"#) >= 50.0
+        });
+        if placed.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let placed = placed.expect("the meeting never reached a relay");
+    let mut dead = relays.remove(placed);
+    dead.child.kill().unwrap();
+    dead.child.wait().unwrap();
+    if restart {
+        relays.push(start_relay(&kms.relay_yaml(pods[placed])));
+    }
+    (clients.into_iter().map(report).collect(), relays)
 }
