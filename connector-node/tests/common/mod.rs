@@ -5,6 +5,23 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+/// The rendered metrics once they contain `needle`. Counters fed from a
+/// stats watch are updated by their own task, so they may trail the event a
+/// test awaited by a scheduling round; ten seconds is far beyond that.
+pub async fn metrics_containing(
+    metrics: &connector_node::metrics::Metrics,
+    needle: &str,
+) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = metrics.render();
+        if text.contains(needle) || tokio::time::Instant::now() >= deadline {
+            return text;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A temporary directory removed on drop.
 pub struct TempDir(pub PathBuf);
 
