@@ -1113,52 +1113,84 @@ impl Core {
             instance.clone(),
             now_ms,
         );
-        let mut stranded: Vec<MeetingId> = self
+        self.place_again(
+            &relay,
+            |r| r.relay_instance.is_some() && r.relay_instance != instance,
+            now_ms,
+            actor,
+            &format!("relay {relay} restarted as instance {process}"),
+            &mut fx,
+        );
+        (Ok(()), fx)
+    }
+
+    /// Returns the number of meetings on the relay, or None if unknown. A
+    /// relay that reports it is draining still forwards for a while: its
+    /// meetings move now, while the members can switch without a gap.
+    pub fn heartbeat(
+        &mut self,
+        now_ms: u64,
+        relay: &str,
+        load: u32,
+        ready: bool,
+        actor: &str,
+    ) -> (Option<u32>, Effects) {
+        let mut fx = Effects::default();
+        if !self.relays.heartbeat(relay, load, ready, now_ms) {
+            return (None, fx);
+        }
+        if !ready {
+            let why = format!("relay {relay} is draining");
+            self.place_again(relay, |_| true, now_ms, actor, &why, &mut fx);
+        }
+        let meetings = self
+            .meetings
+            .values()
+            .filter(|m| m.record.relay.as_deref() == Some(relay) && !m.members.is_empty())
+            .count() as u32;
+        (Some(meetings), fx)
+    }
+
+    /// Places again every meeting with members on `relay` that `stranded`
+    /// picks, on whichever live, ready relay takes it (possibly a new process
+    /// under the same id); the members' long polls wake with a new ticket.
+    /// A meeting no relay takes stays, and the members' next polls retry.
+    fn place_again(
+        &mut self,
+        relay: &str,
+        stranded: impl Fn(&MeetingRecord) -> bool,
+        now_ms: u64,
+        actor: &str,
+        why: &str,
+        fx: &mut Effects,
+    ) {
+        let mut ids: Vec<MeetingId> = self
             .meetings
             .values()
             .filter(|m| {
                 !m.members.is_empty()
-                    && m.record.relay.as_deref() == Some(relay.as_str())
-                    && m.record.relay_instance.is_some()
-                    && m.record.relay_instance != instance
+                    && m.record.relay.as_deref() == Some(relay)
+                    && stranded(&m.record)
             })
             .map(|m| m.record.id.clone())
             .collect();
-        stranded.sort();
-        for id in stranded {
-            // No relay with room: the members' next polls try again.
+        ids.sort();
+        for id in ids {
             let Some(placement) = self.place_meeting(&id, now_ms) else {
                 continue;
             };
             let m = self.meetings.get_mut(&id).expect("listed above");
-            Self::save_meeting(m, now_ms, &mut fx);
+            Self::save_meeting(m, now_ms, fx);
             fx.audit.push(
                 AuditRecord::new(
                     AuditKind::Relay,
                     actor,
-                    format!(
-                        "relay {relay} restarted as instance {process}: meeting placed again on relay {}",
-                        placement.relay
-                    ),
+                    format!("{why}: meeting placed again on relay {}", placement.relay),
                 )
                 .meeting(&id),
             );
             fx.changed.push(id);
         }
-        (Ok(()), fx)
-    }
-
-    /// Returns the number of meetings on the relay, or None if unknown.
-    pub fn heartbeat(&mut self, now_ms: u64, relay: &str, load: u32, ready: bool) -> Option<u32> {
-        if !self.relays.heartbeat(relay, load, ready, now_ms) {
-            return None;
-        }
-        Some(
-            self.meetings
-                .values()
-                .filter(|m| m.record.relay.as_deref() == Some(relay) && !m.members.is_empty())
-                .count() as u32,
-        )
     }
 
     pub fn create_recording_key(
@@ -2146,6 +2178,36 @@ mod tests {
             assert_eq!(fx.audit[0].kind, AuditKind::Denial);
             assert!(c.relays.get("z/r9").is_none());
         }
+    }
+
+    #[test]
+    fn a_draining_relay_hands_its_meetings_to_another_while_it_still_forwards() {
+        let mut c = core();
+        let a = join(&mut c, "ada", Role::Host, 1);
+        let placed = c.meetings[&m()].record.clone();
+        assert_eq!(placed.relay.as_deref(), Some("z/r0"));
+        // The only relay drains: nowhere to go, the meeting stays.
+        let (n, fx) = c.heartbeat(1000, "z/r0", 1, false, "relay");
+        assert_eq!(n, Some(1));
+        assert!(fx.changed.is_empty() && fx.writes.is_empty() && fx.audit.is_empty());
+        // With a second relay, the next draining heartbeat moves it there.
+        register(&mut c, 1500, "z/r1", 4001, Some("j0"));
+        let (n, fx) = c.heartbeat(2000, "z/r0", 1, false, "relay");
+        assert_eq!(n, Some(0));
+        assert_eq!(fx.changed, vec![m()]);
+        assert_eq!(
+            fx.audit[0].detail,
+            "relay z/r0 is draining: meeting placed again on relay z/r1"
+        );
+        let record = &c.meetings[&m()].record;
+        assert_eq!(record.version, placed.version + 1);
+        assert_eq!(record.relay_instance.as_deref(), Some("j0"));
+        let (r, _) = c.events(2001, &m(), &session(&a), placed.version);
+        assert_eq!(r.unwrap().unwrap().placement.unwrap().0.relay, "z/r1");
+        // Ready heartbeats and an unknown relay change nothing.
+        let (_, fx) = c.heartbeat(2500, "z/r1", 1, true, "relay");
+        assert!(fx.changed.is_empty() && fx.audit.is_empty());
+        assert_eq!(c.heartbeat(2600, "z/r9", 0, false, "relay").0, None);
     }
 
     #[test]

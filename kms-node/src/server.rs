@@ -917,7 +917,13 @@ async fn relay_heartbeat(
             .await);
     };
     s.limit(&uri, None)?;
-    let meetings = s.core().heartbeat(now_ms(), &relay, req.load, req.ready);
+    let now = now_ms();
+    let meetings = s
+        .run(|c| {
+            let (meetings, fx) = c.heartbeat(now, &relay, req.load, req.ready, &uri);
+            (Ok(meetings), fx)
+        })
+        .await?;
     match meetings {
         Some(meetings) => Ok(Json(api::RelayHeartbeatResponse {
             meetings,

@@ -90,7 +90,10 @@ pub async fn heartbeat(
     health: Arc<Health>,
 ) {
     loop {
-        tokio::time::sleep(interval).await;
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = health.drain_started.notified() => {}
+        }
         let (tx, rx) = oneshot::channel();
         if control.send(Control::Load(tx)).await.is_err() {
             return; // forwarding stopped

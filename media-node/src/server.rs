@@ -16,6 +16,9 @@ use crate::udp::{MediaSocket, Outgoing, RecvBuffers};
 pub struct Health {
     pub ready: AtomicBool,
     pub draining: AtomicBool,
+    /// Fired when draining starts, so the KMS hears it at once and moves
+    /// the meetings while this relay still forwards, not a heartbeat later.
+    pub drain_started: tokio::sync::Notify,
 }
 
 /// Commands from the rest of the process to the forwarding task.
@@ -138,6 +141,7 @@ pub async fn run(
                 Some(Control::Drain { forward_for }) => {
                     health.draining.store(true, Ordering::Relaxed);
                     health.ready.store(false, Ordering::Relaxed);
+                    health.drain_started.notify_one();
                     let ms = forward_for.as_millis().min(u32::MAX as u128) as u32;
                     let (msg, to) = relay.start_drain(ms);
                     tracing::info!(clients = to.len(), "draining: telling clients to move");
