@@ -6,7 +6,7 @@ mod common;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use common::kms::{kill_the_meetings_relay, start_kms};
+use common::kms::{RelayFault, fault_the_meetings_relay, start_kms};
 use common::*;
 use meeting_client::join;
 use meeting_client::session::{Event, Session};
@@ -221,7 +221,7 @@ fn listen_after_leave_reports_that_nothing_after_the_rotation_opens() {
 
 #[test]
 fn killing_the_relay_moves_the_meeting_to_another_and_media_resumes() {
-    the_meeting_outlives_its_relay("failover", &["relay-0", "relay-1"], false);
+    the_meeting_outlives_its_relay("failover", &["relay-0", "relay-1"], RelayFault::Kill);
 }
 
 /// A relay restarted under the same id (the pod's certificate) registers
@@ -230,16 +230,35 @@ fn killing_the_relay_moves_the_meeting_to_another_and_media_resumes() {
 /// a new placement, even though it is the same relay id.
 #[test]
 fn a_relay_restarted_under_its_id_takes_the_meeting_back_and_media_resumes() {
-    the_meeting_outlives_its_relay("restart", &["relay-0"], true);
+    the_meeting_outlives_its_relay("restart", &["relay-0"], RelayFault::KillAndRestart);
+}
+
+/// A relay told to stop (a rolling update) drains: it keeps forwarding and
+/// tells the KMS at once, which moves the meeting to the other relay while
+/// the draining one still runs, so the members move before it is gone.
+#[test]
+fn a_draining_relay_hands_the_meeting_over_while_it_still_forwards() {
+    let (_, relays) =
+        the_meeting_outlives_its_relay("drain", &["relay-0", "relay-1"], RelayFault::Drain);
+    let mut draining = relays.into_iter().nth(1).expect("the drained relay");
+    assert!(
+        draining.child.try_wait().unwrap().is_none(),
+        "the drained relay exited: the members moved because it died, not because it drained"
+    );
+    let (status, body) = http_get(draining.http, "/readyz");
+    assert_eq!((status, body.as_str()), (503, "draining"));
 }
 
 /// Two participants meet through the KMS's relays (`pods`); the one carrying
-/// the meeting is SIGKILLed mid-meeting and, if `restart`, started again
-/// with the same identity. Both must re-join and hear each other again
-/// through a relay that is still up.
-fn the_meeting_outlives_its_relay(meeting: &str, pods: &[&str], restart: bool) {
+/// the meeting suffers `fault` mid-meeting. Both must re-join and hear each
+/// other again through a relay that is up and not draining (`relays[0]`).
+fn the_meeting_outlives_its_relay(
+    meeting: &str,
+    pods: &[&str],
+    fault: RelayFault,
+) -> (Vec<serde_json::Value>, Vec<common::RelayProc>) {
     let kms = start_kms();
-    let (reports, relays) = kill_the_meetings_relay(&kms, meeting, pods, restart);
+    let (reports, relays) = fault_the_meetings_relay(&kms, meeting, pods, fault);
     for r in &reports {
         assert!(
             r["rejoins"].as_u64().unwrap() >= 1,
@@ -269,4 +288,5 @@ fn the_meeting_outlives_its_relay(meeting: &str, pods: &[&str], restart: bool) {
         metric(&text, r#"conclave_relay_packets_sent_total{kind="audio"}"#) >= 100.0,
         "media did not flow through the relay that is still up:\n{text}"
     );
+    (reports, relays)
 }

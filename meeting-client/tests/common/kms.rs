@@ -142,20 +142,38 @@ impl Kms {
     }
 }
 
+/// What happens to the relay carrying the meeting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RelayFault {
+    /// SIGKILL, as a crash or a node loss.
+    Kill,
+    /// SIGKILL, then started again under the same identity at once (a pod
+    /// or container restart).
+    KillAndRestart,
+    /// SIGTERM with a drain longer than the meeting (a rolling update): it
+    /// keeps forwarding while it drains, and is still up at the end.
+    Drain,
+}
+
 /// Two participants (440 and 660 Hz, 12 s) meet through relays `pods` of
 /// this KMS; once audio flows through the relay carrying the meeting (so a
-/// gap spans the kill), that relay is SIGKILLed and, if `restart`, started
-/// again under the same identity (as a pod or container restart would).
-/// Returns the participants' reports and the relays still up.
-pub fn kill_the_meetings_relay(
+/// gap spans the fault), that relay suffers `fault`. Returns the
+/// participants' reports and the relays, the one that carried the meeting
+/// last if it is still running (drained).
+pub fn fault_the_meetings_relay(
     kms: &Kms,
     meeting: &str,
     pods: &[&str],
-    restart: bool,
+    fault: RelayFault,
 ) -> (Vec<serde_json::Value>, Vec<RelayProc>) {
+    let drain = if fault == RelayFault::Drain {
+        "drainSeconds: 60\n"
+    } else {
+        ""
+    };
     let mut relays: Vec<RelayProc> = pods
         .iter()
-        .map(|pod| start_relay(&kms.relay_yaml(pod)))
+        .map(|pod| start_relay(&format!("{}{drain}", kms.relay_yaml(pod))))
         .collect();
     let clients: Vec<Child> = [("alice", 440.0), ("bob", 660.0)]
         .iter()
@@ -174,11 +192,20 @@ pub fn kill_the_meetings_relay(
         std::thread::sleep(Duration::from_millis(50));
     }
     let placed = placed.expect("the meeting never reached a relay");
-    let mut dead = relays.remove(placed);
-    dead.child.kill().unwrap();
-    dead.child.wait().unwrap();
-    if restart {
+    let mut faulted = relays.remove(placed);
+    match fault {
+        RelayFault::Kill | RelayFault::KillAndRestart => {
+            faulted.child.kill().unwrap();
+            faulted.child.wait().unwrap();
+        }
+        RelayFault::Drain => super::signal(faulted.child.id(), "TERM"),
+    }
+    if fault == RelayFault::KillAndRestart {
         relays.push(start_relay(&kms.relay_yaml(pods[placed])));
     }
-    (clients.into_iter().map(report).collect(), relays)
+    let reports = clients.into_iter().map(report).collect();
+    if fault == RelayFault::Drain {
+        relays.push(faulted);
+    }
+    (reports, relays)
 }
