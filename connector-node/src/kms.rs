@@ -240,7 +240,7 @@ pub async fn follow_epochs(
                 }
             }
             Err(e) => {
-                if e.code() == Some("not_member") {
+                if matches!(e.code(), Some("gone" | "not_member")) {
                     // Removed by the host: the session is gone.
                     let _ = roster.send(RosterView {
                         member: false,

@@ -178,8 +178,14 @@ struct Meeting {
     key: Arc<SecretKey>,
     members: BTreeMap<ParticipantId, MemberRecord>,
     sessions: HashMap<[u8; 32], ParticipantId>,
+    /// Sessions that left or were removed, with when: their last long poll
+    /// is still in flight when they go, and its answer is no denial.
+    gone: HashMap<[u8; 32], u64>,
     signed: Option<(u64, Arc<SignedRoster>)>,
 }
+
+/// How long a gone session's poll gets `gone` rather than `not_member`.
+const GONE_SESSION_MEMORY_MS: u64 = 10 * 60 * 1000;
 
 impl Meeting {
     fn roster(&self, now_ms: u64) -> Roster {
@@ -335,6 +341,7 @@ impl Core {
                     key: Arc::new(key),
                     members: BTreeMap::new(),
                     sessions: HashMap::new(),
+                    gone: HashMap::new(),
                     signed: None,
                 },
             );
@@ -420,6 +427,7 @@ impl Core {
             key: Arc::new(key),
             members: BTreeMap::new(),
             sessions: HashMap::new(),
+            gone: HashMap::new(),
             signed: None,
         })
     }
@@ -742,6 +750,21 @@ impl Core {
         since: u64,
     ) -> (Result<Option<EventsGrant>, Denial>, Effects) {
         let mut fx = Effects::default();
+        if self
+            .meetings
+            .get(meeting)
+            .is_some_and(|m| m.gone.contains_key(session))
+        {
+            // Not an intruder: a leaver's own poll, answered after its leave.
+            return (
+                Err(Denial::new(
+                    410,
+                    "gone",
+                    "this session left or was removed from the meeting",
+                )),
+                fx,
+            );
+        }
         let participant = match self.member_of(meeting, session, &mut fx) {
             Ok(p) => p,
             Err(d) => return (Err(d), fx),
@@ -834,6 +857,7 @@ impl Core {
         };
         if let Some(hash) = member.session_hash.array::<32>() {
             m.sessions.remove(&hash);
+            m.gone.insert(hash, now_ms);
         }
         fx.writes
             .push(Write::Member(meeting.clone(), participant, None));
@@ -1342,6 +1366,10 @@ impl Core {
     /// of remembered tokens.
     pub fn tick(&mut self, now_ms: u64) -> Effects {
         let mut fx = Effects::default();
+        for m in self.meetings.values_mut() {
+            m.gone
+                .retain(|_, left| now_ms.saturating_sub(*left) < GONE_SESSION_MEMORY_MS);
+        }
         let interval = self.config.meeting_key_interval_ms;
         if interval > 0 {
             for m in self.meetings.values_mut() {
@@ -1648,8 +1676,14 @@ mod tests {
         let (r, fx) = c.events(2002, &m(), &session(&a), 0);
         assert_eq!(r.unwrap().unwrap().release.unwrap().epoch, 3);
         assert_eq!(fx.audit[0].kind, AuditKind::KeyRelease);
-        // The leaver is refused, audited, and nothing else is written.
+        // The leaver's own (in-flight) poll gets no key and is told it is
+        // gone: no denial, nothing written.
         let (r, fx) = c.events(2003, &m(), &session(&b), 0);
+        assert_eq!(r.unwrap_err().code, "gone");
+        assert!(fx.writes.is_empty() && fx.audit.is_empty());
+        // Once that is long past, it is any other non-member: refused, audited.
+        c.tick(2003 + GONE_SESSION_MEMORY_MS);
+        let (r, fx) = c.events(2004 + GONE_SESSION_MEMORY_MS, &m(), &session(&b), 0);
         assert_eq!(r.unwrap_err().code, "not_member");
         assert_eq!(fx.audit.len(), 1);
         assert_eq!(fx.audit[0].kind, AuditKind::Denial);

@@ -151,10 +151,15 @@ async fn three_members_join_open_keys_and_leave_rotates() {
                 .iter()
                 .all(|m| m.participant != bob.joined.participant)
         );
+        // bob's own poll after his leave: gone, not a denial; a session
+        // the meeting never had is refused and audited.
         let err = c
             .events(&bob.meeting, &bob.session(), 0, 0)
             .await
             .unwrap_err();
+        assert_eq!((err.status(), err.code()), (Some(410), Some("gone")));
+        let stranger = kms_client::Session("ab".repeat(32));
+        let err = c.events(&bob.meeting, &stranger, 0, 0).await.unwrap_err();
         assert_eq!((err.status(), err.code()), (Some(403), Some("not_member")));
         // Every release and the refusal are in a chain that verifies.
         let admin = kms.admin();
@@ -182,6 +187,12 @@ async fn three_members_join_open_keys_and_leave_rotates() {
             audit_has(&admin, |e| e.kind == AuditKind::Denial
                 && e.detail.starts_with("not_member"))
             .await
+        );
+        assert!(
+            !audit_has(&admin, |e| e.kind == AuditKind::Denial
+                && e.participant == Some(bob.joined.participant))
+            .await,
+            "bob's poll after his leave is not a denial"
         );
         assert!(admin.verify_audit().await.unwrap().ok);
         // A long poll with nothing new returns the same version, no key.

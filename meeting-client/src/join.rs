@@ -257,6 +257,12 @@ pub fn follow_events(
             };
             let ev = match polled {
                 Ok(ev) => ev,
+                Err(e) if e.code() == Some("gone") => {
+                    tracing::warn!(
+                        "the KMS says this session left or was removed: no more key updates"
+                    );
+                    return link;
+                }
                 Err(e) => {
                     tracing::debug!(error = %e, "KMS events poll failed; retrying");
                     tokio::time::sleep(Duration::from_millis(250)).await;
