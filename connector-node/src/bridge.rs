@@ -4,6 +4,7 @@
 //! the phone. The relay never returns a sender's own audio, so the mix is
 //! "minus the caller" by construction.
 
+use crate::media::mix::mix;
 use crate::meeting::{MeetingEvent, MeetingLink};
 use crate::telephony::{FRAME, PhoneLeg};
 use meeting_client::audio::{Decoder, Encoder, FRAME_SAMPLES};
@@ -51,16 +52,8 @@ pub async fn run(mut leg: PhoneLeg, mut link: MeetingLink) -> String {
         tokio::select! {
             _ = leg.ended.wait_for(|e| *e) => break "call ended".to_string(),
             _ = tick.tick() => {
-                let mut mix = vec![0i32; FRAME_SAMPLES];
-                for q in queues.values_mut() {
-                    if let Some(f) = q.pop_front() {
-                        for (m, s) in mix.iter_mut().zip(f) {
-                            *m += i32::from(s);
-                        }
-                    }
-                }
-                let mix: Vec<i16> = mix.into_iter().map(|s| s.clamp(-32768, 32767) as i16).collect();
-                let _ = leg.to_phone.try_send(downsample(&mix));
+                let mixed = mix(queues.values_mut().filter_map(VecDeque::pop_front), FRAME_SAMPLES);
+                let _ = leg.to_phone.try_send(downsample(&mixed));
             }
             f = leg.from_phone.recv() => {
                 let Some(f) = f else { break "call ended".to_string() };

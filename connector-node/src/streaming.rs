@@ -6,6 +6,7 @@
 //! it is always reaped (no zombies), and it is stopped through its own
 //! process handle, never by name.
 
+use crate::media::mix::mix;
 use crate::metrics::Metrics;
 use meeting_proto::config::connector::StreamingSettings;
 use meeting_proto::kms_api::{InvitationOutcome, OutcomeState, redacted_target};
@@ -466,16 +467,8 @@ pub async fn stream_assignment(
                 break;
             }
             _ = tick.tick() => {
-                let mut mix = vec![0i32; 960];
-                for q in queues.values_mut() {
-                    if let Some(f) = q.pop() {
-                        for (m, s) in mix.iter_mut().zip(f) {
-                            *m += i32::from(s);
-                        }
-                    }
-                }
-                let mix: Vec<i16> = mix.into_iter().map(|s| s.clamp(-32768, 32767) as i16).collect();
-                let _ = audio_tx.try_send(mix);
+                let mixed = mix(queues.values_mut().filter_map(|q| q.pop()), 960);
+                let _ = audio_tx.try_send(mixed);
             }
             ev = link.events.recv() => match ev {
                 None | Some(MeetingEvent::Left(_)) => break,

@@ -6,6 +6,7 @@
 //! `tick` (every 20 ms) mixes and `flush` (every second) seals chunks, so a
 //! killed pod leaves files that decrypt up to the last second.
 
+use crate::media::mix::mix;
 use crate::recording::container::{ChunkWriter, DataKey};
 use crate::recording::ogg::{DEFAULT_PRE_SKIP, OggOpusWriter};
 use serde::{Deserialize, Serialize};
@@ -284,18 +285,10 @@ impl Recorder {
 
     /// Every 20 ms: mix one frame of everyone into the mixed track.
     pub fn tick(&mut self) -> io::Result<()> {
-        let mut mix = vec![0i32; FRAME];
-        for t in self.tracks.values_mut() {
-            if let Some(f) = t.pcm.pop_front() {
-                for (m, s) in mix.iter_mut().zip(f) {
-                    *m += i32::from(s);
-                }
-            }
-        }
-        let pcm: Vec<i16> = mix
-            .into_iter()
-            .map(|s| s.clamp(-32768, 32767) as i16)
-            .collect();
+        let pcm = mix(
+            self.tracks.values_mut().filter_map(|t| t.pcm.pop_front()),
+            FRAME,
+        );
         let mut out = vec![0u8; 4000];
         let n = self.encoder.encode(&pcm, &mut out).map_err(opus_err)?;
         self.mixed.write_packet(&out[..n])
