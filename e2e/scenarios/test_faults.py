@@ -132,20 +132,23 @@ def assert_media_resumed(reports: dict[str, dict], share: float) -> None:
                 f"{n} decoded {got} of {other}'s {sent} audio frames: media did not resume after the fault"
 
 
-def assert_placed_again(victim: str, since_ms: int) -> None:
-    """The KMS's audit shows the meeting placed again because the relay's
-    id registered as a new process (instance), not because it timed out."""
+def assert_placed_again(victim: str, since_ms: int, reasons: tuple[str, ...]) -> None:
+    """The KMS's audit shows the meeting placed again for one of `reasons`
+    (the relay told it it is draining, or its id registered as a new
+    process), not because its heartbeats timed out."""
     moved = [e for e in audit_entries(NS) if e["kind"] == "relay" and e.get("meeting") == MEETING
-             and e["time_ms"] >= since_ms and "restarted as instance" in e["detail"]]
-    assert moved, f"no audited re-placement of {MEETING} after {victim}'s relay came back"
+             and e["time_ms"] >= since_ms and any(r in e["detail"] for r in reasons)]
+    assert moved, f"no audited re-placement of {MEETING} ({' or '.join(reasons)}) after {victim}'s fault"
     print(f"audit: {moved[0]['detail']}")
 
 
 def test_a_relay_pod_dies_mid_meeting_and_the_meeting_moves(zone):
     """The StatefulSet brings the pod back under the same name (the same
-    relay id) long before the KMS's heartbeat timeout: the KMS tells the new
-    process from the old by its registration instance and places the meeting
-    again, so the members re-join (on the new pod or the other relay)."""
+    relay id) long before the KMS's heartbeat timeout. Even a forced delete
+    sends the process SIGTERM first: if it drains long enough to tell the
+    KMS, the meeting moves to the other relay at once; otherwise the KMS
+    tells the new process from the old by its registration instance. Either
+    way the meeting is placed again and the members re-join."""
     names = start_participants(zone, duration=30)
     wait_running(names)
     victim = hosting_relay()
@@ -157,7 +160,7 @@ def test_a_relay_pod_dies_mid_meeting_and_the_meeting_moves(zone):
     for n, r in reports.items():
         assert r["rejoins"] >= 1, f"{n} never re-joined after its relay {victim} died: {r}"
     assert_media_resumed(reports, 0.4)
-    assert_placed_again(victim, deleted_ms)
+    assert_placed_again(victim, deleted_ms, ("is draining", "restarted as instance"))
     gap = max(r["max_audio_gap_ms"] for r in reports.values())
     record_figure("e2e_relay_pod_delete_audio_gap_ms", gap, "ms")
 
@@ -226,7 +229,7 @@ def test_a_crashed_relay_process_restarts_and_the_meeting_resumes(zone):
     # The kill comes about 6 s into 35 s of audio: at least 40% decoded means
     # several seconds of audio after the re-join, whatever the silence was.
     assert_media_resumed(reports, 0.4)
-    assert_placed_again(victim, killed_ms)
+    assert_placed_again(victim, killed_ms, ("restarted as instance",))
 
 
 def test_a_leaver_keeps_listening_and_cannot_decrypt_after_the_rotation(zone):
