@@ -391,12 +391,7 @@ async fn access_matrix_refuses_and_audits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invited_connector_joins_and_records() {
     tokio::time::timeout(LIMIT, async {
-        let kms = Kms::start("connector", "");
-        kms.register_relay().await;
-        let c = kms.anonymous();
-        let host = join_with_token(&c, "m1", kms.token("ada", "m1", Role::Host))
-            .await
-            .unwrap();
+        let (kms, c, host) = Kms::with_host("connector", "").await;
         let rec = kms.recorder();
         assert!(rec.assignments(0).await.unwrap().assignments.is_empty());
         // Long-poll for an assignment while the host invites.
@@ -543,12 +538,7 @@ async fn invited_connector_joins_and_records() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invitation_target_reaches_the_connector_and_never_the_audit_or_log() {
     tokio::time::timeout(LIMIT, async {
-        let kms = Kms::start("target", "");
-        kms.register_relay().await;
-        let c = kms.anonymous();
-        let host = join_with_token(&c, "m1", kms.token("ada", "m1", Role::Host))
-            .await
-            .unwrap();
+        let (kms, c, host) = Kms::with_host("target", "").await;
         let admin = kms.admin();
         let audit_len = |admin: kms_client::KmsClient| async move {
             admin.audit(0, 1000).await.unwrap().entries.len()
@@ -866,13 +856,8 @@ async fn audit_tampering_is_detected_offline_and_online() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overload_and_bad_input_get_clear_errors_and_metrics_count_them() {
     tokio::time::timeout(LIMIT, async {
-        let kms = Kms::start(
-            "limits",
-            "limits: {perIdentityRps: 1, perIdentityBurst: 3, perMeetingRps: 1000, perMeetingBurst: 1000}\n",
-        );
-        kms.register_relay().await;
-        let c = kms.anonymous();
-        let ada = join_with_token(&c, "m1", kms.token("ada", "m1", Role::Host)).await.unwrap();
+        let (kms, c, ada) = Kms::with_host("limits",
+            "limits: {perIdentityRps: 1, perIdentityBurst: 3, perMeetingRps: 1000, perMeetingBurst: 1000}\n").await;
         let mut limited = None;
         for _ in 0..6 {
             // Polling at the current version: nothing new, so no key release.
@@ -1282,12 +1267,8 @@ async fn issuer_keys_reload_without_restart() {
 async fn interval_rotation_reaches_joined_members() {
     tokio::time::timeout(LIMIT, async {
         // 10 s is the shortest interval the config accepts.
-        let kms = Kms::start("interval", "rotation: {meetingKeyIntervalS: 10}\n");
-        kms.register_relay().await;
-        let c = kms.anonymous();
-        let ada = join_with_token(&c, "m1", kms.token("ada", "m1", Role::Host))
-            .await
-            .unwrap();
+        let (kms, c, ada) =
+            Kms::with_host("interval", "rotation: {meetingKeyIntervalS: 10}\n").await;
         let bob = join_with_token(&c, "m1", kms.token("bob", "m1", Role::Participant))
             .await
             .unwrap();
@@ -1376,12 +1357,7 @@ async fn raw_post(kms: &Kms, client: &str, id: Identity, path: &str, body: &[u8]
 async fn connectors_report_invitation_outcomes_and_only_the_invited_kind_may() {
     use api::{InvitationOutcome, OutcomeState};
     tokio::time::timeout(LIMIT, async {
-        let kms = Kms::start("outcomes", "");
-        kms.register_relay().await;
-        let c = kms.anonymous();
-        let host = join_with_token(&c, "m1", kms.token("ada", "m1", Role::Host))
-            .await
-            .unwrap();
+        let (kms, c, host) = Kms::with_host("outcomes", "").await;
         let vk = vk(&kms).await;
         let inv = c
             .invite(

@@ -54,6 +54,18 @@ fn free_port() -> u16 {
 }
 
 impl Kms {
+    /// Where most tests start: a KMS (`name`, extra config lines) with one
+    /// relay registered and ada hosting meeting m1 through a token client.
+    pub async fn with_host(name: &str, config: &str) -> (Kms, KmsClient, Member) {
+        let kms = Kms::start(name, config);
+        kms.register_relay().await;
+        let c = kms.anonymous();
+        let host = join_with_token(&c, "m1", kms.token("ada", "m1", Role::Host))
+            .await
+            .unwrap();
+        (kms, c, host)
+    }
+
     /// A fresh KMS in a new temp dir; `extra` is appended to the YAML config.
     pub fn start(name: &str, extra: &str) -> Kms {
         let dir = std::env::temp_dir().join(format!("kms-it-{name}-{}", std::process::id()));
