@@ -632,6 +632,99 @@ async fn invited_recorder_records_under_a_kms_key_only_readers_decrypt() {
     .expect("test timed out");
 }
 
+/// A recorder that cannot write (here its storage is a file, not a
+/// directory) leaves the meeting at once, so nobody believes they are being
+/// recorded, and the host's roster says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorder_that_cannot_write_leaves_and_tells_the_host() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let w = World::start(TempDir::new("kms-rec-fail"));
+        let (_relay, hb) = start_relay(&w).await;
+        let people = w.client("anon", None);
+        let host_key = EphemeralKey::generate();
+        let meeting = MeetingId::new("board").unwrap();
+        let host = join_host(&w, &people, &meeting, &host_key).await;
+        let session = kms_client::Session(host.session.clone());
+        let recorder = w.client(
+            "rec0",
+            Some(
+                Identity::new(NS, Kind::Connector, "rec")
+                    .unwrap()
+                    .with_pod("rec-0")
+                    .unwrap(),
+            ),
+        );
+        let inv = people
+            .invite(&meeting, &session, ConnectorKind::Recording, None)
+            .await
+            .unwrap();
+        let assignment = recorder
+            .assignments(5000)
+            .await
+            .unwrap()
+            .assignments
+            .remove(0);
+        let storage = w._dir.0.join("not-a-directory");
+        std::fs::write(&storage, b"").unwrap();
+        let err = live::record_assignment(
+            recorder,
+            assignment,
+            &storage,
+            watch::channel(false).1,
+            &Metrics::new(),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("creating the recording files"),
+            "{err:#}"
+        );
+
+        let vk = roster_key(&people).await;
+        let mut since = 0;
+        let outcome = invitation_outcome(
+            &people,
+            &meeting,
+            &session,
+            &vk,
+            &mut since,
+            inv.invitation.id,
+        )
+        .await;
+        assert_eq!(
+            (
+                outcome.state,
+                outcome.code.as_str(),
+                outcome.message.as_str()
+            ),
+            (
+                api::OutcomeState::Failed,
+                "recording_failed",
+                "the recording failed while creating the recording files"
+            )
+        );
+        let roster = people
+            .events(&meeting, &session, 0, 5000)
+            .await
+            .unwrap()
+            .roster
+            .unwrap()
+            .verify(&vk)
+            .unwrap();
+        assert!(
+            roster
+                .members
+                .iter()
+                .all(|m| m.role.to_string() != "connector:recording"),
+            "the recorder left: {:?}",
+            roster.members
+        );
+        hb.abort();
+    })
+    .await
+    .expect("test timed out");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invited_streamer_pushes_the_meeting_to_nginx_rtmp() {
     require("ffmpeg");

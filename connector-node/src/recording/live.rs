@@ -5,6 +5,7 @@ use crate::kms::RosterView;
 use crate::meeting::{MeetingEvent, MeetingLink};
 use crate::metrics::Metrics;
 use crate::recording::recorder::{ChatLine, Manifest, Recorder, RecordingSize};
+use meeting_proto::kms_api::{InvitationOutcome, OutcomeState};
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
@@ -139,8 +140,42 @@ pub async fn record_assignment(
     let (membership, creds) = crate::kms::join_assignment(&client, &assignment)
         .await
         .context("joining with the invitation")?;
+    let (meeting, session) = (membership.meeting.clone(), membership.session.clone());
+    let shut_down = stop.clone();
+    let result = record_joined(&client, &assignment, membership, creds, base, stop, metrics).await;
+    // A recorder that stopped, for whatever reason, must not stay in the
+    // roster: the members would believe they are still being recorded.
+    if let Err(e) = client.leave(&meeting, &session).await {
+        tracing::warn!(error = %e, "KMS leave failed");
+    }
+    let outcome = match &result {
+        Err(e) => Some(failure_outcome(e)),
+        Ok(_) if *shut_down.borrow() => Some(InvitationOutcome::new(
+            OutcomeState::Ended,
+            "stopped",
+            None,
+            "the recording connector was shut down; what it recorded so far is kept",
+        )),
+        // The host removed the connector or the meeting ended: nothing to tell.
+        Ok(_) => None,
+    };
+    if let Some(outcome) = outcome {
+        crate::kms::report_outcome(&client, &assignment, outcome).await;
+    }
+    result
+}
+
+async fn record_joined(
+    client: &kms_client::KmsClient,
+    assignment: &meeting_proto::kms_api::Assignment,
+    membership: crate::kms::Membership,
+    creds: meeting_client::join::Credentials,
+    base: &std::path::Path,
+    stop: watch::Receiver<bool>,
+    metrics: &Metrics,
+) -> anyhow::Result<std::path::PathBuf> {
+    use anyhow::Context;
     let meeting = membership.meeting.clone();
-    let session = membership.session.clone();
     let link = crate::meeting::join(creds, Duration::from_secs(10))
         .await
         .context("reaching the relay")?;
@@ -151,16 +186,71 @@ pub async fn record_assignment(
         link.keys.clone(),
         roster_tx,
     ));
-    let (key, blob) = crate::kms::create_recording_key(&client, &meeting)
+    let (key, blob) = crate::kms::create_recording_key(client, &meeting)
         .await
         .context("creating the recording data key")?;
     let dir = base.join(format!("{}-{}", meeting.as_str(), assignment.invitation));
-    let rec = Recorder::create(&dir, meeting.as_str(), key, blob, now_ms())?;
+    let rec = Recorder::create(&dir, meeting.as_str(), key, blob, now_ms())
+        .context("creating the recording files")?;
     tracing::info!(meeting = %meeting, dir = %dir.display(), "recording");
-    let manifest = record(link, rec, stop, Some(roster_rx), metrics).await?;
-    if let Err(e) = client.leave(&meeting, &session).await {
-        tracing::warn!(error = %e, "KMS leave failed");
-    }
+    let manifest = record(link, rec, stop, Some(roster_rx), metrics)
+        .await
+        .context("writing the recording")?;
     tracing::info!(meeting = %meeting, participants = manifest.participants.len(), "recording finished");
     Ok(dir)
+}
+
+/// The host's view of a recording that failed: the stage it failed at, and
+/// a full disk named as such. Paths and the KMS's words stay in the logs.
+fn failure_outcome(e: &anyhow::Error) -> InvitationOutcome {
+    let full = e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::StorageFull)
+    });
+    if full {
+        return InvitationOutcome::new(
+            OutcomeState::Failed,
+            "storage_full",
+            None,
+            "the recording stopped: the pool's storage is full; what was written so far is kept",
+        );
+    }
+    // The outermost context is one of this module's fixed stage names.
+    InvitationOutcome::new(
+        OutcomeState::Failed,
+        "recording_failed",
+        None,
+        &format!("the recording failed while {e}"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use anyhow::Context;
+
+    #[test]
+    fn a_full_disk_is_named_and_other_failures_say_at_which_stage() {
+        let full: anyhow::Result<()> = Err(std::io::Error::from(std::io::ErrorKind::StorageFull))
+            .context("/var/lib/conclave/recordings/board-1/participant-3.opus.enc")
+            .context("writing the recording");
+        let o = failure_outcome(&full.unwrap_err());
+        assert_eq!(
+            (o.state, o.code.as_str()),
+            (OutcomeState::Failed, "storage_full")
+        );
+        assert!(!o.message.contains("/var/lib"), "{o}");
+
+        let denied: anyhow::Result<()> =
+            Err(std::io::Error::from(std::io::ErrorKind::PermissionDenied))
+                .context("/var/lib/conclave/recordings/board-1")
+                .context("creating the recording files");
+        let o = failure_outcome(&denied.unwrap_err());
+        assert_eq!(o.code, "recording_failed");
+        assert_eq!(
+            o.message,
+            "the recording failed while creating the recording files"
+        );
+        assert_eq!(o.check(), Ok(()));
+    }
 }
