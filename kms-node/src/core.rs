@@ -3,9 +3,10 @@
 //! principals in, and get back a result plus [`Effects`] (store writes and
 //! audit records) that must be committed before the result is answered.
 //!
-//! Crypto that costs real CPU (HPKE sealing, ticket signing) is left to the
-//! caller, outside the lock that guards this state: grants carry the key to
-//! seal and the caller seals it.
+//! Crypto that costs real CPU (HPKE sealing, ticket and roster signing) is
+//! left to the caller, outside the lock that guards this state: grants carry
+//! the key to seal and the caller seals it, and rosters are signed on first
+//! use ([`RosterVersion::signed`]).
 
 use crate::audit::AuditRecord;
 use crate::keys::{KeyError, KeyRing, Purpose, SecretKey, StoredKek};
@@ -20,7 +21,7 @@ use meeting_proto::kms_api::{
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// A refusal: HTTP status, stable code and a message without secrets.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -181,7 +182,33 @@ struct Meeting {
     /// Sessions that left or were removed, with when: their last long poll
     /// is still in flight when they go, and its answer is no denial.
     gone: HashMap<[u8; 32], u64>,
-    signed: Option<(u64, Arc<SignedRoster>)>,
+    signed: Option<(u64, Arc<RosterVersion>)>,
+}
+
+/// One roster version, signed once, by whoever needs it first, after the
+/// core lock is released: serializing and signing a roster of a few dozen
+/// members costs as much as the rest of a join's state change, and every
+/// join makes a new version.
+pub struct RosterVersion {
+    roster: Roster,
+    key: Arc<SigningKey>,
+    signed: OnceLock<SignedRoster>,
+}
+
+impl RosterVersion {
+    pub fn signed(&self) -> &SignedRoster {
+        self.signed
+            .get_or_init(|| SignedRoster::sign(&self.roster, &self.key).expect("roster serializes"))
+    }
+}
+
+impl std::fmt::Debug for RosterVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RosterVersion")
+            .field("meeting", &self.roster.meeting)
+            .field("version", &self.roster.version)
+            .finish_non_exhaustive()
+    }
 }
 
 /// How long a gone session's poll gets `gone` rather than `not_member`.
@@ -233,7 +260,7 @@ pub struct JoinGrant {
     pub sender_index: u16,
     /// Session secret, returned once; only its hash is kept.
     pub session: String,
-    pub roster: Arc<SignedRoster>,
+    pub roster: Arc<RosterVersion>,
     pub release: Release,
     pub placement: Placement,
 }
@@ -241,7 +268,7 @@ pub struct JoinGrant {
 #[derive(Debug)]
 pub struct EventsGrant {
     pub version: u64,
-    pub roster: Option<Arc<SignedRoster>>,
+    pub roster: Option<Arc<RosterVersion>>,
     pub release: Option<Release>,
     pub placement: Option<(Placement, ParticipantId, u16)>,
 }
@@ -261,7 +288,7 @@ pub struct CoreConfig {
 pub struct Core {
     config: CoreConfig,
     keys: KeyRing,
-    signing: SigningKey,
+    signing: Arc<SigningKey>,
     meetings: HashMap<MeetingId, Meeting>,
     open_invitations: BTreeSet<(ConnectorKind, MeetingId, u64)>,
     tokens: HashMap<[u8; 32], u64>,
@@ -310,7 +337,7 @@ impl Core {
             relays: Relays::new(config.relay_timeout_ms),
             config,
             keys,
-            signing,
+            signing: Arc::new(signing),
             meetings: HashMap::new(),
             open_invitations: BTreeSet::new(),
             tokens: loaded.tokens.into_iter().collect(),
@@ -376,16 +403,18 @@ impl Core {
         self.relays.live_count(now_ms)
     }
 
-    fn signed_roster(&mut self, meeting: &MeetingId, now_ms: u64) -> Arc<SignedRoster> {
+    fn roster_version(&mut self, meeting: &MeetingId, now_ms: u64) -> Arc<RosterVersion> {
         let m = self.meetings.get_mut(meeting).expect("caller checked");
         if let Some((v, signed)) = &m.signed
             && *v == m.record.version
         {
             return signed.clone();
         }
-        let signed = Arc::new(
-            SignedRoster::sign(&m.roster(now_ms), &self.signing).expect("roster serializes"),
-        );
+        let signed = Arc::new(RosterVersion {
+            roster: m.roster(now_ms),
+            key: self.signing.clone(),
+            signed: OnceLock::new(),
+        });
         m.signed = Some((m.record.version, signed.clone()));
         signed
     }
@@ -704,7 +733,7 @@ impl Core {
             .epoch(epoch),
         );
         fx.changed.push(meeting.clone());
-        let roster = self.signed_roster(meeting, now_ms);
+        let roster = self.roster_version(meeting, now_ms);
         Ok(JoinGrant {
             participant,
             sender_index,
@@ -821,7 +850,7 @@ impl Core {
             fx.changed.push(meeting.clone());
         }
         let version = m.record.version;
-        let roster = (version > since).then(|| self.signed_roster(meeting, now_ms));
+        let roster = (version > since).then(|| self.roster_version(meeting, now_ms));
         let placement = if version > since {
             placement.map(|p| (p, participant, sender))
         } else {
@@ -936,7 +965,7 @@ impl Core {
         session: &[u8; 32],
         kind: ConnectorKind,
         target: Option<String>,
-    ) -> (Result<(Invitation, Arc<SignedRoster>), Denial>, Effects) {
+    ) -> (Result<(Invitation, Arc<RosterVersion>), Denial>, Effects) {
         let mut fx = Effects::default();
         let r = self
             .host_of(meeting, session, &mut fx)
@@ -990,7 +1019,7 @@ impl Core {
                     .participant(host),
                 );
                 fx.changed.push(meeting.clone());
-                (invitation, self.signed_roster(meeting, now_ms))
+                (invitation, self.roster_version(meeting, now_ms))
             });
         (r, fx)
     }
@@ -1355,10 +1384,10 @@ impl Core {
         }
     }
 
-    pub fn roster(&mut self, meeting: &MeetingId, now_ms: u64) -> Option<Arc<SignedRoster>> {
+    pub fn roster(&mut self, meeting: &MeetingId, now_ms: u64) -> Option<Arc<RosterVersion>> {
         self.meetings
             .contains_key(meeting)
-            .then(|| self.signed_roster(meeting, now_ms))
+            .then(|| self.roster_version(meeting, now_ms))
     }
 
     /// Time-driven work: interval rotation of meeting keys, KEK rotation and
@@ -1580,7 +1609,11 @@ mod tests {
         let d = join(&mut c, "dan", Role::Participant, 3);
         assert_eq!(d.release.epoch, 3);
         assert_ne!(a.sender_index, b.sender_index);
-        let roster = d.roster.verify(&c.signing_key().verifying_key()).unwrap();
+        let roster = d
+            .roster
+            .signed()
+            .verify(&c.signing_key().verifying_key())
+            .unwrap();
         assert_eq!((roster.members.len(), roster.epoch), (3, 3));
         assert_eq!(a.placement.relay, "z/r0");
         // The members get the newcomer's epoch through their events.
@@ -1589,6 +1622,7 @@ mod tests {
             (
                 &b,
                 b.roster
+                    .signed()
                     .verify(&c.signing_key().verifying_key())
                     .unwrap()
                     .version,
@@ -1754,7 +1788,11 @@ mod tests {
             display_name: Some("Phone …4567".into()),
         };
         let g = c.join(1000, &m(), joiner, [7; 32]).0.unwrap();
-        let roster = g.roster.verify(&c.signing_key().verifying_key()).unwrap();
+        let roster = g
+            .roster
+            .signed()
+            .verify(&c.signing_key().verifying_key())
+            .unwrap();
         let member = roster
             .members
             .iter()
@@ -1772,7 +1810,10 @@ mod tests {
         let host = join(&mut c, "ada", Role::Host, 1);
         let (r, _) = c.invite(1000, &m(), &session(&host), ConnectorKind::Recording, None);
         let (inv, roster) = r.unwrap();
-        let roster = roster.verify(&c.signing_key().verifying_key()).unwrap();
+        let roster = roster
+            .signed()
+            .verify(&c.signing_key().verifying_key())
+            .unwrap();
         assert_eq!(roster.invitations, vec![inv.clone()]);
         assert_eq!(c.assignments(ConnectorKind::Recording).len(), 1);
         assert!(c.assignments(ConnectorKind::Telephony).is_empty());
@@ -1799,7 +1840,11 @@ mod tests {
             [7; 32],
         );
         let g = r.unwrap();
-        let roster = g.roster.verify(&c.signing_key().verifying_key()).unwrap();
+        let roster = g
+            .roster
+            .signed()
+            .verify(&c.signing_key().verifying_key())
+            .unwrap();
         let member = roster
             .members
             .iter()
@@ -1846,7 +1891,7 @@ mod tests {
             Some("sip:+15551234567@pbx.example.com".into()),
         );
         let (inv, roster) = r.unwrap();
-        let before = roster.verify(&vk).unwrap().version;
+        let before = roster.signed().verify(&vk).unwrap().version;
         let (r, _) = c.invite(1000, &m(), &session(&host), ConnectorKind::Recording, None);
         let (rec_inv, _) = r.unwrap();
         let phones = "conclave://ns/connector/phones/phones-0";
@@ -1958,7 +2003,14 @@ mod tests {
         assert_eq!(r.unwrap_err().code, "not_invited");
         // The host's next event is the roster showing the outcome.
         let (r, _) = c.events(2000, &m(), &session(&host), before + 1);
-        let roster = r.unwrap().unwrap().roster.unwrap().verify(&vk).unwrap();
+        let roster = r
+            .unwrap()
+            .unwrap()
+            .roster
+            .unwrap()
+            .signed()
+            .verify(&vk)
+            .unwrap();
         let shown = roster.invitations.iter().find(|i| i.id == inv.id).unwrap();
         assert_eq!(shown.outcome.as_ref(), Some(&busy));
         // The first outcome stands.
@@ -2026,7 +2078,7 @@ mod tests {
         );
         let (inv, roster) = r.unwrap();
         // Members see the invitation, not the stream key.
-        assert!(!roster.roster_json.contains("SECRET"));
+        assert!(!roster.signed().roster_json.contains("SECRET"));
         let audited = &fx.audit[0];
         assert_eq!(audited.kind, AuditKind::Invitation);
         assert_eq!(
@@ -2155,7 +2207,7 @@ mod tests {
                 loaded.members.push((m.record.id.clone(), member.clone()));
             }
         }
-        Core::new(c.config.clone(), keys, c.signing.clone(), loaded).unwrap()
+        Core::new(c.config.clone(), keys, (*c.signing).clone(), loaded).unwrap()
     }
 
     #[test]

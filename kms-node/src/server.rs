@@ -613,7 +613,7 @@ async fn join(
             participant: g.participant,
             session: g.session,
             sender_index: g.sender_index,
-            roster: (*g.roster).clone(),
+            roster: g.roster.signed().clone(),
             key,
             relay,
         })
@@ -677,7 +677,7 @@ async fn events(
             };
             return Ok(Json(api::EventsResponse {
                 version: g.version,
-                roster: g.roster.map(|r| (*r).clone()),
+                roster: g.roster.map(|r| r.signed().clone()),
                 key,
                 relay,
             }));
@@ -736,7 +736,7 @@ async fn invite(
         .await?;
     Ok(Json(api::InviteResponse {
         invitation,
-        roster: (*roster).clone(),
+        roster: roster.signed().clone(),
     }))
 }
 
@@ -1124,7 +1124,7 @@ async fn roster_export(
             )
         })
         .await?;
-    Ok(Json((*roster).clone()))
+    Ok(Json(roster.signed().clone()))
 }
 
 async fn info(State(s): State<Arc<Shared>>) -> Json<api::InfoResponse> {
