@@ -47,8 +47,9 @@ pub enum Write {
     Meeting(MeetingId, Vec<u8>),
     Member(MeetingId, ParticipantId, Option<Vec<u8>>),
     Token([u8; 32], u64),
-    /// A remembered join token expired: it can no longer be replayed anyway.
-    ForgetToken([u8; 32]),
+    /// A remembered join token (hash, expiry) expired: it can no longer be
+    /// replayed anyway.
+    ForgetToken([u8; 32], u64),
     Recording(String, Vec<u8>),
     Kek(StoredKek),
 }
@@ -1449,15 +1450,15 @@ impl Core {
         let now_s = now_ms / 1000;
         // Tokens are remembered until they expire (plus clock skew), so a
         // replay is refused for as long as the token itself would be accepted.
-        let expired: Vec<[u8; 32]> = self
+        let expired: Vec<([u8; 32], u64)> = self
             .tokens
             .iter()
             .filter(|(_, exp)| **exp + 300 < now_s)
-            .map(|(h, _)| *h)
+            .map(|(h, exp)| (*h, *exp))
             .collect();
-        for h in expired {
+        for (h, exp) in expired {
             self.tokens.remove(&h);
-            fx.writes.push(Write::ForgetToken(h));
+            fx.writes.push(Write::ForgetToken(h, exp));
         }
         fx
     }
@@ -1728,7 +1729,7 @@ mod tests {
     fn remembered_tokens_are_forgotten_after_expiry() {
         let mut c = core();
         join(&mut c, "ada", Role::Host, 1);
-        let forgot = |fx: &Effects| fx.writes.contains(&Write::ForgetToken([1; 32]));
+        let forgot = |fx: &Effects| fx.writes.contains(&Write::ForgetToken([1; 32], 10_000));
         assert!(!forgot(&c.tick(1_000_000)));
         assert!(forgot(&c.tick(10_301_000)));
         // Once forgotten the token is expired anyway: the verifier refuses it.
