@@ -26,6 +26,6 @@ trap teardown EXIT
 timed cluster-up "$REPO_ROOT/e2e/cluster/up.sh"
 CONCLAVE_E2E=1 timed images "$REPO_ROOT/e2e/images.sh" "${TAG:-e2e}"
 export KUBECONFIG=$KUBECONFIG_FILE CONCLAVE_IMAGE_TAG=${TAG:-e2e}
-timed e2e-scenarios "$VENV/bin/python" -m pytest -v -p no:cacheprovider "$REPO_ROOT/e2e/tests" "$REPO_ROOT/e2e/scenarios" "$@"
+timed e2e-scenarios "$VENV/bin/python" -m pytest -v -p no:cacheprovider --durations=25 "$REPO_ROOT/e2e/tests" "$REPO_ROOT/e2e/scenarios" "$@"
 # Last, as it kills the cluster: the next cluster-up must recover from that.
 timed stale-state-recovery "$VENV/bin/python" -m pytest -v -p no:cacheprovider "$REPO_ROOT/e2e/recovery"
