@@ -1322,7 +1322,17 @@ async fn ticker(s: Arc<Shared>) {
     }
 }
 
-/// Serves the API until the process is stopped.
+/// How long a stopping KMS lets open connections finish the request they
+/// are serving. Writes are committed before they are answered, so a request
+/// cut off after this is one its client never saw acknowledged; long polls
+/// (up to 25 s) are what it cuts.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Serves the API until SIGTERM or SIGINT, then stops accepting, reports
+/// not ready, lets open connections finish their request (at most
+/// [`SHUTDOWN_GRACE`]) and returns. In a container the KMS is PID 1, which
+/// the kernel does not stop on SIGTERM by default: without this a pod
+/// deletion waited for the kubelet's SIGKILL (30 s).
 pub async fn serve(config: KmsConfig) -> anyhow::Result<()> {
     let tls_files = conclave_pki::TlsFiles {
         cert: config.tls.cert_file.clone(),
@@ -1352,20 +1362,31 @@ pub async fn serve(config: KmsConfig) -> anyhow::Result<()> {
     tokio::spawn(ticker(shared.clone()));
     let app = router(shared.clone());
     shared.metrics.ready.set(1);
+    let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
+    let mut signal = std::pin::pin!(shutdown_signal());
     loop {
-        let (tcp, remote) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
+        while connections.try_join_next().is_some() {}
+        let (tcp, remote) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            signal = &mut signal => {
+                signal?;
+                break;
             }
         };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let app = app.clone();
         let shared = shared.clone();
-        tokio::spawn(async move {
+        let mut stopping = stopping.clone();
+        connections.spawn(async move {
             let tls =
                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => tls,
@@ -1385,9 +1406,49 @@ pub async fn serve(config: KmsConfig) -> anyhow::Result<()> {
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
                 .serve_connection(hyper_util::rt::TokioIo::new(tls), svc);
-            if let Err(e) = conn.await {
+            let mut conn = std::pin::pin!(conn);
+            let ended = tokio::select! {
+                ended = conn.as_mut() => ended,
+                // The Ref that wait_for returns is not Send: drop it inside.
+                () = async { drop(stopping.wait_for(|s| *s).await) } => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = ended {
                 tracing::debug!(%remote, error = %e, "connection ended with an error");
             }
         });
     }
+    shared.metrics.ready.set(0);
+    let open = connections.len();
+    tracing::info!(
+        open,
+        "shutdown requested: no new connections, finishing open requests"
+    );
+    let _ = stopping_tx.send(true);
+    let finished = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await
+    .is_ok();
+    if !finished {
+        tracing::info!(
+            cut = connections.len(),
+            "connections still open after the grace period are closed"
+        );
+    }
+    tracing::info!("kms stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
 }

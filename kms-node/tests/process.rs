@@ -388,6 +388,42 @@ async fn access_matrix_refuses_and_audits() {
     .unwrap();
 }
 
+/// SIGTERM (a pod deletion) stops the KMS cleanly and at once: a long
+/// poll in flight does not hold it, it exits 0 rather than by the signal
+/// (as PID 1 in a container it would otherwise wait for the SIGKILL), and
+/// what it acknowledged is there after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_the_kms_cleanly() {
+    tokio::time::timeout(LIMIT, async {
+        let (mut kms, c, ada) = Kms::with_host("sigterm", "").await;
+        let poll = tokio::spawn({
+            let (c, meeting, session) = (c.clone(), ada.meeting.clone(), ada.session());
+            async move {
+                let now = c.events(&meeting, &session, 0, 0).await?.version;
+                c.events(&meeting, &session, now, 25_000).await
+            }
+        });
+        // Give the poll time to reach the server; one that has not is
+        // refused by the stopped server, which the checks below allow too.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let status = tokio::task::block_in_place(|| kms.terminate());
+        assert_eq!(status.code(), Some(0), "{status:?}\n{}", kms.log());
+        let log = kms.log();
+        assert!(log.contains("shutdown requested"), "{log}");
+        assert!(log.contains("kms stopped"), "{log}");
+        assert!(
+            poll.await.unwrap().is_err(),
+            "the long poll was cut, not answered"
+        );
+        kms.restart();
+        c.events(&ada.meeting, &ada.session(), 0, 0)
+            .await
+            .expect("ada's join survived the shutdown");
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invited_connector_joins_and_records() {
     tokio::time::timeout(LIMIT, async {
