@@ -281,6 +281,7 @@ pub async fn serve_legs(
     mut legs: tokio::sync::mpsc::Receiver<PhoneLeg>,
     telephony: crate::telephony::Telephony,
     plan: DialOut,
+    mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     use meeting_proto::kms_api::Assignment;
     use std::sync::{Arc, Mutex};
@@ -343,7 +344,24 @@ pub async fn serve_legs(
             .get_mut(m)
             .and_then(VecDeque::pop_front)
     };
-    while let Some(leg) = legs.recv().await {
+    let mut sessions = tokio::task::JoinSet::new();
+    loop {
+        let leg = tokio::select! {
+            leg = legs.recv() => match leg {
+                Some(leg) => leg,
+                None => break,
+            },
+            // A dropped switch never stops the pool. (The Ref that wait_for
+            // returns is not Send: dropped inside.)
+            Ok(()) = async { stop.wait_for(|s| *s).await.map(drop) } => {
+                // Each leg's task leaves its meeting and reports call_ended
+                // once its call is over.
+                telephony.hangup_all().await;
+                crate::service::finish_sessions(&mut sessions).await;
+                break;
+            }
+        };
+        while sessions.try_join_next().is_some() {}
         let mut assignment = take(&open, leg.meeting.as_str());
         if assignment.is_none() {
             // The invitation may be newer than the poller's last answer: ask now.
@@ -358,7 +376,7 @@ pub async fn serve_legs(
             telephony.hangup(leg.call).await;
             continue;
         };
-        tokio::spawn(connect_leg(client.clone(), telephony.clone(), leg, a));
+        sessions.spawn(connect_leg(client.clone(), telephony.clone(), leg, a));
     }
     poller.abort();
 }

@@ -114,22 +114,13 @@ pub async fn run(cfg: ConnectorConfig, metrics: Arc<Metrics>) -> anyhow::Result<
                 trunk: sip.trunk.clone(),
                 tls: t == Transport::Tls,
             };
-            crate::bridge::serve_legs(kms, legs, tel, plan).await;
+            crate::bridge::serve_legs(kms, legs, tel, plan, stop_on_signal()?).await;
             Ok(())
         }
         ConnectorKind::Recording => {
             let rs = cfg.recording.as_ref().context("recording section")?;
             let client = kms_client(&cfg)?;
-            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-            tokio::spawn(async move {
-                // SIGTERM (pod deletion) closes every recording cleanly.
-                if let Ok(mut term) =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                {
-                    term.recv().await;
-                    let _ = stop_tx.send(true);
-                }
-            });
+            let stop_rx = stop_on_signal()?;
             // The one full scan: from here on the recorders report what they
             // write and the sweep what it deletes. Before the sweep starts, so
             // nothing is deleted between being counted and being subtracted.
@@ -165,9 +156,13 @@ pub async fn run(cfg: ConnectorConfig, metrics: Arc<Metrics>) -> anyhow::Result<
             tracing::info!(pool = %cfg.pool, dir = %rs.dir.display(), "recording connector waiting for assignments");
             let mut stop = stop_rx.clone();
             let mut started = std::collections::HashSet::new();
+            let mut sessions = tokio::task::JoinSet::new();
             loop {
                 tokio::select! {
-                    _ = stop.wait_for(|s| *s) => return Ok(()),
+                    _ = stop.wait_for(|s| *s) => {
+                        finish_sessions(&mut sessions).await;
+                        return Ok(());
+                    }
                     r = client.assignments(25_000) => match r {
                         Ok(r) => {
                             let pending = !r.assignments.is_empty();
@@ -178,13 +173,14 @@ pub async fn run(cfg: ConnectorConfig, metrics: Arc<Metrics>) -> anyhow::Result<
                                 }
                                 let (client, base, stop, metrics) =
                                     (client.clone(), rs.dir.clone(), stop_rx.clone(), metrics.clone());
-                                tokio::spawn(async move {
+                                sessions.spawn(async move {
                                     let meeting = a.meeting.clone();
                                     if let Err(e) = crate::recording::live::record_assignment(client, a, &base, stop, &metrics).await {
                                         tracing::warn!(meeting = %meeting, error = %format!("{e:#}"), "recording failed");
                                     }
                                 });
                             }
+                            while sessions.try_join_next().is_some() {}
                             if pending {
                                 tokio::time::sleep(crate::bridge::ASSIGNMENT_REPOLL).await;
                             }
@@ -200,15 +196,7 @@ pub async fn run(cfg: ConnectorConfig, metrics: Arc<Metrics>) -> anyhow::Result<
         ConnectorKind::LiveStreaming => {
             let ss = cfg.streaming.clone().context("streaming section")?;
             let client = kms_client(&cfg)?;
-            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-            tokio::spawn(async move {
-                if let Ok(mut term) =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                {
-                    term.recv().await;
-                    let _ = stop_tx.send(true);
-                }
-            });
+            let stop_rx = stop_on_signal()?;
             let base = ss
                 .allowed_targets
                 .first()
@@ -217,9 +205,13 @@ pub async fn run(cfg: ConnectorConfig, metrics: Arc<Metrics>) -> anyhow::Result<
             tracing::info!(pool = %cfg.pool, "streaming connector waiting for assignments");
             let mut stop = stop_rx.clone();
             let mut started = std::collections::HashSet::new();
+            let mut sessions = tokio::task::JoinSet::new();
             loop {
                 tokio::select! {
-                    _ = stop.wait_for(|s| *s) => return Ok(()),
+                    _ = stop.wait_for(|s| *s) => {
+                        finish_sessions(&mut sessions).await;
+                        return Ok(());
+                    }
                     r = client.assignments(25_000) => match r {
                         Ok(r) => {
                             let pending = !r.assignments.is_empty();
@@ -232,13 +224,14 @@ pub async fn run(cfg: ConnectorConfig, metrics: Arc<Metrics>) -> anyhow::Result<
                                 let target = format!("{}/{}", base.trim_end_matches('/'), a.meeting.as_str());
                                 let (client, ss, stop, metrics) =
                                     (client.clone(), ss.clone(), stop_rx.clone(), metrics.clone());
-                                tokio::spawn(async move {
+                                sessions.spawn(async move {
                                     let meeting = a.meeting.clone();
                                     if let Err(e) = crate::streaming::stream_assignment(client, a, &ss, &target, stop, metrics).await {
                                         tracing::warn!(meeting = %meeting, error = %format!("{e:#}"), "streaming failed");
                                     }
                                 });
                             }
+                            while sessions.try_join_next().is_some() {}
                             if pending {
                                 tokio::time::sleep(crate::bridge::ASSIGNMENT_REPOLL).await;
                             }
@@ -252,6 +245,49 @@ pub async fn run(cfg: ConnectorConfig, metrics: Arc<Metrics>) -> anyhow::Result<
             }
         }
     }
+}
+
+/// SIGTERM (a pod deletion) or SIGINT, as a flag every session watches. In
+/// its container the connector is PID 1, which the kernel does not stop on
+/// SIGTERM: without this a pod deletion waited for the kubelet's SIGKILL.
+fn stop_on_signal() -> anyhow::Result<tokio::sync::watch::Receiver<bool>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (mut term, mut int) = (
+        signal(SignalKind::terminate())?,
+        signal(SignalKind::interrupt())?,
+    );
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        let _ = stop_tx.send(true);
+    });
+    Ok(stop_rx)
+}
+
+/// How long a stopping connector waits for its sessions to end cleanly
+/// (files closed, meetings left, outcomes reported): well inside the pool
+/// pods' 60 s termination grace period.
+pub const SESSION_CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Waits for the sessions in progress, which have seen the stop, to end.
+pub(crate) async fn finish_sessions<T: 'static>(sessions: &mut tokio::task::JoinSet<T>) {
+    let open = sessions.len();
+    tracing::info!(open, "shutdown requested: ending the sessions in progress");
+    let ended = tokio::time::timeout(SESSION_CLOSE_GRACE, async {
+        while sessions.join_next().await.is_some() {}
+    })
+    .await
+    .is_ok();
+    if !ended {
+        tracing::warn!(
+            cut = sessions.len(),
+            "sessions still open after the grace period are cut"
+        );
+    }
+    tracing::info!("connector stopped");
 }
 
 fn kms_client(cfg: &ConnectorConfig) -> anyhow::Result<kms_client::KmsClient> {

@@ -134,6 +134,8 @@ enum Control {
         reply: oneshot::Sender<Result<PhoneLeg, DialError>>,
     },
     Hangup(CallRef),
+    /// The connector is stopping: end every call, answered or still ringing.
+    HangupAll,
 }
 
 /// Handle for dial-out requests (from the host, through the KMS).
@@ -147,6 +149,7 @@ impl std::fmt::Debug for Control {
         match self {
             Control::Dial { uri, .. } => write!(f, "Dial({uri})"),
             Control::Hangup(c) => write!(f, "Hangup({c:?})"),
+            Control::HangupAll => f.write_str("HangupAll"),
         }
     }
 }
@@ -176,6 +179,11 @@ impl Telephony {
     /// End a call (the host removed the phone, or the meeting ended).
     pub async fn hangup(&self, call: CallRef) {
         let _ = self.control.send(Control::Hangup(call)).await;
+    }
+
+    /// End every call (BYE, or CANCEL while ringing): the connector is stopping.
+    pub async fn hangup_all(&self) {
+        let _ = self.control.send(Control::HangupAll).await;
     }
 }
 
@@ -220,6 +228,12 @@ pub fn start(
                         Some(Control::Dial { peer, uri, meeting, reply }) => (peer, uri, meeting, reply),
                         Some(Control::Hangup(call)) => {
                             let _ = sip.commands.send(Command::Hangup(call)).await;
+                            continue;
+                        }
+                        Some(Control::HangupAll) => {
+                            for call in live.keys().chain(pending.keys()).copied().collect::<Vec<_>>() {
+                                let _ = sip.commands.send(Command::Hangup(call)).await;
+                            }
                             continue;
                         }
                         None => {

@@ -310,14 +310,14 @@ async fn send_tone(link: &meeting::MeetingLink, secs: f64) {
 /// A SIP connector pool (`telephony` or `roomSystem`) on 127.0.0.1 that
 /// serves the KMS's assignments with the certificate of pool `pool` (pod
 /// `<pool>-0`), mapping dialled numbers or users to meetings. Returns its
-/// SIP (UDP) port.
+/// SIP (UDP) port and its stop switch (what SIGTERM sets in the binary).
 async fn sip_pool(
     w: &World,
     pool: &str,
     kind: ConnectorKind,
     dial_in: &[(&str, &MeetingId)],
     media_timeout: Duration,
-) -> u16 {
+) -> (u16, watch::Sender<bool>) {
     use connector_node::sip::{transport, ua};
     let client = w.client(
         &format!("{pool}0"),
@@ -366,13 +366,15 @@ async fn sip_pool(
         std::sync::Arc::new(Metrics::new()),
         legs_tx,
     );
+    let (stop_tx, stop) = watch::channel(false);
     tokio::spawn(connector_node::bridge::serve_legs(
         client,
         legs_rx,
         tel,
         Default::default(),
+        stop,
     ));
-    port
+    (port, stop_tx)
 }
 
 /// Follows the meeting's signed roster from version `since` until a member
@@ -884,7 +886,7 @@ async fn invited_phone_bridges_a_baresip_caller_into_the_meeting() {
         let session = kms_client::Session(host.session.clone());
         // The telephony connector: SIP on 127.0.0.1, +15550100 -> standup;
         // short media timeout, so a killed phone leaves the meeting quickly.
-        let sip_port = sip_pool(
+        let (sip_port, _stop) = sip_pool(
             &w,
             "phones",
             ConnectorKind::Telephony,
@@ -1025,7 +1027,7 @@ async fn host_invites_a_phone_by_sip_uri_and_the_connector_dials_out() {
         let meeting = MeetingId::new("callout").unwrap();
         let host = join_host(&w, &people, &meeting, &host_key).await;
         let session = kms_client::Session(host.session.clone());
-        sip_pool(
+        let (_, _stop) = sip_pool(
             &w,
             "phones",
             ConnectorKind::Telephony,
@@ -1198,7 +1200,7 @@ async fn a_room_system_joins_under_its_sip_display_name() {
         let meeting = MeetingId::new("huddle").unwrap();
         let host = join_host(&w, &people, &meeting, &host_key).await;
         let session = kms_client::Session(host.session.clone());
-        let sip_port = sip_pool(
+        let (sip_port, stop) = sip_pool(
             &w,
             "rooms",
             ConnectorKind::RoomSystem,
@@ -1221,7 +1223,7 @@ async fn a_room_system_joins_under_its_sip_display_name() {
             Some(meeting::MeetingEvent::Joined)
         );
         let (wav, room_dir) = sip_peer_files(&w, "room.wav");
-        let _room = common::Baresip::start_as(
+        let mut room_system = common::Baresip::start_as(
             &room_dir,
             &wav,
             common::BaresipOpts {
@@ -1269,6 +1271,36 @@ async fn a_room_system_joins_under_its_sip_display_name() {
             best > 0.7,
             "the meeting does not hear the room system (ratio {best:.2}, {} samples)",
             heard.len()
+        );
+        // The pool stops (its pod is deleted): the call is hung up with a
+        // BYE, and the room leaves the roster with the call's outcome.
+        stop.send(true).unwrap();
+        let outcome = invitation_outcome(&people, &meeting, &session, &vk, &mut since, 1).await;
+        assert_eq!(
+            (outcome.state, outcome.code.as_str()),
+            (api::OutcomeState::Ended, "call_ended"),
+            "{outcome}"
+        );
+        let roster = people
+            .events(&meeting, &session, 0, 0)
+            .await
+            .unwrap()
+            .roster
+            .unwrap()
+            .verify(&vk)
+            .unwrap();
+        assert!(
+            roster
+                .members
+                .iter()
+                .all(|m| m.participant != room.participant),
+            "the room left: {:?}",
+            roster.members
+        );
+        assert!(
+            room_system.wait_for_log("terminated", Duration::from_secs(10)),
+            "the room system got no BYE:\n{}",
+            room_system.log()
         );
         link.leave();
         hb.abort();

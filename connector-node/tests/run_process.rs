@@ -94,7 +94,7 @@ fn start_pool(
 fn telephony_pool_serves_sip_metrics_and_health() {
     let dir = TempDir::new("run-tel");
     let sip_port = common::free_port();
-    let (_p, metrics_port, _) = start_pool(
+    let (mut pool, metrics_port, log) = start_pool(
         &dir,
         "telephony",
         "phones",
@@ -148,6 +148,28 @@ fn telephony_pool_serves_sip_metrics_and_health() {
         "{metrics}"
     );
     assert!(metrics.contains("# TYPE conclave_connector_phone_legs_active gauge"));
+    // SIGTERM (pod deletion) ends it cleanly: exit 0, not death by the
+    // signal (which PID 1 in a container would ignore until SIGKILL).
+    let status = terminate(&mut pool);
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}\n{log}");
+    assert!(log.contains("connector stopped"), "{log}");
+}
+
+/// SIGTERM, then waits (at most 30 s) for the process to exit.
+fn terminate(p: &mut Proc) -> std::process::ExitStatus {
+    let sent = Command::new("kill")
+        .args(["-TERM", &p.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success(), "kill -TERM failed");
+    for _ in 0..300 {
+        if let Some(status) = p.0.try_wait().unwrap() {
+            return status;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("connector-node did not exit within 30 s of SIGTERM");
 }
 
 /// A recording pool process finds what earlier pods left on its volume (one
