@@ -247,21 +247,12 @@ pub async fn run(cfg: ConnectorConfig, metrics: Arc<Metrics>) -> anyhow::Result<
     }
 }
 
-/// SIGTERM (a pod deletion) or SIGINT, as a flag every session watches. In
-/// its container the connector is PID 1, which the kernel does not stop on
-/// SIGTERM: without this a pod deletion waited for the kubelet's SIGKILL.
+/// SIGTERM (a pod deletion) or SIGINT, as a flag every session watches.
 fn stop_on_signal() -> anyhow::Result<tokio::sync::watch::Receiver<bool>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (mut term, mut int) = (
-        signal(SignalKind::terminate())?,
-        signal(SignalKind::interrupt())?,
-    );
+    let mut signals = conclave_shutdown::Signals::listen()?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
+        signals.recv().await;
         let _ = stop_tx.send(true);
     });
     Ok(stop_rx)
@@ -276,16 +267,9 @@ pub const SESSION_CLOSE_GRACE: std::time::Duration = std::time::Duration::from_s
 pub(crate) async fn finish_sessions<T: 'static>(sessions: &mut tokio::task::JoinSet<T>) {
     let open = sessions.len();
     tracing::info!(open, "shutdown requested: ending the sessions in progress");
-    let ended = tokio::time::timeout(SESSION_CLOSE_GRACE, async {
-        while sessions.join_next().await.is_some() {}
-    })
-    .await
-    .is_ok();
-    if !ended {
-        tracing::warn!(
-            cut = sessions.len(),
-            "sessions still open after the grace period are cut"
-        );
+    let cut = conclave_shutdown::join_within(sessions, SESSION_CLOSE_GRACE).await;
+    if cut > 0 {
+        tracing::warn!(cut, "sessions still open after the grace period are cut");
     }
     tracing::info!("connector stopped");
 }

@@ -1330,9 +1330,7 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Serves the API until SIGTERM or SIGINT, then stops accepting, reports
 /// not ready, lets open connections finish their request (at most
-/// [`SHUTDOWN_GRACE`]) and returns. In a container the KMS is PID 1, which
-/// the kernel does not stop on SIGTERM by default: without this a pod
-/// deletion waited for the kubelet's SIGKILL (30 s).
+/// [`SHUTDOWN_GRACE`]) and returns.
 pub async fn serve(config: KmsConfig) -> anyhow::Result<()> {
     let tls_files = conclave_pki::TlsFiles {
         cert: config.tls.cert_file.clone(),
@@ -1364,7 +1362,7 @@ pub async fn serve(config: KmsConfig) -> anyhow::Result<()> {
     shared.metrics.ready.set(1);
     let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
     let mut connections = tokio::task::JoinSet::new();
-    let mut signal = std::pin::pin!(shutdown_signal());
+    let mut signals = conclave_shutdown::Signals::listen()?;
     loop {
         while connections.try_join_next().is_some() {}
         let (tcp, remote) = tokio::select! {
@@ -1376,10 +1374,7 @@ pub async fn serve(config: KmsConfig) -> anyhow::Result<()> {
                     continue;
                 }
             },
-            signal = &mut signal => {
-                signal?;
-                break;
-            }
+            () = signals.recv() => break,
         };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
@@ -1427,28 +1422,13 @@ pub async fn serve(config: KmsConfig) -> anyhow::Result<()> {
         "shutdown requested: no new connections, finishing open requests"
     );
     let _ = stopping_tx.send(true);
-    let finished = tokio::time::timeout(SHUTDOWN_GRACE, async {
-        while connections.join_next().await.is_some() {}
-    })
-    .await
-    .is_ok();
-    if !finished {
+    let cut = conclave_shutdown::join_within(&mut connections, SHUTDOWN_GRACE).await;
+    if cut > 0 {
         tracing::info!(
-            cut = connections.len(),
+            cut,
             "connections still open after the grace period are closed"
         );
     }
     tracing::info!("kms stopped");
-    Ok(())
-}
-
-async fn shutdown_signal() -> std::io::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
     Ok(())
 }

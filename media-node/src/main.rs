@@ -122,7 +122,7 @@ async fn main() -> anyhow::Result<()> {
         }
     });
 
-    wait_for_shutdown_signal().await?;
+    conclave_shutdown::signal().await?;
     let drain = Duration::from_secs(config.drain_seconds as u64);
     tracing::info!(
         seconds = config.drain_seconds,
@@ -135,7 +135,7 @@ async fn main() -> anyhow::Result<()> {
     // Keep forwarding while clients move; a second signal ends it at once.
     tokio::select! {
         _ = tokio::time::sleep(drain) => {}
-        _ = wait_for_shutdown_signal() => {}
+        _ = conclave_shutdown::signal() => {}
     }
     if let Some(h) = heartbeat {
         h.abort();
@@ -143,16 +143,5 @@ async fn main() -> anyhow::Result<()> {
     drop(ctl_tx);
     forwarding.await.ok();
     tracing::info!("relay stopped");
-    Ok(())
-}
-
-async fn wait_for_shutdown_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
     Ok(())
 }
