@@ -138,6 +138,15 @@ impl World {
         KmsClient::new(&self.url, tls).unwrap()
     }
 
+    /// Pod `<pool>-0` of connector pool `pool`, with its client certificate.
+    fn connector(&self, pool: &str) -> KmsClient {
+        let id = Identity::new(NS, Kind::Connector, pool)
+            .unwrap()
+            .with_pod(format!("{pool}-0"))
+            .unwrap();
+        self.client(&format!("{pool}0"), Some(id))
+    }
+
     fn token(&self, sub: &str, meeting: &str, role: Role) -> String {
         self.issuer.mint(&Claims {
             sub: sub.into(),
@@ -319,15 +328,7 @@ async fn sip_pool(
     media_timeout: Duration,
 ) -> (u16, watch::Sender<bool>) {
     use connector_node::sip::{transport, ua};
-    let client = w.client(
-        &format!("{pool}0"),
-        Some(
-            Identity::new(NS, Kind::Connector, pool)
-                .unwrap()
-                .with_pod(format!("{pool}-0"))
-                .unwrap(),
-        ),
-    );
+    let client = w.connector(pool);
     let agent = ua::UserAgent::new(ua::UaConfig {
         local: "127.0.0.1:0".parse().unwrap(),
         transport: ua::Transport::Udp,
@@ -409,6 +410,23 @@ async fn roster_key(people: &KmsClient) -> ed25519_dalek::VerifyingKey {
     ed25519_dalek::VerifyingKey::from_bytes(&info.signing_public_key.array().unwrap()).unwrap()
 }
 
+/// The meeting's roster now, signature checked.
+async fn roster_now(
+    people: &KmsClient,
+    meeting: &MeetingId,
+    session: &kms_client::Session,
+    vk: &ed25519_dalek::VerifyingKey,
+) -> api::Roster {
+    people
+        .events(meeting, session, 0, 0)
+        .await
+        .unwrap()
+        .roster
+        .unwrap()
+        .verify(vk)
+        .unwrap()
+}
+
 /// Follows the meeting's signed roster from version `since` until
 /// invitation `id` shows an outcome, and returns it.
 async fn invitation_outcome(
@@ -449,15 +467,7 @@ async fn invited_recorder_records_under_a_kms_key_only_readers_decrypt() {
         let meeting = MeetingId::new("board").unwrap();
         let host = join_host(&w, &people, &meeting, &host_key).await;
         let session = kms_client::Session(host.session.clone());
-        let recorder = w.client(
-            "rec0",
-            Some(
-                Identity::new(NS, Kind::Connector, "rec")
-                    .unwrap()
-                    .with_pod("rec-0")
-                    .unwrap(),
-            ),
-        );
+        let recorder = w.connector("rec");
         let inv = people
             .invite(&meeting, &session, ConnectorKind::Recording, None)
             .await
@@ -647,15 +657,7 @@ async fn a_recorder_that_cannot_write_leaves_and_tells_the_host() {
         let meeting = MeetingId::new("board").unwrap();
         let host = join_host(&w, &people, &meeting, &host_key).await;
         let session = kms_client::Session(host.session.clone());
-        let recorder = w.client(
-            "rec0",
-            Some(
-                Identity::new(NS, Kind::Connector, "rec")
-                    .unwrap()
-                    .with_pod("rec-0")
-                    .unwrap(),
-            ),
-        );
+        let recorder = w.connector("rec");
         let inv = people
             .invite(&meeting, &session, ConnectorKind::Recording, None)
             .await
@@ -705,14 +707,7 @@ async fn a_recorder_that_cannot_write_leaves_and_tells_the_host() {
                 "the recording failed while creating the recording files"
             )
         );
-        let roster = people
-            .events(&meeting, &session, 0, 5000)
-            .await
-            .unwrap()
-            .roster
-            .unwrap()
-            .verify(&vk)
-            .unwrap();
+        let roster = roster_now(&people, &meeting, &session, &vk).await;
         assert!(
             roster
                 .members
@@ -781,7 +776,7 @@ async fn invited_streamer_pushes_the_meeting_to_nginx_rtmp() {
         // The host picks where the stream goes (a path of the pool's allowed ingest).
         let target = format!("rtmp://127.0.0.1:{rtmp_port}/live/host-chosen");
         people.invite(&meeting, &session, ConnectorKind::LiveStreaming, Some(&target)).await.unwrap();
-        let streamer = w.client("live0", Some(Identity::new(NS, Kind::Connector, "live").unwrap().with_pod("live-0").unwrap()));
+        let streamer = w.connector("live");
         let a = streamer.assignments(5000).await.unwrap().assignments.remove(0);
         assert_eq!(a.kind, ConnectorKind::LiveStreaming);
         assert_eq!(a.target.as_deref(), Some(target.as_str()), "the assignment carries the host's target");
@@ -1281,14 +1276,7 @@ async fn a_room_system_joins_under_its_sip_display_name() {
             (api::OutcomeState::Ended, "call_ended"),
             "{outcome}"
         );
-        let roster = people
-            .events(&meeting, &session, 0, 0)
-            .await
-            .unwrap()
-            .roster
-            .unwrap()
-            .verify(&vk)
-            .unwrap();
+        let roster = roster_now(&people, &meeting, &session, &vk).await;
         assert!(
             roster
                 .members
@@ -1442,15 +1430,7 @@ async fn the_host_cli_is_told_that_its_stream_target_was_refused() {
     tokio::time::timeout(Duration::from_secs(90), async {
         let w = World::start(TempDir::new("kms-cli-outcome"));
         let (_relay, hb) = start_relay(&w).await;
-        let streamer = w.client(
-            "live0",
-            Some(
-                Identity::new(NS, Kind::Connector, "live")
-                    .unwrap()
-                    .with_pod("live-0")
-                    .unwrap(),
-            ),
-        );
+        let streamer = w.connector("live");
         // The pool's connector serves the first assignment it gets.
         let pool = tokio::spawn(async move {
             let settings = meeting_proto::config::connector::StreamingSettings {
@@ -1546,15 +1526,7 @@ async fn an_rtmps_target_failing_verification_is_given_up_and_reported() {
             )
             .await
             .unwrap();
-        let streamer = w.client(
-            "live0",
-            Some(
-                Identity::new(NS, Kind::Connector, "live")
-                    .unwrap()
-                    .with_pod("live-0")
-                    .unwrap(),
-            ),
-        );
+        let streamer = w.connector("live");
         let a = streamer
             .assignments(5000)
             .await
@@ -1602,14 +1574,7 @@ async fn an_rtmps_target_failing_verification_is_given_up_and_reported() {
         );
         assert!(!outcome.message.contains("SK-TLS"), "{outcome}");
         // The streamer left the meeting: only the host is in the roster.
-        let roster = people
-            .events(&meeting, &session, 0, 0)
-            .await
-            .unwrap()
-            .roster
-            .unwrap()
-            .verify(&vk)
-            .unwrap();
+        let roster = roster_now(&people, &meeting, &session, &vk).await;
         assert_eq!(roster.members.len(), 1, "{:?}", roster.members);
         assert!(
             metrics
