@@ -154,44 +154,18 @@ pub async fn run(cfg: ConnectorConfig, metrics: Arc<Metrics>) -> anyhow::Result<
                 }
             });
             tracing::info!(pool = %cfg.pool, dir = %rs.dir.display(), "recording connector waiting for assignments");
-            let mut stop = stop_rx.clone();
-            let mut started = std::collections::HashSet::new();
-            let mut sessions = tokio::task::JoinSet::new();
-            loop {
-                tokio::select! {
-                    _ = stop.wait_for(|s| *s) => {
-                        finish_sessions(&mut sessions).await;
-                        return Ok(());
-                    }
-                    r = client.assignments(25_000) => match r {
-                        Ok(r) => {
-                            let pending = !r.assignments.is_empty();
-                            for a in r.assignments {
-                                // An invitation stays open until our join uses it.
-                                if !started.insert(a.invitation) {
-                                    continue;
-                                }
-                                let (client, base, stop, metrics) =
-                                    (client.clone(), rs.dir.clone(), stop_rx.clone(), metrics.clone());
-                                sessions.spawn(async move {
-                                    let meeting = a.meeting.clone();
-                                    if let Err(e) = crate::recording::live::record_assignment(client, a, &base, stop, &metrics).await {
-                                        tracing::warn!(meeting = %meeting, error = %format!("{e:#}"), "recording failed");
-                                    }
-                                });
-                            }
-                            while sessions.try_join_next().is_some() {}
-                            if pending {
-                                tokio::time::sleep(crate::bridge::ASSIGNMENT_REPOLL).await;
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "fetching assignments failed");
-                            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-                        }
+            let base = rs.dir.clone();
+            serve_assignments(client.clone(), stop_rx.clone(), move |a| {
+                let (client, base, stop, metrics) =
+                    (client.clone(), base.clone(), stop_rx.clone(), metrics.clone());
+                async move {
+                    let meeting = a.meeting.clone();
+                    if let Err(e) = crate::recording::live::record_assignment(client, a, &base, stop, &metrics).await {
+                        tracing::warn!(meeting = %meeting, error = %format!("{e:#}"), "recording failed");
                     }
                 }
-            }
+            })
+            .await
         }
         ConnectorKind::LiveStreaming => {
             let ss = cfg.streaming.clone().context("streaming section")?;
@@ -203,44 +177,60 @@ pub async fn run(cfg: ConnectorConfig, metrics: Arc<Metrics>) -> anyhow::Result<
                 .cloned()
                 .context("streaming.allowedTargets")?;
             tracing::info!(pool = %cfg.pool, "streaming connector waiting for assignments");
-            let mut stop = stop_rx.clone();
-            let mut started = std::collections::HashSet::new();
-            let mut sessions = tokio::task::JoinSet::new();
-            loop {
-                tokio::select! {
-                    _ = stop.wait_for(|s| *s) => {
-                        finish_sessions(&mut sessions).await;
-                        return Ok(());
+            serve_assignments(client.clone(), stop_rx.clone(), move |a| {
+                // Without a host-chosen target: one stream per meeting under
+                // the pool's first allowed target.
+                let target = format!("{}/{}", base.trim_end_matches('/'), a.meeting.as_str());
+                let (client, ss, stop, metrics) =
+                    (client.clone(), ss.clone(), stop_rx.clone(), metrics.clone());
+                async move {
+                    let meeting = a.meeting.clone();
+                    if let Err(e) = crate::streaming::stream_assignment(client, a, &ss, &target, stop, metrics).await {
+                        tracing::warn!(meeting = %meeting, error = %format!("{e:#}"), "streaming failed");
                     }
-                    r = client.assignments(25_000) => match r {
-                        Ok(r) => {
-                            let pending = !r.assignments.is_empty();
-                            for a in r.assignments {
-                                if !started.insert(a.invitation) {
-                                    continue;
-                                }
-                                // Without a host-chosen target: one stream per
-                                // meeting under the pool's first allowed target.
-                                let target = format!("{}/{}", base.trim_end_matches('/'), a.meeting.as_str());
-                                let (client, ss, stop, metrics) =
-                                    (client.clone(), ss.clone(), stop_rx.clone(), metrics.clone());
-                                sessions.spawn(async move {
-                                    let meeting = a.meeting.clone();
-                                    if let Err(e) = crate::streaming::stream_assignment(client, a, &ss, &target, stop, metrics).await {
-                                        tracing::warn!(meeting = %meeting, error = %format!("{e:#}"), "streaming failed");
-                                    }
-                                });
-                            }
-                            while sessions.try_join_next().is_some() {}
-                            if pending {
-                                tokio::time::sleep(crate::bridge::ASSIGNMENT_REPOLL).await;
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "fetching assignments failed");
-                            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                }
+            })
+            .await
+        }
+    }
+}
+
+/// Serves a recording or streaming pool's assignments until `stop`: each
+/// invitation not seen before becomes a session (an invitation stays open,
+/// and is offered again, until the session's join uses it). On stop, the
+/// sessions in progress, which watch `stop` too, end first.
+async fn serve_assignments<Session>(
+    client: kms_client::KmsClient,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    mut session: impl FnMut(meeting_proto::kms_api::Assignment) -> Session,
+) -> anyhow::Result<()>
+where
+    Session: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut started = std::collections::HashSet::new();
+    let mut sessions = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => {
+                finish_sessions(&mut sessions).await;
+                return Ok(());
+            }
+            r = client.assignments(25_000) => match r {
+                Ok(r) => {
+                    let pending = !r.assignments.is_empty();
+                    for a in r.assignments {
+                        if started.insert(a.invitation) {
+                            sessions.spawn(session(a));
                         }
                     }
+                    while sessions.try_join_next().is_some() {}
+                    if pending {
+                        tokio::time::sleep(crate::bridge::ASSIGNMENT_REPOLL).await;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "fetching assignments failed");
+                    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
                 }
             }
         }

@@ -199,7 +199,7 @@ fn recording_pool_reports_storage_used_after_retention() {
         .set_modified(long_ago)
         .unwrap();
 
-    let (_p, port, log) = start_pool(
+    let (mut pool, port, log) = start_pool(
         &dir,
         "recording",
         "rec",
@@ -237,4 +237,9 @@ fn recording_pool_reports_storage_used_after_retention() {
             .any(|l| l.contains("retention sweep") && l.contains("\"bytes\":1010")),
         "{logged}"
     );
+    // Waiting for assignments, it stops on SIGTERM like the other kinds.
+    let status = terminate(&mut pool);
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}\n{logged}");
+    assert!(logged.contains("connector stopped"), "{logged}");
 }
