@@ -176,9 +176,13 @@ def test_deleted_children_come_back(ns):
         now = children_of("MeetingZone", "zone-a")
         return all(k in now and now[k]["metadata"]["uid"] != uid for k, uid in old.items())
     wait_until("the deleted Service and ConfigMap to be recreated", back, timeout=180)
-    # Deleting the relay StatefulSet: it comes back too (pods follow).
+    # Deleting the relay StatefulSet: it comes back too (pods follow). In
+    # the foreground, so the old pods are gone before it is recreated: new
+    # pods of the same names created while the old ones still drain are
+    # refused by the 1.20 API server, and the StatefulSet controller's
+    # backoff then grew past this test's wait (a rehearsal waited 5 min).
     sts_uid = kids["StatefulSet/zone-a-relay"]["metadata"]["uid"]
-    kubectl("delete", "statefulset", "-n", ns, "zone-a-relay", "--wait=true")
+    kubectl("delete", "statefulset", "-n", ns, "zone-a-relay", "--cascade=foreground", "--wait=true")
     wait_until("the relay StatefulSet to be recreated",
                 lambda: children_of("MeetingZone", "zone-a").get("StatefulSet/zone-a-relay", {})
                 .get("metadata", {}).get("uid") not in (None, sts_uid), timeout=180)
