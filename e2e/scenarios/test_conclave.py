@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from deploy import (SYSTEM_NS, TONES, audit_entries, condition, kms_admin, release_volumes, run_meeting,
+from deploy import (SYSTEM_NS, TONES, audit_entries, condition, delete_namespace, kms_admin, run_meeting,
                     setup_meetings_namespace, wait_ready)
 from kube import kubectl, kubectl_json, wait_until
 
@@ -17,8 +17,7 @@ MEETINGS_NS = "meetings"
 def conclave(conclave_release):
     setup_meetings_namespace(MEETINGS_NS)
     yield MEETINGS_NS
-    kubectl("delete", "namespace", MEETINGS_NS, "--wait=true", "--timeout=120s", check=False, timeout=180)
-    release_volumes(MEETINGS_NS)
+    delete_namespace(MEETINGS_NS)
 
 
 def test_everything_becomes_ready(conclave):

@@ -30,7 +30,7 @@ import pytest
 
 from deploy import (MEETING, Capture, Phone, audit_entries, component_pods, decode_to_pcm, interface_towards,
                     kms_admin, member_pod, mint_token_for, pod_json_lines, pool_client_identity, pool_volume_path,
-                    publish_kms_ca, release_volumes, restore_recording, rtp_exposure, setup_meetings_namespace,
+                    delete_namespace, publish_kms_ca, restore_recording, rtp_exposure, setup_meetings_namespace,
                     tone_share, wait_members_done, wait_ready)
 from kube import apply, kubectl, wait_until
 
@@ -49,12 +49,10 @@ PHONE_SECONDS = 11
 def namespace(conclave_release):
     for tool in ("baresip", "tcpdump", "ffmpeg"):
         assert shutil.which(tool), f"{tool} is missing (Debian package {tool}; see e2e/deps/apt-packages.txt)"
-    kubectl("delete", "namespace", NS, "--ignore-not-found", "--wait=true", "--timeout=120s", timeout=180)
-    release_volumes(NS)
+    delete_namespace(NS)
     setup_meetings_namespace(NS)
     yield NS
-    kubectl("delete", "namespace", NS, "--wait=true", "--timeout=120s", check=False, timeout=180)
-    release_volumes(NS)
+    delete_namespace(NS)
 
 
 @pytest.fixture(scope="module")

@@ -16,16 +16,17 @@ from pathlib import Path
 
 import pytest
 
-from deploy import (MEETING, RELEASE, SYSTEM_NS, TONES, audit_entries, chart_values, condition, helm, kms_admin,
-                    member_pod, publish_kms_ca, release_volumes, setup_meetings_namespace, wait_members_done,
-                    wait_ready)
+from deploy import (MEETING, RELEASE, SYSTEM_NS, TONES, audit_entries, chart_values, condition, delete_namespace, helm,
+                    kms_admin, member_pod, publish_kms_ca, setup_meetings_namespace, wait_members_done, wait_ready)
 from kube import REPO, TAG, apply, kubectl, kubectl_json, wait_until
 
 NS = "faults"
 ZONE = "zone-a"
 RELAY_METRICS_PORT = 9090
 IMAGES = ("operator", "kms-node", "media-node", "connector-node", "conclave-client")
-CONTAINERD = Path.home() / ".cache" / "conclave" / "cluster" / "run" / "containerd.sock"
+CLUSTER_STATE = Path(os.environ.get("CLUSTER_STATE") or
+                     Path(os.environ.get("CONCLAVE_CACHE", Path.home() / ".cache" / "conclave")) / "cluster")
+CONTAINERD = CLUSTER_STATE / "run" / "containerd.sock"
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +36,7 @@ def zone(conclave_release):
     wait_ready(NS, "mz", ZONE)
     publish_kms_ca(NS)
     yield kms["status"]["endpoint"]
-    kubectl("delete", "namespace", NS, "--wait=true", "--timeout=120s", check=False, timeout=180)
-    release_volumes(NS)
+    delete_namespace(NS)
 
 
 def record_figure(name: str, value: float, unit: str) -> None:
@@ -330,9 +330,8 @@ def test_the_kms_pod_dies_mid_meeting_and_joins_resume_when_it_is_back(zone):
 
 def retag_images(src: str, dst: str) -> None:
     """The same images under a new tag, as a new release would bring."""
-    sock = str(__import__("pathlib").Path.home() / ".cache" / "conclave" / "cluster" / "run" / "containerd.sock")
     for image in IMAGES:
-        subprocess.run(["ctr", "-a", sock, "-n", "k8s.io", "images", "tag", "--force",
+        subprocess.run(["ctr", "-a", str(CONTAINERD), "-n", "k8s.io", "images", "tag", "--force",
                         f"docker.io/conclave/{image}:{src}", f"docker.io/conclave/{image}:{dst}"],
                        check=True, capture_output=True, text=True, timeout=60)
 

@@ -22,12 +22,11 @@ identity. Last, removing the recorder's entry deletes its Secret and grant.
 import base64
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
-from deploy import (audit_entries, decode_to_pcm, dev_jwks, kms_admin, member_pod, pool_volume_path, publish_kms_ca,
-                    release_volumes, restore_recording, tone_share, wait_members_done, wait_ready)
+from deploy import (audit_entries, decode_to_pcm, delete_namespace, dev_jwks, kms_admin, member_pod, pool_volume_path,
+                    publish_kms_ca, restore_recording, tone_share, wait_members_done, wait_ready)
 from kube import apply, kubectl, kubectl_json, wait_until
 
 KMS_NS, RELAY_NS, REC_NS = "hybrid-kms", "hybrid-relays", "hybrid-rec"
@@ -72,10 +71,7 @@ def external_kms(url: str, ticket_key: str | None = None) -> dict:
 
 def delete_namespaces() -> None:
     for ns in NAMESPACES:
-        kubectl("delete", "namespace", ns, "--ignore-not-found", "--wait=false")
-    for ns in NAMESPACES:
-        kubectl("wait", "--for=delete", f"namespace/{ns}", "--timeout=150s", check=False, timeout=180)
-        release_volumes(ns)
+        delete_namespace(ns)
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deploy import SYSTEM_NS, release_volumes, run_meeting, setup_meetings_namespace, wait_ready
+from deploy import SYSTEM_NS, delete_namespace, run_meeting, setup_meetings_namespace, wait_ready
 from kube import REPO, kubectl, kubectl_json, wait_until
 
 sys.path.insert(0, str(REPO / "observability"))
@@ -143,8 +143,8 @@ def observed(conclave_release):
     if shutil.which("prometheus") is None:
         pytest.fail("prometheus missing (Debian package prometheus)")
     # The cluster's PersistentVolumes are a small static pool (Retain): take back what an
-    # earlier run of this module left Released.
-    release_volumes(NS)
+    # earlier run of this module left behind.
+    delete_namespace(NS)
     setup_meetings_namespace(NS)
     workdir = Path(tempfile.mkdtemp(prefix="conclave-obs-"))
     prom = None
@@ -169,8 +169,7 @@ def observed(conclave_release):
         if prom is not None:
             prom.stop()
         shutil.rmtree(workdir, ignore_errors=True)
-        kubectl("delete", "namespace", NS, "--wait=true", "--timeout=120s", check=False, timeout=180)
-        release_volumes(NS)
+        delete_namespace(NS)
 
 
 def test_every_conclave_pod_is_scraped(observed):

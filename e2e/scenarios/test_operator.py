@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from deploy import SYSTEM_NS, condition, dev_jwks, wait_ready
+from deploy import SYSTEM_NS, condition, delete_namespace, dev_jwks, wait_ready
 from kube import kubectl, kubectl_json, wait_until
 
 NS = "operator-e2e"
@@ -132,7 +132,7 @@ def ns(conclave_release):
     wait_ready(NS, "kms", "main", timeout=180)
     wait_ready(NS, "mz", "zone-a", timeout=180)
     yield NS
-    kubectl("delete", "namespace", NS, "--wait=true", "--timeout=120s", check=False, timeout=180)
+    delete_namespace(NS)
     # The CA key of the namespace lives in the operator's namespace (no cross-namespace owner).
     kubectl("delete", "secret", "-n", SYSTEM_NS, f"conclave-ca-{NS}", "--ignore-not-found", check=False)
 
