@@ -3,9 +3,14 @@
 # image (the binary alone, non-root). Imports them into the local cluster's
 # containerd when it runs; with a REGISTRY argument also pushes them there.
 #   images.sh TAG [REGISTRY]
+#   images.sh --binaries-only     only the static builds (`make test` builds
+#                                 everything before it runs anything)
 source "$(dirname "$0")/lib.sh"
 
-TAG=${1:?usage: images.sh TAG [REGISTRY]}
+binaries_only=
+if [ "${1:-}" = --binaries-only ]; then binaries_only=1; shift; fi
+TAG=${1:-}
+[ -n "$TAG$binaries_only" ] || die "usage: images.sh TAG [REGISTRY] | images.sh --binaries-only"
 REGISTRY=${2:-}
 IMAGES=(${CONCLAVE_IMAGES:-operator kms-node media-node connector-node conclave-client})
 # The e2e scenarios also need their test-only probe; it is never pushed.
@@ -16,11 +21,16 @@ OUT=$BUILD_DIR/images
 mkdir -p "$OUT"
 
 cd "$REPO_ROOT"
-log "building static release binaries (${IMAGES[*]})"
-# crt-static gives static-pie binaries that run in an empty root filesystem;
-# libopus is linked from Debian's static archive.
-RUSTFLAGS="-C target-feature=+crt-static" PKG_CONFIG_ALL_STATIC=1 \
-  cargo build --release --target "$TARGET" $(printf -- '--bin %s ' "${IMAGES[@]}")
+# `make test` builds the binaries before it starts the e2e stage, whose other
+# stages then hold cargo's lock on the build directory: no second cargo here.
+if [ -z "${CONCLAVE_BINARIES_BUILT:-}" ]; then
+  log "building static release binaries (${IMAGES[*]})"
+  # crt-static gives static-pie binaries that run in an empty root filesystem;
+  # libopus is linked from Debian's static archive.
+  RUSTFLAGS="-C target-feature=+crt-static" PKG_CONFIG_ALL_STATIC=1 \
+    cargo build --release --target "$TARGET" $(printf -- '--bin %s ' "${IMAGES[@]}")
+fi
+[ -n "$binaries_only" ] && exit 0
 
 for name in "${IMAGES[@]}"; do
   bin=$BUILD_DIR/$TARGET/release/$name

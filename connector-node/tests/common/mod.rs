@@ -219,6 +219,8 @@ impl Baresip {
     ) -> Self {
         let rec = dir.join("rec");
         std::fs::create_dir_all(&rec).unwrap();
+        // RTP ports clear of the e2e phone's 31000-31199: `make test` runs
+        // these tests while the e2e scenarios run.
         let mut cfg = format!(
             "poll_method epoll\n\
              net_interface {address}\n\
@@ -231,7 +233,7 @@ impl Baresip {
              auplay_srate 8000\n\
              ausrc_channels 1\n\
              auplay_channels 1\n\
-             rtp_ports 30000-39999\n\
+             rtp_ports 32000-39999\n\
              rtcp_mux no\n\
              jitter_buffer_delay 2-6\n\
              snd_path {rec}\n\
