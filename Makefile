@@ -41,7 +41,10 @@ fuzz: ## Short libFuzzer run of every fuzz target (stable toolchain; FUZZ_SECOND
 chart-test: build ## Chart, dashboards and alert rules: real Helm engine, promtool, a real Prometheus.
 	$(PYTEST) -q -p no:cacheprovider charts/conclave/tests observability/tests
 
-e2e-test: deps ## Everything CI runs: checks and builds, then unit, fuzz and chart tests beside the e2e scenarios.
+e2e-test: deps ## End-to-end scenarios on the local cluster (brings it up and down).
+	bash $(E2E)/run-e2e.sh
+
+test: deps ## Everything CI runs: checks and builds, then unit, fuzz and chart tests beside the e2e scenarios.
 	bash $(E2E)/test.sh
 
 demo: deps ## Local cluster + Conclave + a short meeting, end to end.
