@@ -368,23 +368,22 @@ def tone_share(samples: list[int], hz: float, rate: int) -> float:
 def delete_namespace(namespace: str, timeout: int = 180) -> None:
     """Deletes a test namespace, waits until it is gone and frees its volumes.
 
-    Kubernetes' namespace controller, when it finds pods still terminating,
-    looks again only after their termination grace period (60 s for
-    connector pods), however quickly they actually stop. So the namespace is
-    emptied first: the Conclave resources (zones and pools before the KMS
-    they use, so the operator runs its finalizers), then the workloads in the
-    foreground (their pods gone before the call returns), then any other pod.
-    The namespace itself then goes in seconds."""
+    Kubernetes' namespace controller, when it finds pods that have not ended,
+    looks again only after their termination grace period (60 s for connector
+    pods), however quickly they actually stop. So the namespace is emptied
+    first: the Conclave resources (the operator runs its finalizers), then
+    the workloads and every pod, with a short grace (a test's teardown needs
+    no drain). The namespace itself then goes in seconds."""
     if not kubectl("get", "namespace", namespace, "--ignore-not-found", "-o", "name").strip():
         release_volumes(namespace)
         return
     wait = ("--wait=true", f"--timeout={timeout}s")
     # A step may find nothing to delete, or no such resource type when the
     # chart never installed: what matters is that the namespace goes.
-    for kinds, cascade in (("connectorpools,meetingzones", "background"), ("keymanagementservers", "background"),
-                           ("statefulsets,deployments,replicasets,jobs", "foreground"), ("pods", "background")):
-        kubectl("delete", kinds, "--all", "-n", namespace, f"--cascade={cascade}", *wait,
-                check=False, timeout=timeout + 30)
+    kubectl("delete", "connectorpools,meetingzones,keymanagementservers", "--all", "-n", namespace, *wait,
+            check=False, timeout=timeout + 30)
+    kubectl("delete", "statefulsets,deployments,replicasets,jobs,pods", "--all", "-n", namespace,
+            "--grace-period=5", *wait, check=False, timeout=timeout + 30)
     kubectl("delete", "namespace", namespace, "--ignore-not-found", *wait, timeout=timeout + 30)
     release_volumes(namespace)
 

@@ -22,6 +22,7 @@ identity. Last, removing the recorder's entry deletes its Secret and grant.
 import base64
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -70,8 +71,8 @@ def external_kms(url: str, ticket_key: str | None = None) -> dict:
 
 
 def delete_namespaces() -> None:
-    for ns in NAMESPACES:
-        delete_namespace(ns)
+    with ThreadPoolExecutor(len(NAMESPACES)) as pool:
+        list(pool.map(delete_namespace, NAMESPACES))
 
 
 @pytest.fixture(scope="module")
