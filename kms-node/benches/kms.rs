@@ -2,8 +2,9 @@
 //!
 //! 1. Audit commit throughput and latency with group commit (one fsync per
 //!    batch) against the baseline of one fsync per request, same store code.
-//! 2. HPKE sealing (every key release seals once): the ring-based
-//!    implementation the server uses, against the `hpke` crate.
+//! 2. HPKE sealing (every key release seals once): the server's
+//!    implementation (aws-lc-rs X25519, ring key schedule and AEAD),
+//!    against the `hpke` crate.
 //! 3. Key releases (joins: token check, state change, durable audit, HPKE
 //!    seal, roster and ticket signatures) over mTLS (the client presents a
 //!    certificate; participants are still authenticated by their join
@@ -15,7 +16,7 @@
 //!    machine's two cores with the server, so it is kept lean, and the CPU
 //!    time each side spends per release is reported too (load-independent).
 //! 4. The Ed25519 operations of a release (join token check, signing)
-//!    against the other backend. `KMS_BENCH_MICRO_ONLY=1` stops after the
+//!    against the alternatives. `KMS_BENCH_MICRO_ONLY=1` stops after the
 //!    micro figures (1, 2, 4), for quick comparisons while changing code.
 
 #[path = "../tests/support/mod.rs"]
@@ -121,16 +122,17 @@ struct Ed25519Us {
     dalek_verify: f64,
     dalek_verify_strict: f64,
     ring_verify: f64,
-    /// A relay ticket's signature: ed25519-dalek, ring.
+    /// A relay ticket's signature: the server's signer (aws-lc-rs),
+    /// ed25519-dalek.
+    server_sign: f64,
     dalek_sign: f64,
-    ring_sign: f64,
 }
 
 fn ed25519_us(n: u32) -> Ed25519Us {
     use meeting_proto::token::{
         Claims, DevIssuerKey, Jwks, Role as TokenRole, TokenVerifier, TrustedIssuer,
     };
-    use ring::signature::{ED25519, Ed25519KeyPair, UnparsedPublicKey};
+    use ring::signature::{ED25519, UnparsedPublicKey};
     let time = |f: &mut dyn FnMut()| min_round_us(n, f);
     let issuer = DevIssuerKey::from_seed("k1", &[7; 32]).unwrap();
     let now = support::now_s();
@@ -181,17 +183,18 @@ fn ed25519_us(n: u32) -> Ed25519Us {
         use ed25519_dalek::Signer as _;
         std::hint::black_box(dalek_key.sign(std::hint::black_box(&ticket)));
     });
-    let ring_key = Ed25519KeyPair::from_seed_unchecked(&[3; 32]).unwrap();
-    let ring_sign = time(&mut || {
-        std::hint::black_box(ring_key.sign(std::hint::black_box(&ticket)));
+    let server_key = kms_node::keys::Ed25519Signer::new(&dalek_key).unwrap();
+    let server_sign = time(&mut || {
+        use ed25519_dalek::Signer as _;
+        std::hint::black_box(server_key.sign(std::hint::black_box(&ticket)));
     });
     Ed25519Us {
         token_verify,
         dalek_verify,
         dalek_verify_strict,
         ring_verify,
+        server_sign,
         dalek_sign,
-        ring_sign,
     }
 }
 
@@ -510,9 +513,9 @@ fn main() {
         );
         bench(
             "kms_ed25519_sign_us",
-            ed.dalek_sign,
+            ed.server_sign,
             "us",
-            Some(ed.ring_sign),
+            Some(ed.dalek_sign),
         );
         if std::env::var_os("KMS_BENCH_MICRO_ONLY").is_some() {
             return;

@@ -9,9 +9,8 @@
 //! use ([`RosterVersion::signed`]).
 
 use crate::audit::AuditRecord;
-use crate::keys::{KeyError, KeyRing, Purpose, SecretKey, StoredKek};
+use crate::keys::{Ed25519Signer, KeyError, KeyRing, Purpose, SecretKey, StoredKek};
 use crate::relays::Relays;
-use ed25519_dalek::SigningKey;
 use meeting_proto::ids::{MeetingId, ParticipantId};
 use meeting_proto::kms_api::{
     Assignment, AuditKind, ConnectorKind, Hex, Invitation, MAX_RELAY_INSTANCE_LEN,
@@ -192,14 +191,15 @@ struct Meeting {
 /// join makes a new version.
 pub struct RosterVersion {
     roster: Roster,
-    key: Arc<SigningKey>,
+    key: Arc<Ed25519Signer>,
     signed: OnceLock<SignedRoster>,
 }
 
 impl RosterVersion {
     pub fn signed(&self) -> &SignedRoster {
-        self.signed
-            .get_or_init(|| SignedRoster::sign(&self.roster, &self.key).expect("roster serializes"))
+        self.signed.get_or_init(|| {
+            SignedRoster::sign(&self.roster, self.key.as_ref()).expect("roster serializes")
+        })
     }
 }
 
@@ -289,7 +289,7 @@ pub struct CoreConfig {
 pub struct Core {
     config: CoreConfig,
     keys: KeyRing,
-    signing: Arc<SigningKey>,
+    signing: Arc<Ed25519Signer>,
     meetings: HashMap<MeetingId, Meeting>,
     open_invitations: BTreeSet<(ConnectorKind, MeetingId, u64)>,
     tokens: HashMap<[u8; 32], u64>,
@@ -331,14 +331,14 @@ impl Core {
     pub fn new(
         config: CoreConfig,
         keys: KeyRing,
-        signing: SigningKey,
+        signing: Arc<Ed25519Signer>,
         loaded: Loaded,
     ) -> Result<Self, KeyError> {
         let mut core = Self {
             relays: Relays::new(config.relay_timeout_ms),
             config,
             keys,
-            signing: Arc::new(signing),
+            signing,
             meetings: HashMap::new(),
             open_invitations: BTreeSet::new(),
             tokens: loaded.tokens.into_iter().collect(),
@@ -389,7 +389,7 @@ impl Core {
         &self.keys
     }
 
-    pub fn signing_key(&self) -> &SigningKey {
+    pub fn signing_key(&self) -> &Arc<Ed25519Signer> {
         &self.signing
     }
 
@@ -1498,6 +1498,7 @@ impl Core {
 mod tests {
     use super::*;
     use crate::keys::RootKey;
+    use ed25519_dalek::SigningKey;
 
     const MIN: u64 = 60_000;
 
@@ -1520,7 +1521,7 @@ mod tests {
                 recording_key_readers: vec!["token:portal:auditor".into()],
             },
             keys,
-            SigningKey::from_bytes(&[3; 32]),
+            Arc::new(Ed25519Signer::new(&SigningKey::from_bytes(&[3; 32])).unwrap()),
             Loaded::default(),
         )
         .unwrap();
@@ -2208,7 +2209,7 @@ mod tests {
                 loaded.members.push((m.record.id.clone(), member.clone()));
             }
         }
-        Core::new(c.config.clone(), keys, (*c.signing).clone(), loaded).unwrap()
+        Core::new(c.config.clone(), keys, c.signing.clone(), loaded).unwrap()
     }
 
     #[test]

@@ -5,7 +5,7 @@
 
 use crate::audit::AuditRecord;
 use crate::core::{Claims, Core, CoreConfig, Denial, Effects, Joiner, Placement, Reader, Release};
-use crate::keys::{self, KeyRing, RootKey, SecretKey};
+use crate::keys::{self, Ed25519Signer, KeyRing, RootKey, SecretKey};
 use crate::metrics::{KindLabels, Metrics, RequestLabels, RouteLabels};
 use crate::rate::RateLimiter;
 use crate::store::{Committer, Store};
@@ -43,7 +43,7 @@ pub struct Shared {
     store: Arc<Store>,
     config: KmsConfig,
     tokens: RwLock<TokenVerifier>,
-    signing: SigningKey,
+    signing: Arc<Ed25519Signer>,
     metrics: Metrics,
     per_identity: Mutex<RateLimiter>,
     per_meeting: Mutex<RateLimiter>,
@@ -162,7 +162,12 @@ pub fn open_state(config: &KmsConfig) -> anyhow::Result<(Arc<Store>, Core)> {
         recording_key_readers: config.recording_key_readers.clone(),
     };
     let loaded = store.load()?;
-    let core = Core::new(core_config, ring, signing, loaded)?;
+    let core = Core::new(
+        core_config,
+        ring,
+        Arc::new(Ed25519Signer::new(&signing)?),
+        loaded,
+    )?;
     Ok((store, core))
 }
 
@@ -372,7 +377,7 @@ impl Shared {
             relay: p.relay.clone(),
             not_after,
         }
-        .sign(&self.signing)
+        .sign(self.signing.as_ref())
         .map_err(|e| Denial::new(500, "internal", e.to_string()))?;
         Ok(api::RelayAssignment {
             relay: p.relay.clone(),

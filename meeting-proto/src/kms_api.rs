@@ -13,7 +13,7 @@
 //! hex strings ([`Hex`]): they are short and hex needs no extra dependency.
 
 use crate::ids::{MeetingId, ParticipantId};
-use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use ed25519_dalek::{Signature, Signer, Verifier, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
@@ -546,7 +546,9 @@ pub enum RosterError {
 }
 
 impl SignedRoster {
-    pub fn sign(roster: &Roster, key: &SigningKey) -> Result<Self, serde_json::Error> {
+    /// Signs with any Ed25519 signer: the KMS's is faster than
+    /// ed25519-dalek's `SigningKey`, which tests use.
+    pub fn sign(roster: &Roster, key: &impl Signer<Signature>) -> Result<Self, serde_json::Error> {
         let roster_json = serde_json::to_string(roster)?;
         let signature = key.sign(&[ROSTER_DOMAIN, roster_json.as_bytes()].concat());
         Ok(Self {
@@ -1055,6 +1057,7 @@ mod tests {
     }
 
     use super::*;
+    use ed25519_dalek::SigningKey;
 
     #[test]
     fn hex_round_trips_and_rejects_garbage() {

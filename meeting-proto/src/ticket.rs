@@ -13,7 +13,7 @@
 //! ```
 
 use crate::ids::{IdError, MeetingId, ParticipantId};
-use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use ed25519_dalek::{Signature, Signer, Verifier, VerifyingKey};
 
 const VERSION: u8 = 1;
 const DOMAIN: &[u8] = b"conclave relay ticket v1\0";
@@ -75,8 +75,9 @@ impl Ticket {
         Ok(out)
     }
 
-    /// Signs the ticket with the KMS's ticket-signing key.
-    pub fn sign(&self, key: &SigningKey) -> Result<Vec<u8>, TicketError> {
+    /// Signs the ticket with the KMS's ticket-signing key (any Ed25519
+    /// signer).
+    pub fn sign(&self, key: &impl Signer<Signature>) -> Result<Vec<u8>, TicketError> {
         let mut body = self.encode_body()?;
         let signature = key.sign(&signed_message(&body));
         body.extend_from_slice(&signature.to_bytes());
@@ -166,6 +167,7 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ed25519_dalek::SigningKey;
 
     fn key() -> SigningKey {
         SigningKey::generate(&mut rand_core::OsRng)
