@@ -561,12 +561,18 @@ fn main() {
             load::run(conns, infos(4000), no_check.clone(), Pace::Saturate).await;
         let info_rate = answers.len() as f64 / secs;
         let info_saturated = sorted_latencies(&answers);
-        let paced_total = (GOAL_RATE * PACED_SECONDS) as usize;
+        // KMS_BENCH_RATE offers another rate, to see how latency grows
+        // with load.
+        let offered: f64 = std::env::var("KMS_BENCH_RATE")
+            .ok()
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(GOAL_RATE);
+        let paced_total = (offered * PACED_SECONDS) as usize;
         let (conns, answers, _) = load::run(
             conns,
             infos(paced_total),
             no_check.clone(),
-            Pace::Rate(GOAL_RATE),
+            Pace::Rate(offered),
         )
         .await;
         let info_paced = sorted_latencies(&answers);
@@ -616,14 +622,14 @@ fn main() {
         let saturated = sorted_latencies(&answers);
         kms.register_relay().await;
         let (conns, paced_answers, paced_secs) =
-            load::run(conns, paced_requests, sampled(total), Pace::Rate(GOAL_RATE)).await;
+            load::run(conns, paced_requests, sampled(total), Pace::Rate(offered)).await;
         drop(conns);
         let paced = sorted_latencies(&paced_answers);
         println!(
             "kms bench load generator: {CONCURRENCY} kept-alive mTLS HTTP/1.1 connections, \
              one client thread, requests (tokens, participant keys) built before timing; \
              {total} releases as fast as the server answers, then {paced_total} offered \
-             at {GOAL_RATE}/s; 1 in {} responses verified during the run, all after it",
+             at {offered}/s; 1 in {} responses verified during the run, all after it",
             load::SAMPLE_EVERY,
         );
         // Every release, verified after the timed phases.
@@ -653,7 +659,7 @@ fn main() {
             "kms_paced_releases_per_s",
             paced_answers.len() as f64 / paced_secs,
             "releases/s",
-            Some(GOAL_RATE),
+            Some(offered),
         );
         bench(
             "kms_release_latency_p50_ms",
