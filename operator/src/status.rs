@@ -44,7 +44,9 @@ where
     Ok(true)
 }
 
-/// Top-level status fields that differ between `old` and `new` (all of `new`'s when there was none).
+/// Top-level status fields that differ between `old` and `new` (all of `new`'s when there was
+/// none). Changed conditions are named with what moved, since a condition flipping without an
+/// apparent cause is the usual surprise: `conditions(Ready: True/PodsReady -> False/PodsNotReady)`.
 fn changed_fields<S: Serialize>(old: Option<&S>, new: &S) -> Vec<String> {
     let to_map = |s: &S| match serde_json::to_value(s) {
         Ok(serde_json::Value::Object(m)) => m,
@@ -60,7 +62,50 @@ fn changed_fields<S: Serialize>(old: Option<&S>, new: &S) -> Vec<String> {
         .collect();
     keys.sort();
     keys.dedup();
-    keys
+    keys.into_iter()
+        .map(|k| match (k.as_str(), old.get(&k), new.get(&k)) {
+            ("conditions", Some(o), Some(n)) => format!("conditions({})", condition_changes(o, n)),
+            _ => k,
+        })
+        .collect()
+}
+
+/// `Type: status/reason -> status/reason` for each condition that changed; `Type: message` or
+/// `Type: other fields` when only those did.
+fn condition_changes(old: &serde_json::Value, new: &serde_json::Value) -> String {
+    let by_type = |v: &serde_json::Value| -> std::collections::BTreeMap<String, serde_json::Value> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| Some((c.get("type")?.as_str()?.to_owned(), c.clone())))
+            .collect()
+    };
+    let (old, new) = (by_type(old), by_type(new));
+    let field = |c: Option<&serde_json::Value>, f: &str| {
+        c.and_then(|c| c.get(f))
+            .and_then(|v| v.as_str())
+            .unwrap_or("-")
+            .to_owned()
+    };
+    let mut types: Vec<&String> = old.keys().chain(new.keys()).collect();
+    types.sort();
+    types.dedup();
+    types
+        .into_iter()
+        .filter(|t| old.get(*t) != new.get(*t))
+        .map(|t| {
+            let (o, n) = (old.get(t), new.get(t));
+            let state = |c| format!("{}/{}", field(c, "status"), field(c, "reason"));
+            if state(o) != state(n) {
+                format!("{t}: {} -> {}", state(o), state(n))
+            } else if field(o, "message") != field(n, "message") {
+                format!("{t}: message")
+            } else {
+                format!("{t}: other fields")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Publishes an event when the Ready condition changed status or reason.
@@ -127,5 +172,54 @@ mod tests {
             ["activeSessions", "readyReplicas"]
         );
         assert!(changed_fields(Some(&new), &new).is_empty());
+    }
+
+    #[derive(Serialize)]
+    struct WithConditions {
+        conditions: Vec<serde_json::Value>,
+    }
+
+    fn condition(type_: &str, status: &str, reason: &str, message: &str) -> serde_json::Value {
+        serde_json::json!({"type": type_, "status": status, "reason": reason, "message": message})
+    }
+
+    #[test]
+    fn names_the_conditions_that_changed_and_how() {
+        let old = WithConditions {
+            conditions: vec![
+                condition("Ready", "True", "PodsReady", "1/1 replicas ready"),
+                condition("Degraded", "False", "AsExpected", "no problem found"),
+                condition(
+                    "Progressing",
+                    "False",
+                    "Reconciled",
+                    "all children up to date",
+                ),
+            ],
+        };
+        let new = WithConditions {
+            conditions: vec![
+                condition("Ready", "False", "PodsNotReady", "0/1 replicas ready"),
+                condition("Degraded", "False", "AsExpected", "root key generated"),
+                condition(
+                    "Progressing",
+                    "False",
+                    "Reconciled",
+                    "all children up to date",
+                ),
+            ],
+        };
+        assert_eq!(
+            changed_fields(Some(&old), &new),
+            ["conditions(Degraded: message; Ready: True/PodsReady -> False/PodsNotReady)"]
+        );
+        let fewer = WithConditions {
+            conditions: new.conditions[..2].to_vec(),
+        };
+        assert_eq!(
+            changed_fields(Some(&fewer), &new),
+            ["conditions(Progressing: -/- -> False/Reconciled)"]
+        );
+        assert_eq!(changed_fields(None, &new), ["conditions"]);
     }
 }
