@@ -128,6 +128,65 @@ struct Ed25519Us {
     dalek_sign: f64,
 }
 
+/// Microseconds per roster version of 32 members, each against what the
+/// KMS did before in the same run.
+struct RosterUs {
+    /// `SignedRoster::sign` (serialize, SHA-256, sign the digest) against
+    /// serializing and signing the whole text (Ed25519 hashes it twice).
+    sign: f64,
+    sign_whole_text: f64,
+    /// Writing a signed roster into an answer: already serialized (copied
+    /// as is) against serializing it each time (its JSON text escaped).
+    answer: f64,
+    answer_escaped: f64,
+}
+
+fn roster_us(n: u32) -> RosterUs {
+    use ed25519_dalek::Signer as _;
+    let time = |f: &mut dyn FnMut()| min_round_us(n, f);
+    let roster = api::Roster {
+        meeting: MeetingId::new("b1").unwrap(),
+        version: 64,
+        epoch: 33,
+        members: (1..=32)
+            .map(|i| api::RosterMember {
+                participant: meeting_proto::ids::ParticipantId(i),
+                sender_index: i as u16,
+                role: api::Role::Participant,
+                name: format!("Participant {i}"),
+                subject: format!("user-{i}@example.org"),
+            })
+            .collect(),
+        invitations: Vec::new(),
+        issued_at_ms: 1_700_000_000_000,
+    };
+    let key = kms_node::keys::Ed25519Signer::new(&ed25519_dalek::SigningKey::from_bytes(&[3; 32]))
+        .unwrap();
+    let sign = time(&mut || {
+        std::hint::black_box(api::SignedRoster::sign(&roster, &key).unwrap());
+    });
+    let sign_whole_text = time(&mut || {
+        let text = serde_json::to_string(&roster).unwrap();
+        std::hint::black_box(
+            key.sign(&[b"conclave roster v1\0".as_slice(), text.as_bytes()].concat()),
+        );
+    });
+    let signed = api::SignedRoster::sign(&roster, &key).unwrap();
+    let json = signed.to_json().unwrap();
+    let answer = time(&mut || {
+        std::hint::black_box(serde_json::to_vec(&json.clone()).unwrap());
+    });
+    let answer_escaped = time(&mut || {
+        std::hint::black_box(serde_json::to_vec(&signed.clone()).unwrap());
+    });
+    RosterUs {
+        sign,
+        sign_whole_text,
+        answer,
+        answer_escaped,
+    }
+}
+
 fn ed25519_us(n: u32) -> Ed25519Us {
     use meeting_proto::token::{
         Claims, DevIssuerKey, Jwks, Role as TokenRole, TokenVerifier, TrustedIssuer,
@@ -516,6 +575,19 @@ fn main() {
             ed.server_sign,
             "us",
             Some(ed.dalek_sign),
+        );
+        let roster = roster_us(2000);
+        bench(
+            "kms_roster_sign_us",
+            roster.sign,
+            "us",
+            Some(roster.sign_whole_text),
+        );
+        bench(
+            "kms_roster_answer_us",
+            roster.answer,
+            "us",
+            Some(roster.answer_escaped),
         );
         if std::env::var_os("KMS_BENCH_MICRO_ONLY").is_some() {
             return;

@@ -14,7 +14,7 @@ use crate::relays::Relays;
 use meeting_proto::ids::{MeetingId, ParticipantId};
 use meeting_proto::kms_api::{
     Assignment, AuditKind, ConnectorKind, Hex, Invitation, MAX_RELAY_INSTANCE_LEN,
-    RelayRegisterRequest, Role, Roster, RosterMember, SignedRoster, TargetError,
+    RelayRegisterRequest, Role, Roster, RosterMember, SignedRoster, SignedRosterJson, TargetError,
     check_invite_target, redacted_target,
 };
 use serde::{Deserialize, Serialize};
@@ -188,18 +188,31 @@ struct Meeting {
 /// One roster version, signed once, by whoever needs it first, after the
 /// core lock is released: serializing and signing a roster of a few dozen
 /// members costs as much as the rest of a join's state change, and every
-/// join makes a new version.
+/// join makes a new version. The signed roster is serialized once too: the
+/// joiner's answer and every member's next events answer carry it.
 pub struct RosterVersion {
     roster: Roster,
     key: Arc<Ed25519Signer>,
-    signed: OnceLock<SignedRoster>,
+    signed: OnceLock<(SignedRoster, SignedRosterJson)>,
 }
 
 impl RosterVersion {
-    pub fn signed(&self) -> &SignedRoster {
+    fn get(&self) -> &(SignedRoster, SignedRosterJson) {
         self.signed.get_or_init(|| {
-            SignedRoster::sign(&self.roster, self.key.as_ref()).expect("roster serializes")
+            let signed =
+                SignedRoster::sign(&self.roster, self.key.as_ref()).expect("roster serializes");
+            let json = signed.to_json().expect("signed roster serializes");
+            (signed, json)
         })
+    }
+
+    pub fn signed(&self) -> &SignedRoster {
+        &self.get().0
+    }
+
+    /// The signed roster as answers carry it.
+    pub fn json(&self) -> SignedRosterJson {
+        self.get().1.clone()
     }
 }
 

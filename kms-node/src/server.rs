@@ -531,7 +531,7 @@ async fn join(
     Extension(peer): Extension<Peer>,
     Path(meeting): Path<String>,
     Json(req): Json<api::JoinRequest>,
-) -> ApiResult<api::JoinResponse> {
+) -> ApiResult<api::JoinResponse<api::SignedRosterJson>> {
     let meeting = meeting_id(&meeting)?;
     let pk = public_key(&req.public_key)?;
     let display_name = connector_display_name(&req)?;
@@ -618,7 +618,7 @@ async fn join(
             participant: g.participant,
             session: g.session,
             sender_index: g.sender_index,
-            roster: g.roster.signed().clone(),
+            roster: g.roster.json(),
             key,
             relay,
         })
@@ -656,7 +656,7 @@ async fn events(
     Path(meeting): Path<String>,
     Query(q): Query<api::EventsQuery>,
     headers: HeaderMap,
-) -> ApiResult<api::EventsResponse> {
+) -> ApiResult<api::EventsResponse<api::SignedRosterJson>> {
     let meeting = meeting_id(&meeting)?;
     let session = session_or_deny(&s, &headers, &meeting).await?;
     let deadline =
@@ -682,7 +682,7 @@ async fn events(
             };
             return Ok(Json(api::EventsResponse {
                 version: g.version,
-                roster: g.roster.map(|r| r.signed().clone()),
+                roster: g.roster.map(|r| r.json()),
                 key,
                 relay,
             }));

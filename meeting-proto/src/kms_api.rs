@@ -322,7 +322,7 @@ pub struct SealedDataKey {
 
 const MEETING_KEY_INFO: &[u8] = b"conclave meeting key v1\0";
 const RECORDING_KEY_INFO: &[u8] = b"conclave recording key v1\0";
-const ROSTER_DOMAIN: &[u8] = b"conclave roster v1\0";
+const ROSTER_DOMAIN: &[u8] = b"conclave roster v2\0";
 
 /// HPKE `info` for a meeting key: binds the sealed key to its meeting, epoch
 /// and recipient, so a sealed key moved to another context fails to open.
@@ -529,13 +529,19 @@ pub struct Roster {
     pub issued_at_ms: u64,
 }
 
-/// A roster signed by the KMS (Ed25519 over `"conclave roster v1\0" || roster_json`).
-/// The JSON text itself is signed, so members verify exactly what they parse.
+/// A roster signed by the KMS: Ed25519 over `"conclave roster v2\0" ||
+/// SHA-256(roster_json)`. The JSON text itself is signed, so members verify
+/// exactly what they parse. It is hashed first because Ed25519 reads its
+/// message twice with SHA-512, and every join signs a new roster of up to a
+/// few dozen members: one SHA-256 pass costs a fraction of that.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SignedRoster {
     pub roster_json: String,
     pub signature: Hex,
 }
+
+/// A [`SignedRoster`] already serialized: written into an answer as is.
+pub type SignedRosterJson = Box<serde_json::value::RawValue>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RosterError {
@@ -550,7 +556,7 @@ impl SignedRoster {
     /// ed25519-dalek's `SigningKey`, which tests use.
     pub fn sign(roster: &Roster, key: &impl Signer<Signature>) -> Result<Self, serde_json::Error> {
         let roster_json = serde_json::to_string(roster)?;
-        let signature = key.sign(&[ROSTER_DOMAIN, roster_json.as_bytes()].concat());
+        let signature = key.sign(&Self::signed_message(&roster_json));
         Ok(Self {
             roster_json,
             signature: Hex(signature.to_bytes().to_vec()),
@@ -561,27 +567,37 @@ impl SignedRoster {
     pub fn verify(&self, key: &VerifyingKey) -> Result<Roster, RosterError> {
         let signature =
             Signature::from_slice(&self.signature.0).map_err(|_| RosterError::BadSignature)?;
-        key.verify(
-            &[ROSTER_DOMAIN, self.roster_json.as_bytes()].concat(),
-            &signature,
-        )
-        .map_err(|_| RosterError::BadSignature)?;
+        key.verify(&Self::signed_message(&self.roster_json), &signature)
+            .map_err(|_| RosterError::BadSignature)?;
         Ok(serde_json::from_str(&self.roster_json)?)
+    }
+
+    /// The JSON an answer carries for this roster.
+    pub fn to_json(&self) -> Result<SignedRosterJson, serde_json::Error> {
+        serde_json::value::to_raw_value(self)
+    }
+
+    fn signed_message(roster_json: &str) -> Vec<u8> {
+        let digest = ring::digest::digest(&ring::digest::SHA256, roster_json.as_bytes());
+        [ROSTER_DOMAIN, digest.as_ref()].concat()
     }
 }
 
+/// `R` is how the roster is held: clients read a [`SignedRoster`]; the KMS
+/// sends one it serialized once per roster version ([`SignedRosterJson`]),
+/// since every member's answer carries the same one.
 #[derive(Clone, Serialize, Deserialize)]
-pub struct JoinResponse {
+pub struct JoinResponse<R = SignedRoster> {
     pub participant: ParticipantId,
     /// Session secret: `Authorization: Bearer <session>` on later calls.
     pub session: String,
     pub sender_index: u16,
-    pub roster: SignedRoster,
+    pub roster: R,
     pub key: SealedKey,
     pub relay: RelayAssignment,
 }
 
-impl fmt::Debug for JoinResponse {
+impl<R: fmt::Debug> fmt::Debug for JoinResponse<R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("JoinResponse")
             .field("participant", &self.participant)
@@ -607,11 +623,14 @@ pub struct EventsQuery {
 }
 
 /// What changed since `since`. Fields are absent when nothing changed.
+/// `R` as in [`JoinResponse`].
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct EventsResponse {
+pub struct EventsResponse<R = SignedRoster> {
     pub version: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub roster: Option<SignedRoster>,
+    // No `default`: on a generic field serde would ask `R: Default`; a
+    // missing `Option` is `None` anyway.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub roster: Option<R>,
     /// The current epoch's key, when the caller does not have it yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<SealedKey>,
@@ -1103,6 +1122,31 @@ mod tests {
         };
         let signed = SignedRoster::sign(&roster, &key).unwrap();
         assert_eq!(signed.verify(&key.verifying_key()).unwrap(), roster);
+        // What the KMS sends (serialized once) is what clients read.
+        let sent: JoinResponse<SignedRosterJson> = JoinResponse {
+            participant: ParticipantId(1),
+            session: "s".into(),
+            sender_index: 0,
+            roster: signed.to_json().unwrap(),
+            key: SealedKey {
+                meeting: roster.meeting.clone(),
+                epoch: 2,
+                participant: ParticipantId(1),
+                enc: Hex(vec![1]),
+                ciphertext: Hex(vec![2]),
+            },
+            relay: RelayAssignment {
+                relay: "r".into(),
+                address: "127.0.0.1:1".into(),
+                ticket: Hex(vec![3]),
+                not_after: 9,
+            },
+        };
+        let read: JoinResponse =
+            serde_json::from_slice(&serde_json::to_vec(&sent).unwrap()).unwrap();
+        assert_eq!(read.roster, signed);
+        let quiet: EventsResponse = serde_json::from_str(r#"{"version":3}"#).unwrap();
+        assert!(quiet.roster.is_none() && quiet.key.is_none());
         let mut tampered = signed.clone();
         tampered.roster_json = tampered.roster_json.replace("Ada", "Eve");
         assert!(matches!(
