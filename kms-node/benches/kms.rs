@@ -693,10 +693,24 @@ fn main() {
         let rate = answers.len() as f64 / secs;
         let saturated = sorted_latencies(&answers);
         kms.register_relay().await;
+        let server2 = server_cpu().await;
         let (conns, paced_answers, paced_secs) =
             load::run(conns, paced_requests, sampled(total), Pace::Rate(offered)).await;
+        let server3 = server_cpu().await;
         drop(conns);
         let paced = sorted_latencies(&paced_answers);
+        // KMS_BENCH_LATENCIES=FILE writes each paced release's index (its
+        // due time is index / rate) and latency: a queue that grows all run
+        // (the server short of CPU) looks different from one stall.
+        if let Some(path) = std::env::var_os("KMS_BENCH_LATENCIES") {
+            let mut lines: Vec<(usize, f64)> = paced_answers.iter().map(|a| (a.0, a.1)).collect();
+            lines.sort_by_key(|l| l.0);
+            let text: String = lines
+                .iter()
+                .map(|(i, ms)| format!("{i} {ms:.3}\n"))
+                .collect();
+            std::fs::write(path, text).expect("KMS_BENCH_LATENCIES is writable");
+        }
         println!(
             "kms bench load generator: {CONCURRENCY} kept-alive mTLS HTTP/1.1 connections, \
              one client thread, requests (tokens, participant keys) built before timing; \
@@ -767,6 +781,15 @@ fn main() {
         let server_us = (server1 - server0) * 1e6 / n;
         let client_us = (client1 - client0) * 1e6 / n;
         bench("kms_server_cpu_us_per_release", server_us, "us", None);
+        // The server's CPU per release while paced, against saturated: paced
+        // releases arrive spread out, so fewer share a group commit (about 6
+        // against 8-9 in runs on Nov 27 2026) and a wakeup.
+        bench(
+            "kms_paced_server_cpu_us_per_release",
+            (server3 - server2) * 1e6 / paced.len() as f64,
+            "us",
+            Some(server_us),
+        );
         bench("kms_client_cpu_us_per_release", client_us, "us", None);
         bench(
             "kms_cpu_bound_releases_per_s",
