@@ -24,7 +24,7 @@ mod support;
 
 use kms_node::audit::AuditRecord;
 use kms_node::core::Write;
-use kms_node::store::{Committer, Store};
+use kms_node::store::{Committer, Grouping, Store};
 use load::Pace;
 use meeting_proto::ids::MeetingId;
 use meeting_proto::key_release::EphemeralKey;
@@ -307,7 +307,11 @@ async fn audit_run(max_batch: usize, jobs: usize, concurrency: usize) -> (f64, f
     ));
     let _ = std::fs::remove_dir_all(&dir);
     let store = Arc::new(Store::open(&dir).unwrap());
-    let committer = Committer::start(store, max_batch, || 0, Box::new(|_, _, _| {})).unwrap();
+    let grouping = Grouping {
+        max_entries: max_batch,
+        linger: Duration::ZERO,
+    };
+    let committer = Committer::start(store, grouping, || 0, Box::new(|_, _, _| {})).unwrap();
     let meeting = MeetingId::new("bench").unwrap();
     let started = Instant::now();
     let per_task = jobs / concurrency;

@@ -8,7 +8,7 @@ use crate::core::{Claims, Core, CoreConfig, Denial, Effects, Joiner, Placement, 
 use crate::keys::{self, Ed25519Signer, KeyRing, RootKey, SecretKey};
 use crate::metrics::{KindLabels, Metrics, RequestLabels, RouteLabels};
 use crate::rate::RateLimiter;
-use crate::store::{Committer, Store};
+use crate::store::{Committer, Grouping, Store};
 use axum::extract::{DefaultBodyLimit, Extension, MatchedPath, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -180,7 +180,10 @@ impl Shared {
         );
         let committer = Committer::start(
             store.clone(),
-            config.audit.group_commit_max,
+            Grouping {
+                max_entries: config.audit.group_commit_max,
+                linger: Duration::from_micros(config.audit.group_commit_linger_micros),
+            },
             now_ms,
             Box::new(move |_, entries, took| {
                 commit_seconds.observe(took.as_secs_f64());
