@@ -84,7 +84,11 @@ pub struct Claims {
     pub meeting: MeetingId,
     pub role: Role,
     pub expires_s: u64,
-    /// SHA-256 of the token text, for replay detection.
+    /// SHA-256 of the token text, for replay detection. Keying replays on
+    /// the text holds only while one token has one accepted text: Ed25519
+    /// checked one signature at a time (strongly unforgeable; batch
+    /// verification is not) and canonical base64. Loosen either and this
+    /// must key on the claims instead.
     pub token_hash: [u8; 32],
 }
 
