@@ -197,26 +197,25 @@ struct Meeting {
 pub struct RosterVersion {
     roster: Roster,
     key: Arc<Ed25519Signer>,
-    signed: OnceLock<(SignedRoster, SignedRosterJson)>,
+    signed: OnceLock<SignedRosterJson>,
 }
 
 impl RosterVersion {
-    fn get(&self) -> &(SignedRoster, SignedRosterJson) {
-        self.signed.get_or_init(|| {
-            let signed =
-                SignedRoster::sign(&self.roster, self.key.as_ref()).expect("roster serializes");
-            let json = signed.to_json().expect("signed roster serializes");
-            (signed, json)
-        })
-    }
-
-    pub fn signed(&self) -> &SignedRoster {
-        &self.get().0
-    }
-
     /// The signed roster as answers carry it.
     pub fn json(&self) -> SignedRosterJson {
-        self.get().1.clone()
+        self.signed
+            .get_or_init(|| {
+                SignedRoster::sign(&self.roster, self.key.as_ref())
+                    .and_then(|signed| signed.to_json())
+                    .expect("roster serializes")
+            })
+            .clone()
+    }
+
+    /// The signed roster as a value (read back from [`Self::json`]; for the
+    /// rare answers that are not join or events ones).
+    pub fn signed(&self) -> SignedRoster {
+        serde_json::from_str(self.json().get()).expect("a signed roster reads back")
     }
 }
 

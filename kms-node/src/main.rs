@@ -104,7 +104,7 @@ fn main() -> anyhow::Result<()> {
             let roster = core
                 .roster(&meeting, server::now_ms())
                 .ok_or_else(|| anyhow::anyhow!("no meeting {meeting}"))?;
-            println!("{}", serde_json::to_string_pretty(roster.signed())?);
+            println!("{}", serde_json::to_string_pretty(&roster.signed())?);
             Ok(())
         }
         Command::RotateKek { config } => {

@@ -744,7 +744,7 @@ async fn invite(
         .await?;
     Ok(Json(api::InviteResponse {
         invitation,
-        roster: roster.signed().clone(),
+        roster: roster.signed(),
     }))
 }
 
@@ -1113,7 +1113,7 @@ async fn roster_export(
     State(s): State<Arc<Shared>>,
     Extension(peer): Extension<Peer>,
     Path(meeting): Path<String>,
-) -> ApiResult<api::SignedRoster> {
+) -> ApiResult<api::SignedRosterJson> {
     let admin = admin_or_deny(&s, &peer, "exporting a roster").await?;
     let meeting = meeting_id(&meeting)?;
     let now = now_ms();
@@ -1132,7 +1132,7 @@ async fn roster_export(
             )
         })
         .await?;
-    Ok(Json(roster.signed().clone()))
+    Ok(Json(roster.json()))
 }
 
 async fn info(State(s): State<Arc<Shared>>) -> Json<api::InfoResponse> {
