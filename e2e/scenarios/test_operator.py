@@ -89,9 +89,10 @@ def write_deltas(before: str, after: str) -> dict[str, float]:
 
 
 def status_updates(pod: str, since_s: int) -> list[str]:
-    """The operator's "status updated" log lines (kind, object, changed fields) of the last seconds."""
+    """The operator's "status updated" (kind, object, changed fields) and "reconcile failed" log
+    lines of the last seconds: what it wrote, and the failures whose retries may have written."""
     out = kubectl("logs", "-n", SYSTEM_NS, pod, f"--since={since_s}s", check=False)
-    return [line for line in out.splitlines() if "status updated" in line]
+    return [line for line in out.splitlines() if "status updated" in line or "reconcile failed" in line]
 
 
 def events_for(name: str) -> list[dict]:

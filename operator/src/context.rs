@@ -85,7 +85,24 @@ impl std::fmt::Debug for Context {
     }
 }
 
+/// How long a reconcile waits for a component's answer through the API server's proxy. A
+/// proxied call to an endpoint that has just gone away can be held for the proxy's whole dial
+/// timeout; waiting that long would hold every later reconcile of the object behind it.
+pub const PROXY_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl Context {
+    /// GETs `path`, a path of the API server's service or pod proxy, within [`PROXY_TIMEOUT`].
+    /// The error says why there is no answer.
+    pub async fn proxy_get(&self, path: String) -> Result<String, String> {
+        let req = http::Request::get(path)
+            .body(Vec::new())
+            .map_err(|e| e.to_string())?;
+        tokio::time::timeout(PROXY_TIMEOUT, self.client.request_text(req))
+            .await
+            .map_err(|_| format!("no answer in {} s", PROXY_TIMEOUT.as_secs()))?
+            .map_err(|e| e.to_string())
+    }
+
     pub fn new(
         client: Client,
         metrics: Arc<Metrics>,

@@ -11,7 +11,7 @@ use http::{Method, Request, Response, StatusCode};
 use kube::client::Body;
 use kube::{Client, Resource};
 use serde_json::{Value, json};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 pub const NS: &str = "team";
@@ -87,6 +87,8 @@ pub struct FakeApi {
     version: std::sync::atomic::AtomicU64,
     /// Open watches: every change is sent to each as (event type, path, object).
     watchers: Mutex<Vec<tokio::sync::mpsc::UnboundedSender<(String, String, Value)>>>,
+    /// Paths whose requests are never answered (through [`context`]'s client).
+    stalled: Mutex<BTreeSet<String>>,
 }
 
 /// A namespaced collection path without its `/namespaces/<ns>`: the cluster-wide collection.
@@ -145,6 +147,11 @@ fn query_param(query: &str, key: &str) -> Option<String> {
 }
 
 impl FakeApi {
+    /// Requests for `path` get no answer from now on, as from a peer that went silent.
+    pub fn stall(&self, path: &str) {
+        self.stalled.lock().unwrap().insert(path.into());
+    }
+
     pub fn put(&self, path: &str, obj: Value) {
         self.objects.lock().unwrap().insert(path.into(), obj);
     }
@@ -390,6 +397,14 @@ pub fn context(caps: Capabilities) -> (Arc<Context>, Arc<FakeApi>) {
     let server = fake.clone();
     tokio::spawn(async move {
         while let Some((req, send)) = handle.next_request().await {
+            if server.stalled.lock().unwrap().contains(req.uri().path()) {
+                // Keeping the responder open (not dropping it) is what leaves the caller waiting.
+                tokio::spawn(async move {
+                    let _responder = send;
+                    std::future::pending::<()>().await
+                });
+                continue;
+            }
             send.send_response(server.handle(req).await);
         }
     });

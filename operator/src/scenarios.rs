@@ -453,20 +453,8 @@ async fn per_relay_services_follow_the_replica_count() {
 async fn kms_status_reports_the_kek_version_and_writes_only_when_it_changes() {
     bounded(async {
         let (ctx, fake) = context(CAPS);
-        let k = kms("main");
-        let port = k.spec.exposure.port;
-        fake.put(&kms_path("main"), serde_json::to_value(&k).unwrap());
-        crate::kms::reconcile(Arc::new(k), ctx.clone())
-            .await
-            .unwrap();
         // The pod is ready and its /v1/info answers through the service proxy.
-        let sts_path = path("apps/v1", "statefulsets", "main-kms");
-        let mut sts = fake.get(&sts_path).unwrap();
-        sts["status"] = json!({"replicas": 1, "readyReplicas": 1, "updatedReplicas": 1, "observedGeneration": 1});
-        fake.put(&sts_path, sts);
-        let info_path = format!(
-            "/api/v1/namespaces/{NS}/services/https:main-kms:{port}/proxy/v1/info"
-        );
+        let info_path = main_kms_with_a_ready_pod(&ctx, &fake).await;
         let key = "3b6a27bcceb6a42d62a3a8d02a6f0d73653215771de243a63ac048a18b59da29";
         fake.put(
             &info_path,
@@ -491,7 +479,11 @@ async fn kms_status_reports_the_kek_version_and_writes_only_when_it_changes() {
             fake.calls().iter().any(|c| c.path == info_path),
             "the KMS was asked"
         );
-        assert_eq!(fake.writes(), vec![], "unchanged KEK version must not write");
+        assert_eq!(
+            fake.writes(),
+            vec![],
+            "unchanged KEK version must not write"
+        );
 
         // A rotation shows up with exactly one status write.
         fake.put(
@@ -507,6 +499,47 @@ async fn kms_status_reports_the_kek_version_and_writes_only_when_it_changes() {
         assert_eq!(
             fake.get(&kms_path("main")).unwrap()["status"]["currentKekVersion"],
             4
+        );
+    })
+    .await
+}
+
+/// Creates the KMS "main", reconciles it once and marks its pod ready; answers the path of
+/// its /v1/info.
+async fn main_kms_with_a_ready_pod(ctx: &Arc<crate::context::Context>, fake: &FakeApi) -> String {
+    let k = kms("main");
+    let port = k.spec.exposure.port;
+    fake.put(&kms_path("main"), serde_json::to_value(&k).unwrap());
+    crate::kms::reconcile(Arc::new(k), ctx.clone())
+        .await
+        .unwrap();
+    let sts_path = path("apps/v1", "statefulsets", "main-kms");
+    let mut sts = fake.get(&sts_path).unwrap();
+    sts["status"] =
+        json!({"replicas": 1, "readyReplicas": 1, "updatedReplicas": 1, "observedGeneration": 1});
+    fake.put(&sts_path, sts);
+    format!("/api/v1/namespaces/{NS}/services/https:main-kms:{port}/proxy/v1/info")
+}
+
+// Paused time: the runtime skips ahead whenever every task waits, so the timeout passes at once.
+#[tokio::test(start_paused = true)]
+async fn a_kms_that_does_not_answer_holds_its_reconcile_for_a_bounded_time() {
+    bounded(async {
+        let (ctx, fake) = context(CAPS);
+        let info_path = main_kms_with_a_ready_pod(&ctx, &fake).await;
+        fake.stall(&info_path);
+        let again: KeyManagementServer = stored(&fake, &kms_path("main"));
+        let started = tokio::time::Instant::now();
+        crate::kms::reconcile(Arc::new(again), ctx).await.unwrap();
+        assert!(
+            started.elapsed() <= crate::context::PROXY_TIMEOUT * 2,
+            "{:?}",
+            started.elapsed()
+        );
+        let status = fake.get(&kms_path("main")).unwrap()["status"].to_string();
+        assert!(
+            status.contains("ticket key not read from the KMS yet: no answer in 5 s"),
+            "{status}"
         );
     })
     .await

@@ -224,10 +224,9 @@ async fn kms_info(
         kms.spec.exposure.port,
         meeting_proto::kms_api::paths::INFO
     );
-    let req = http::Request::get(path)
-        .body(Vec::new())
-        .map_err(|e| e.to_string())?;
-    let body: serde_json::Value = ctx.client.request(req).await.map_err(|e| e.to_string())?;
+    let text = ctx.proxy_get(path).await?;
+    let body: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("/v1/info is not JSON: {e}"))?;
     parse_info(&body)
 }
 

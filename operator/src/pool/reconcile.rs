@@ -67,10 +67,7 @@ async fn active_sessions(ctx: &Context, pool: &ConnectorPool, ns: &str) -> Resul
             p.name_any(),
             crate::pod::HTTP_PORT
         );
-        let Ok(req) = http::Request::get(path).body(Vec::new()) else {
-            continue;
-        };
-        match ctx.client.request_text(req).await {
+        match ctx.proxy_get(path).await {
             Ok(text) => {
                 if let Some(n) = sessions_in_exposition(&text) {
                     *total.get_or_insert(0) += n;
