@@ -208,6 +208,7 @@ SCHEMA_REFUSED = [
     ("KMS replicas above 1", kms("bad-kms-replicas", replicas=2), "spec.replicas"),
     ("unknown connector type", pool("bad-type", type="fax"), "spec.type"),
     ("bad exposure type", kms("bad-exposure", exposure={"serviceType": "Ingress"}), "spec.exposure.serviceType"),
+    ("a one-member meeting limit", kms("bad-limits", limits={"maxMembers": 1}), "spec.limits.maxMembers"),
 ]
 
 # Accepted by the server (on Kubernetes 1.20 it serves no CEL) and reported by the reconciler:

@@ -170,6 +170,42 @@ fn kms_config_renders_issuers_rotation_and_pools() {
     );
 }
 
+#[test]
+fn kms_limits_and_group_commits_pass_through_and_default_to_the_kms_own() {
+    let defaults = crate::kms::config(&kms("main"), &[]).unwrap();
+    use meeting_proto::config::kms::{AuditConfig, LimitsConfig};
+    assert_eq!(defaults.limits, LimitsConfig::default());
+    assert_eq!(
+        defaults.audit.group_commit_linger_micros,
+        AuditConfig::default().group_commit_linger_micros
+    );
+
+    let mut k = kms("main");
+    k.spec.audit =
+        serde_json::from_value(json!({"groupCommitMax": 64, "groupCommitLingerMicros": 0}))
+            .unwrap();
+    k.spec.limits =
+        serde_json::from_value(json!({"perMeetingRps": 500, "maxMembers": 5000})).unwrap();
+    let c = crate::kms::config(&k, &[]).unwrap();
+    assert_eq!(
+        (c.audit.group_commit_max, c.audit.group_commit_linger_micros),
+        (64, 0)
+    );
+    assert_eq!(
+        (c.limits.per_meeting_rps, c.limits.max_members),
+        (500, 5000)
+    );
+    assert_eq!(
+        c.limits.per_identity_rps,
+        LimitsConfig::default().per_identity_rps
+    );
+
+    // Out of range, on a server that skipped the schema: the KMS's own check names the field.
+    k.spec.limits.max_members = Some(1);
+    let err = crate::kms::validate(&k).unwrap_err();
+    assert!(err.contains("limits.maxMembers"), "{err}");
+}
+
 fn sts_args(z: &crate::zone::MeetingZone) -> Vec<String> {
     let sts = crate::zone::stateful_set(z, &link(), &Settings::default(), "h").unwrap();
     sts.spec.unwrap().template.spec.unwrap().containers[0]

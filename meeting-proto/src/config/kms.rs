@@ -168,8 +168,8 @@ pub struct AuditConfig {
     /// Microseconds a busy KMS waits after a request's changes are queued
     /// for more to join the same commit (busy: the last commit carried 4 or
     /// more requests; an idle KMS commits at once). Under load, fewer and
-    /// larger commits leave more CPU for answering. Default 1000; 0 commits
-    /// whatever is queued at once.
+    /// larger commits leave more CPU for answering. Default 1000, at most
+    /// 100000; 0 commits whatever is queued at once.
     #[serde(default = "defaults::group_commit_linger_micros")]
     pub group_commit_linger_micros: u64,
 }
@@ -398,9 +398,13 @@ impl KmsConfig {
             (1..=65_536).contains(&self.audit.group_commit_max),
             "audit.groupCommitMax must be between 1 and 65536",
         );
+        check(
+            self.audit.group_commit_linger_micros <= 100_000,
+            "audit.groupCommitLingerMicros must be at most 100000 (0.1 s)",
+        );
         let l = &self.limits;
         check(
-            l.per_identity_rps > 0 && l.per_identity_burst >= l.per_identity_rps.min(1),
+            l.per_identity_rps > 0 && l.per_identity_burst > 0,
             "limits.perIdentityRps and perIdentityBurst must be positive",
         );
         check(
@@ -522,6 +526,7 @@ issuers:
 ticketLifetimeS: 5
 admins: [operator]
 limits: {{maxBodyBytes: 10}}
+audit: {{groupCommitLingerMicros: 1000000}}
 "
         );
         let err = match KmsConfig::from_yaml(&text) {
@@ -535,6 +540,7 @@ limits: {{maxBodyBytes: 10}}
             "ticketLifetimeS",
             "admins[0]",
             "limits.maxBodyBytes",
+            "audit.groupCommitLingerMicros",
         ] {
             assert!(all.contains(needle), "{needle} missing from {all}");
         }

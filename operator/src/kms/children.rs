@@ -151,6 +151,14 @@ pub fn config(kms: &KeyManagementServer, pools: &[PoolGrant]) -> Result<KmsConfi
         .map(|(identity, kind)| json!({"identity": identity, "kind": kind}))
         .collect();
     let retention = dur("spec.audit.retention", &s.audit.retention)?;
+    // Fields left out of the spec are left out here too: the kms-node's defaults apply.
+    let mut audit = json!({"retentionDays": retention.as_secs().div_ceil(86_400)});
+    if let Some(n) = s.audit.group_commit_max {
+        audit["groupCommitMax"] = n.into();
+    }
+    if let Some(us) = s.audit.group_commit_linger_micros {
+        audit["groupCommitLingerMicros"] = us.into();
+    }
     let v = json!({
         "listen": format!("0.0.0.0:{}", s.exposure.port),
         "opsListen": format!("0.0.0.0:{HTTP_PORT}"),
@@ -166,7 +174,8 @@ pub fn config(kms: &KeyManagementServer, pools: &[PoolGrant]) -> Result<KmsConfi
             "meetingKeyIntervalS": dur("spec.keyRotation.meetingKeyInterval", &s.key_rotation.meeting_key_interval)?.as_secs(),
             "kekIntervalS": dur("spec.keyRotation.kekInterval", &s.key_rotation.kek_interval)?.as_secs(),
         },
-        "audit": {"retentionDays": retention.as_secs().div_ceil(86_400)},
+        "audit": audit,
+        "limits": s.limits,
         "admins": [admin_identity(kms)?.to_uri()],
         "recordingKeyReaders": s.recording_readers,
         "connectorPools": pools,

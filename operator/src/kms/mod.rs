@@ -66,6 +66,9 @@ pub struct KeyManagementServerSpec {
     /// Audit log settings.
     #[serde(default)]
     pub audit: AuditSettings,
+    /// Request limits of the KMS; fields left out take the KMS's defaults.
+    #[serde(default)]
+    pub limits: KmsLimits,
     /// CPU and memory requests/limits of the kms-node container. Defaults to 100m CPU and
     /// 128Mi memory requested, 512Mi memory limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -305,14 +308,64 @@ pub struct AuditSettings {
     #[serde(default = "default_retention")]
     #[schemars(regex(pattern = DURATION_PATTERN))]
     pub retention: String,
+    /// Most audit entries made durable by one commit (one fsync). Default 512.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65536))]
+    pub group_commit_max: Option<i32>,
+    /// Microseconds a busy KMS (its last commit carried 4 or more requests) waits for more
+    /// requests to share a commit; an idle one commits at once. Under load, fewer and larger
+    /// commits leave more CPU for answering, at up to this much added latency. Default 1000;
+    /// 0 commits whatever is queued at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100000))]
+    pub group_commit_linger_micros: Option<i32>,
 }
 
 impl Default for AuditSettings {
     fn default() -> Self {
         Self {
             retention: default_retention(),
+            group_commit_max: None,
+            group_commit_linger_micros: None,
         }
     }
+}
+
+/// Request limits of the KMS. Requests beyond a rate are answered 429 with `Retry-After`.
+/// The names are those of the kms-node config's `limits`, to which they are passed as set.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KmsLimits {
+    /// Sustained requests per second of one identity (a participant's session, a join token's
+    /// subject, a service certificate). Default 20.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub per_identity_rps: Option<i32>,
+    /// Requests one identity may make at once above its rate. Default 40.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub per_identity_burst: Option<i32>,
+    /// Sustained requests per second concerning one meeting, from all its members. Default 200.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub per_meeting_rps: Option<i32>,
+    /// Requests concerning one meeting at once above its rate. Default 400.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub per_meeting_burst: Option<i32>,
+    /// Requests handled at once by one KMS pod; beyond this it answers 429. Default 2048.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_in_flight: Option<i32>,
+    /// Largest request body in bytes (join tokens travel in bodies). Default 16384.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1024, max = 1048576))]
+    pub max_body_bytes: Option<i32>,
+    /// Most members (participants and connectors) of one meeting. A MeetingZone's
+    /// `limits.participantsPerMeeting` caps its meetings too: the smaller applies. Default 1000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 2, max = 65000))]
+    pub max_members: Option<i32>,
 }
 
 fn default_retention() -> String {
