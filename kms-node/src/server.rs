@@ -56,6 +56,9 @@ pub struct Shared {
     changed: watch::Sender<u64>,
     /// Bumped per meeting, so a member's long poll wakes only for its meeting.
     meeting_changed: Mutex<HashMap<MeetingId, watch::Sender<u64>>>,
+    /// Set once the server stops: connections close after their request, and long polls
+    /// answer with what there is, so clients poll again elsewhere instead of being cut.
+    stopping: watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -208,6 +211,7 @@ impl Shared {
             in_flight: Semaphore::new(config.limits.max_in_flight),
             changed: watch::channel(0).0,
             meeting_changed: Mutex::new(HashMap::new()),
+            stopping: watch::channel(false).0,
             core: Mutex::new(core),
             committer,
             store,
@@ -274,6 +278,26 @@ impl Shared {
             self.changed.send_modify(|v| *v += 1);
         }
         rx
+    }
+
+    /// Resolves once the server stops.
+    async fn stopped(&self) {
+        let mut stopping = self.stopping.subscribe();
+        // The Ref that wait_for returns is not Send: drop it at once.
+        drop(stopping.wait_for(|s| *s).await);
+    }
+
+    /// A long poll's wait: whether `changed` moved before `deadline`. Also false once the
+    /// server stops, so the poll answers at once with what there is.
+    async fn wait_for_change(
+        &self,
+        changed: &mut watch::Receiver<u64>,
+        deadline: tokio::time::Instant,
+    ) -> bool {
+        tokio::select! {
+            moved = tokio::time::timeout_at(deadline, changed.changed()) => moved.is_ok(),
+            () = self.stopped() => false,
+        }
     }
 
     async fn durable(
@@ -690,10 +714,7 @@ async fn events(
                 relay,
             }));
         }
-        if tokio::time::timeout_at(deadline, changed.changed())
-            .await
-            .is_err()
-        {
+        if !s.wait_for_change(&mut changed, deadline).await {
             return Ok(Json(api::EventsResponse {
                 version: q.since,
                 roster: None,
@@ -777,11 +798,7 @@ async fn assignments(
     loop {
         changed.mark_unchanged();
         let assignments = s.core().assignments(kind);
-        if !assignments.is_empty()
-            || tokio::time::timeout_at(deadline, changed.changed())
-                .await
-                .is_err()
-        {
+        if !assignments.is_empty() || !s.wait_for_change(&mut changed, deadline).await {
             return Ok(Json(api::AssignmentsResponse { assignments }));
         }
     }
@@ -1368,7 +1385,6 @@ pub async fn serve(config: KmsConfig) -> anyhow::Result<()> {
     tokio::spawn(ticker(shared.clone()));
     let app = router(shared.clone());
     shared.metrics.ready.set(1);
-    let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
     let mut connections = tokio::task::JoinSet::new();
     let mut signals = conclave_shutdown::Signals::listen()?;
     loop {
@@ -1388,7 +1404,6 @@ pub async fn serve(config: KmsConfig) -> anyhow::Result<()> {
         let acceptor = acceptor.clone();
         let app = app.clone();
         let shared = shared.clone();
-        let mut stopping = stopping.clone();
         connections.spawn(async move {
             let tls =
                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
@@ -1412,8 +1427,7 @@ pub async fn serve(config: KmsConfig) -> anyhow::Result<()> {
             let mut conn = std::pin::pin!(conn);
             let ended = tokio::select! {
                 ended = conn.as_mut() => ended,
-                // The Ref that wait_for returns is not Send: drop it inside.
-                () = async { drop(stopping.wait_for(|s| *s).await) } => {
+                () = shared.stopped() => {
                     conn.as_mut().graceful_shutdown();
                     conn.await
                 }
@@ -1423,13 +1437,16 @@ pub async fn serve(config: KmsConfig) -> anyhow::Result<()> {
             }
         });
     }
+    // Closed now, so new connections are refused at once (their clients try elsewhere) rather
+    // than completed by the kernel and left unanswered until the process exits.
+    drop(listener);
     shared.metrics.ready.set(0);
     let open = connections.len();
     tracing::info!(
         open,
         "shutdown requested: no new connections, finishing open requests"
     );
-    let _ = stopping_tx.send(true);
+    shared.stopping.send_replace(true);
     let cut = conclave_shutdown::join_within(&mut connections, SHUTDOWN_GRACE).await;
     if cut > 0 {
         tracing::info!(
