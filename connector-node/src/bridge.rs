@@ -289,13 +289,12 @@ pub async fn serve_legs(
     let open: Open = Arc::default();
     // Dial-outs already placed: their invitations stay open until answered.
     let dialed: Arc<Mutex<std::collections::HashSet<u64>>> = Arc::default();
+    // Dial-outs to place. The loop below runs them beside the legs' sessions, so a stop waits
+    // for them too: a ringing call is cancelled and reported, an answered one leaves its
+    // meeting, before the connector exits.
+    let (dials_tx, mut dials) = tokio::sync::mpsc::unbounded_channel::<Assignment>();
     let sort = {
-        let (client, telephony, open, dialed) = (
-            client.clone(),
-            telephony.clone(),
-            open.clone(),
-            dialed.clone(),
-        );
+        let (open, dialed) = (open.clone(), dialed.clone());
         move |assignments: Vec<Assignment>| {
             let mut o = open.lock().unwrap_or_else(|p| p.into_inner());
             for a in assignments {
@@ -305,7 +304,7 @@ pub async fn serve_legs(
                         .unwrap_or_else(|p| p.into_inner())
                         .insert(a.invitation)
                     {
-                        tokio::spawn(dial_out(client.clone(), telephony.clone(), plan.clone(), a));
+                        let _ = dials_tx.send(a);
                     }
                     continue;
                 }
@@ -351,6 +350,11 @@ pub async fn serve_legs(
                 Some(leg) => leg,
                 None => break,
             },
+            Some(a) = dials.recv() => {
+                let (client, telephony) = (client.clone(), telephony.clone());
+                sessions.spawn(dial_out(client, telephony, plan.clone(), a));
+                continue;
+            }
             // A dropped switch never stops the pool. (The Ref that wait_for
             // returns is not Send: dropped inside.)
             Ok(()) = async { stop.wait_for(|s| *s).await.map(drop) } => {
@@ -376,7 +380,10 @@ pub async fn serve_legs(
             telephony.hangup(leg.call).await;
             continue;
         };
-        sessions.spawn(connect_leg(client.clone(), telephony.clone(), leg, a));
+        let (client, telephony) = (client.clone(), telephony.clone());
+        sessions.spawn(async move {
+            connect_leg(client, telephony, leg, a).await;
+        });
     }
     poller.abort();
 }

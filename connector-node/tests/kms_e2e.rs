@@ -319,14 +319,15 @@ async fn send_tone(link: &meeting::MeetingLink, secs: f64) {
 /// A SIP connector pool (`telephony` or `roomSystem`) on 127.0.0.1 that
 /// serves the KMS's assignments with the certificate of pool `pool` (pod
 /// `<pool>-0`), mapping dialled numbers or users to meetings. Returns its
-/// SIP (UDP) port and its stop switch (what SIGTERM sets in the binary).
+/// SIP (UDP) port, its stop switch (what SIGTERM sets in the binary) and
+/// the task serving it, which ends once it has stopped.
 async fn sip_pool(
     w: &World,
     pool: &str,
     kind: ConnectorKind,
     dial_in: &[(&str, &MeetingId)],
     media_timeout: Duration,
-) -> (u16, watch::Sender<bool>) {
+) -> (u16, watch::Sender<bool>, tokio::task::JoinHandle<()>) {
     use connector_node::sip::{transport, ua};
     let client = w.connector(pool);
     let agent = ua::UserAgent::new(ua::UaConfig {
@@ -368,14 +369,14 @@ async fn sip_pool(
         legs_tx,
     );
     let (stop_tx, stop) = watch::channel(false);
-    tokio::spawn(connector_node::bridge::serve_legs(
+    let serving = tokio::spawn(connector_node::bridge::serve_legs(
         client,
         legs_rx,
         tel,
         Default::default(),
         stop,
     ));
-    (port, stop_tx)
+    (port, stop_tx, serving)
 }
 
 /// Follows the meeting's signed roster from version `since` until a member
@@ -881,7 +882,7 @@ async fn invited_phone_bridges_a_baresip_caller_into_the_meeting() {
         let session = kms_client::Session(host.session.clone());
         // The telephony connector: SIP on 127.0.0.1, +15550100 -> standup;
         // short media timeout, so a killed phone leaves the meeting quickly.
-        let (sip_port, _stop) = sip_pool(
+        let (sip_port, _stop, _) = sip_pool(
             &w,
             "phones",
             ConnectorKind::Telephony,
@@ -1022,7 +1023,7 @@ async fn host_invites_a_phone_by_sip_uri_and_the_connector_dials_out() {
         let meeting = MeetingId::new("callout").unwrap();
         let host = join_host(&w, &people, &meeting, &host_key).await;
         let session = kms_client::Session(host.session.clone());
-        let (_, _stop) = sip_pool(
+        let (_, stop, serving) = sip_pool(
             &w,
             "phones",
             ConnectorKind::Telephony,
@@ -1157,6 +1158,23 @@ async fn host_invites_a_phone_by_sip_uri_and_the_connector_dials_out() {
                 && !entry.detail.contains(&target),
             "{entry:?}"
         );
+        // The pool stops (its pod is deleted) while the dial-out is on the
+        // call: by the time it has stopped, the call is hung up and the
+        // host sees that it ended.
+        stop.send(true).unwrap();
+        serving.await.unwrap();
+        let roster = roster_now(&people, &meeting, &session, &vk).await;
+        let first = roster
+            .invitations
+            .iter()
+            .find(|i| i.id != second.invitation.id)
+            .and_then(|i| i.outcome.clone());
+        assert_eq!(
+            first.as_ref().map(|o| (o.state, o.code.as_str())),
+            Some((api::OutcomeState::Ended, "call_ended")),
+            "{:?}",
+            roster.invitations
+        );
         link.leave();
         phone.stop();
         let files = phone.heard();
@@ -1195,7 +1213,7 @@ async fn a_room_system_joins_under_its_sip_display_name() {
         let meeting = MeetingId::new("huddle").unwrap();
         let host = join_host(&w, &people, &meeting, &host_key).await;
         let session = kms_client::Session(host.session.clone());
-        let (sip_port, stop) = sip_pool(
+        let (sip_port, stop, _) = sip_pool(
             &w,
             "rooms",
             ConnectorKind::RoomSystem,
