@@ -14,7 +14,6 @@ TAG ?= $(VERSION)
 # `make images REGISTRY=host:port/path` also pushes the images there.
 REGISTRY ?=
 E2E := e2e
-PYTEST := $(CONCLAVE_CACHE)/venv/bin/python -m pytest
 
 .PHONY: help deps build check unit-test fuzz chart-test e2e-test test demo demo-down bench images \
         cluster-up cluster-down crds helm-lint
@@ -39,7 +38,7 @@ fuzz: ## Short libFuzzer run of every fuzz target (stable toolchain; FUZZ_SECOND
 	bash $(E2E)/fuzz.sh
 
 chart-test: build ## Chart, dashboards and alert rules: real Helm engine, promtool, a real Prometheus.
-	$(PYTEST) -q -p no:cacheprovider charts/conclave/tests observability/tests
+	bash $(E2E)/chart-test.sh
 
 e2e-test: deps ## End-to-end scenarios on the local cluster (brings it up and down).
 	bash $(E2E)/run-e2e.sh

@@ -48,8 +48,7 @@ lint=(env RUSTC_WORKSPACE_WRAPPER="$(rustc --print sysroot)/bin/clippy-driver"
 timed clippy-and-build nice "${lint[@]}" cargo build --workspace --all-targets || failed+=(clippy-and-build)
 timed unit-test nice "${lint[@]}" cargo nextest run --workspace --no-fail-fast || failed+=(unit-test)
 timed fuzz nice bash e2e/fuzz.sh || failed+=(fuzz)
-timed chart-test nice "$VENV/bin/python" -m pytest -q -p no:cacheprovider charts/conclave/tests observability/tests \
-  || failed+=(chart-test)
+timed chart-test nice bash e2e/chart-test.sh || failed+=(chart-test)
 
 log "waiting for the e2e stage"
 e2e_rc=0
