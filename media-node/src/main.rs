@@ -53,6 +53,9 @@ async fn main() -> anyhow::Result<()> {
     config
         .validate()
         .with_context(|| format!("invalid config {}", args.config.display()))?;
+    // Registered before the relay says it listens: a SIGTERM from then on drains it rather
+    // than killing it with the default action.
+    let mut signals = conclave_shutdown::Signals::listen()?;
     let metrics = Arc::new(RelayMetrics::new());
     let health = Arc::new(Health::default());
     let socket = udp::MediaSocket::bind(config.listen)
@@ -122,7 +125,7 @@ async fn main() -> anyhow::Result<()> {
         }
     });
 
-    conclave_shutdown::signal().await?;
+    signals.recv().await;
     let drain = Duration::from_secs(config.drain_seconds as u64);
     tracing::info!(
         seconds = config.drain_seconds,
@@ -136,7 +139,7 @@ async fn main() -> anyhow::Result<()> {
     tokio::select! {
         _ = tokio::time::sleep(drain) => {}
         _ = health.drained.notified() => {}
-        _ = conclave_shutdown::signal() => {}
+        _ = signals.recv() => {}
     }
     if let Some(h) = heartbeat {
         h.abort();

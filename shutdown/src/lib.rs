@@ -32,12 +32,6 @@ impl Signals {
     }
 }
 
-/// Resolves at the next SIGTERM or SIGINT.
-pub async fn signal() -> std::io::Result<()> {
-    Signals::listen()?.recv().await;
-    Ok(())
-}
-
 /// Waits at most `grace` for every task in `tasks` to end; returns how many
 /// were still running (they are aborted when the set is dropped).
 pub async fn join_within<T: 'static>(tasks: &mut JoinSet<T>, grace: Duration) -> usize {
