@@ -691,8 +691,10 @@ fn main() {
         };
         let metrics0 = kms.admin().metrics_text().await.unwrap_or_default();
         let (server0, client0) = (server_cpu().await, own_cpu_seconds());
+        let disk0 = kms.disk_write_bytes();
         let (conns, answers, secs) = load::run(conns, requests, sampled(0), Pace::Saturate).await;
         let (server1, client1) = (server_cpu().await, own_cpu_seconds());
+        let disk1 = kms.disk_write_bytes();
         let text = kms.admin().metrics_text().await.unwrap_or_default();
         let rate = answers.len() as f64 / secs;
         let saturated = sorted_latencies(&answers);
@@ -795,6 +797,16 @@ fn main() {
             Some(server_us),
         );
         bench("kms_client_cpu_us_per_release", client_us, "us", None);
+        // What the durable writes cost the disk (and the committer, which copies, checksums
+        // and syncs every page a commit touches): bytes dirtied per release, saturated.
+        if let (Some(d0), Some(d1)) = (disk0, disk1) {
+            bench(
+                "kms_disk_bytes_per_release",
+                d1.saturating_sub(d0) as f64 / n,
+                "bytes",
+                None,
+            );
+        }
         bench(
             "kms_cpu_bound_releases_per_s",
             2.0 * 1e6 / (server_us + client_us),

@@ -44,13 +44,44 @@ impl Denial {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Write {
     Meeting(MeetingId, Vec<u8>),
-    Member(MeetingId, ParticipantId, Option<Vec<u8>>),
-    Token([u8; 32], u64),
-    /// A remembered join token (hash, expiry) expired: it can no longer be
-    /// replayed anyway.
-    ForgetToken([u8; 32], u64),
+    /// A member's record, or None when it left.
+    Member(MemberKey, Option<Vec<u8>>),
+    Token(UsedToken),
+    /// A remembered join token expired: it can no longer be replayed anyway.
+    ForgetToken(UsedToken),
     Recording(String, Vec<u8>),
     Kek(StoredKek),
+}
+
+/// Where the store keeps a member: in join order. Joins spread over many meetings, and the
+/// store rewrites every page a commit touches, so keyed by meeting each join of a group
+/// commit would dirty a page of its own; in join order they share the table's last pages.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct MemberKey {
+    pub joined_ms: u64,
+    pub meeting: MeetingId,
+    pub participant: ParticipantId,
+}
+
+impl MemberKey {
+    pub fn of(meeting: &MeetingId, member: &MemberRecord) -> Self {
+        Self {
+            joined_ms: member.joined_ms,
+            meeting: meeting.clone(),
+            participant: member.participant,
+        }
+    }
+}
+
+/// A join token that was used, remembered until it expires so it cannot be replayed. Ordered
+/// (and stored) by expiry, then by when it was used: tokens of an issuer expire in the order
+/// they were minted, and many share a second, so inserts land on the table's last pages
+/// rather than where their hashes would put them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct UsedToken {
+    pub expires_s: u64,
+    pub used_ms: u64,
+    pub hash: [u8; 32],
 }
 
 /// What must be durable before answering.
@@ -308,7 +339,7 @@ pub struct Core {
     signing: Arc<Ed25519Signer>,
     meetings: HashMap<MeetingId, Meeting>,
     open_invitations: BTreeSet<(ConnectorKind, MeetingId, u64)>,
-    tokens: HashMap<[u8; 32], u64>,
+    tokens: HashMap<[u8; 32], UsedToken>,
     recordings: HashMap<String, RecordingRecord>,
     relays: Relays,
 }
@@ -339,7 +370,7 @@ fn internal(e: KeyError) -> Denial {
 pub struct Loaded {
     pub meetings: Vec<MeetingRecord>,
     pub members: Vec<(MeetingId, MemberRecord)>,
-    pub tokens: Vec<([u8; 32], u64)>,
+    pub tokens: Vec<UsedToken>,
     pub recordings: Vec<RecordingRecord>,
 }
 
@@ -357,7 +388,7 @@ impl Core {
             signing,
             meetings: HashMap::new(),
             open_invitations: BTreeSet::new(),
-            tokens: loaded.tokens.into_iter().collect(),
+            tokens: loaded.tokens.into_iter().map(|t| (t.hash, t)).collect(),
             recordings: loaded
                 .recordings
                 .into_iter()
@@ -689,8 +720,13 @@ impl Core {
         m.record.next_sender += 1;
         let (role, name, subject) = match joiner {
             Joiner::Person(c) => {
-                self.tokens.insert(c.token_hash, c.expires_s);
-                fx.writes.push(Write::Token(c.token_hash, c.expires_s));
+                let used = UsedToken {
+                    expires_s: c.expires_s,
+                    used_ms: now_ms,
+                    hash: c.token_hash,
+                };
+                self.tokens.insert(c.token_hash, used);
+                fx.writes.push(Write::Token(used));
                 (c.role, c.name, c.subject)
             }
             Joiner::Connector {
@@ -724,8 +760,7 @@ impl Core {
             joined_ms: now_ms,
         };
         fx.writes.push(Write::Member(
-            meeting.clone(),
-            participant,
+            MemberKey::of(meeting, &member),
             Some(json(&member)),
         ));
         m.members.insert(participant, member);
@@ -835,8 +870,7 @@ impl Core {
             let public_key = member.public_key.array().unwrap_or_default();
             let sender = member.sender_index;
             fx.writes.push(Write::Member(
-                meeting.clone(),
-                participant,
+                MemberKey::of(meeting, member),
                 Some(json(&*member)),
             ));
             fx.audit.push(
@@ -906,7 +940,7 @@ impl Core {
             m.gone.insert(hash, now_ms);
         }
         fx.writes
-            .push(Write::Member(meeting.clone(), participant, None));
+            .push(Write::Member(MemberKey::of(meeting, &member), None));
         fx.audit.push(
             AuditRecord::new(AuditKind::RosterChange, actor, why)
                 .meeting(meeting)
@@ -1466,15 +1500,15 @@ impl Core {
         let now_s = now_ms / 1000;
         // Tokens are remembered until they expire (plus clock skew), so a
         // replay is refused for as long as the token itself would be accepted.
-        let expired: Vec<([u8; 32], u64)> = self
+        let expired: Vec<UsedToken> = self
             .tokens
-            .iter()
-            .filter(|(_, exp)| **exp + 300 < now_s)
-            .map(|(h, exp)| (*h, *exp))
+            .values()
+            .filter(|t| t.expires_s + 300 < now_s)
+            .copied()
             .collect();
-        for (h, exp) in expired {
-            self.tokens.remove(&h);
-            fx.writes.push(Write::ForgetToken(h, exp));
+        for t in expired {
+            self.tokens.remove(&t.hash);
+            fx.writes.push(Write::ForgetToken(t));
         }
         fx
     }
@@ -1705,7 +1739,7 @@ mod tests {
         assert!(
             fx.writes
                 .iter()
-                .any(|w| matches!(w, Write::Member(_, _, None)))
+                .any(|w| matches!(w, Write::Member(_, None)))
         );
         // The one who stayed gets epoch 3 sealed to their key.
         let (r, fx) = c.events(2001, &m(), &session(&a), 0);
@@ -1746,7 +1780,11 @@ mod tests {
     fn remembered_tokens_are_forgotten_after_expiry() {
         let mut c = core();
         join(&mut c, "ada", Role::Host, 1);
-        let forgot = |fx: &Effects| fx.writes.contains(&Write::ForgetToken([1; 32], 10_000));
+        let forgot = |fx: &Effects| {
+            fx.writes
+                .iter()
+                .any(|w| matches!(w, Write::ForgetToken(t) if t.hash == [1; 32] && t.expires_s == 10_000))
+        };
         assert!(!forgot(&c.tick(1_000_000)));
         assert!(forgot(&c.tick(10_301_000)));
         // Once forgotten the token is expired anyway: the verifier refuses it.

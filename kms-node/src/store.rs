@@ -9,7 +9,9 @@
 //! into one transaction (group commit): one fsync for many requests.
 
 use crate::audit::{self, AuditRecord, Checkpoint, Verifier, VerifyError};
-use crate::core::{Loaded, MeetingRecord, MemberRecord, RecordingRecord, Write};
+use crate::core::{
+    Loaded, MeetingRecord, MemberKey, MemberRecord, RecordingRecord, UsedToken, Write,
+};
 use crate::keys::StoredKek;
 use meeting_proto::ids::MeetingId;
 use meeting_proto::kms_api::{AuditEntry, AuditVerifyResponse, Hex};
@@ -22,15 +24,20 @@ use std::time::{Duration, Instant};
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const KEKS: TableDefinition<u32, &[u8]> = TableDefinition::new("keks");
 const MEETINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("meetings");
-const MEMBERS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("members");
-/// Used join tokens by (expiry, hash). The KMS looks tokens up in memory
-/// (all are loaded at start), so the store's order is free: by expiry, each
-/// join's insert lands on the table's last leaf instead of a random one, and
-/// a group commit dirties (checksums, writes, fsyncs) one page for its
-/// tokens instead of one per join.
-const TOKENS: TableDefinition<(u64, &[u8]), ()> = TableDefinition::new("tokens_by_expiry");
-/// The same keyed by hash alone, as stores before `tokens_by_expiry` kept
-/// them: moved over at open.
+/// Members by (joined ms, meeting, participant): see [`crate::core::MemberKey`]. The KMS reads
+/// members only at start, so the store's order is free, and join order keeps a group commit's
+/// new members on the table's last pages (redb rewrites, checksums and syncs every page a
+/// commit touches).
+const MEMBERS: TableDefinition<(u64, &str, u64), &[u8]> = TableDefinition::new("members_by_join");
+/// Used join tokens by (expiry, used ms, hash): see [`crate::core::UsedToken`]. Looked up in
+/// memory (all are loaded at start), so here too the order only decides which pages a commit
+/// dirties.
+const TOKENS: TableDefinition<(u64, u64, &[u8]), ()> = TableDefinition::new("used_tokens");
+/// Earlier layouts, moved over at open: members by (meeting, participant); tokens by
+/// (expiry, hash); before that, tokens by hash.
+const MEMBERS_BY_MEETING: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("members");
+const TOKENS_BY_EXPIRY: TableDefinition<(u64, &[u8]), ()> =
+    TableDefinition::new("tokens_by_expiry");
 const TOKENS_BY_HASH: TableDefinition<&[u8], u64> = TableDefinition::new("tokens");
 const RECORDINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("recordings");
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
@@ -73,6 +80,14 @@ pub struct StoredKeys {
     pub signing_key: Option<Vec<u8>>,
 }
 
+fn member_key(k: &MemberKey) -> (u64, &str, u64) {
+    (k.joined_ms, k.meeting.as_str(), k.participant.0)
+}
+
+fn token_key(t: &UsedToken) -> (u64, u64, &[u8]) {
+    (t.expires_s, t.used_ms, t.hash.as_slice())
+}
+
 impl Store {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(dbe)?;
@@ -92,14 +107,46 @@ impl Store {
             txn.open_table(TOKENS).map_err(dbe)?;
             txn.open_table(RECORDINGS).map_err(dbe)?;
             txn.open_table(AUDIT).map_err(dbe)?;
-            let old = txn.open_table(TOKENS_BY_HASH).map_err(dbe)?;
+            // When a token of an earlier layout was used is unknown: 0 sorts it first.
             let mut tokens = txn.open_table(TOKENS).map_err(dbe)?;
-            for row in old.iter().map_err(dbe)? {
+            for row in txn
+                .open_table(TOKENS_BY_HASH)
+                .map_err(dbe)?
+                .iter()
+                .map_err(dbe)?
+            {
                 let (k, v) = row.map_err(dbe)?;
-                tokens.insert((v.value(), k.value()), ()).map_err(dbe)?;
+                tokens.insert((v.value(), 0, k.value()), ()).map_err(dbe)?;
+            }
+            for row in txn
+                .open_table(TOKENS_BY_EXPIRY)
+                .map_err(dbe)?
+                .iter()
+                .map_err(dbe)?
+            {
+                let (k, _) = row.map_err(dbe)?;
+                let (expires_s, hash) = k.value();
+                tokens.insert((expires_s, 0, hash), ()).map_err(dbe)?;
+            }
+            let mut members = txn.open_table(MEMBERS).map_err(dbe)?;
+            for row in txn
+                .open_table(MEMBERS_BY_MEETING)
+                .map_err(dbe)?
+                .iter()
+                .map_err(dbe)?
+            {
+                let (k, v) = row.map_err(dbe)?;
+                let (meeting, pid) = k.value();
+                let r: MemberRecord = serde_json::from_slice(v.value())
+                    .map_err(|_| StoreError::Corrupt(format!("member {meeting}/{pid}")))?;
+                members
+                    .insert((r.joined_ms, meeting, pid), v.value())
+                    .map_err(dbe)?;
             }
         }
         txn.delete_table(TOKENS_BY_HASH).map_err(dbe)?;
+        txn.delete_table(TOKENS_BY_EXPIRY).map_err(dbe)?;
+        txn.delete_table(MEMBERS_BY_MEETING).map_err(dbe)?;
         txn.commit().map_err(dbe)?;
         Ok(Self {
             db,
@@ -169,7 +216,7 @@ impl Store {
         }
         for row in txn.open_table(MEMBERS).map_err(dbe)?.iter().map_err(dbe)? {
             let (k, v) = row.map_err(dbe)?;
-            let (meeting, pid) = k.value();
+            let (_, meeting, pid) = k.value();
             let r: MemberRecord = serde_json::from_slice(v.value())
                 .map_err(|_| StoreError::Corrupt(format!("member {meeting}/{pid}")))?;
             let meeting = MeetingId::new(meeting)
@@ -178,11 +225,15 @@ impl Store {
         }
         for row in txn.open_table(TOKENS).map_err(dbe)?.iter().map_err(dbe)? {
             let (k, _) = row.map_err(dbe)?;
-            let (expires_s, hash) = k.value();
+            let (expires_s, used_ms, hash) = k.value();
             let hash: [u8; 32] = hash
                 .try_into()
                 .map_err(|_| StoreError::Corrupt("token".into()))?;
-            loaded.tokens.push((hash, expires_s));
+            loaded.tokens.push(UsedToken {
+                expires_s,
+                used_ms,
+                hash,
+            });
         }
         for row in txn
             .open_table(RECORDINGS)
@@ -249,19 +300,17 @@ impl Store {
                     Write::Meeting(id, rec) => {
                         meetings.insert(id.as_str(), rec.as_slice()).map_err(dbe)?;
                     }
-                    Write::Member(m, p, Some(rec)) => {
-                        members
-                            .insert((m.as_str(), p.0), rec.as_slice())
-                            .map_err(dbe)?;
+                    Write::Member(k, Some(rec)) => {
+                        members.insert(member_key(k), rec.as_slice()).map_err(dbe)?;
                     }
-                    Write::Member(m, p, None) => {
-                        members.remove((m.as_str(), p.0)).map_err(dbe)?;
+                    Write::Member(k, None) => {
+                        members.remove(member_key(k)).map_err(dbe)?;
                     }
-                    Write::Token(hash, exp) => {
-                        tokens.insert((*exp, hash.as_slice()), ()).map_err(dbe)?;
+                    Write::Token(t) => {
+                        tokens.insert(token_key(t), ()).map_err(dbe)?;
                     }
-                    Write::ForgetToken(hash, exp) => {
-                        tokens.remove((*exp, hash.as_slice())).map_err(dbe)?;
+                    Write::ForgetToken(t) => {
+                        tokens.remove(token_key(t)).map_err(dbe)?;
                     }
                     Write::Recording(id, rec) => {
                         recordings
@@ -594,6 +643,7 @@ impl Committer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use meeting_proto::ids::ParticipantId;
     use meeting_proto::kms_api::AuditKind;
 
     fn dir(name: &str) -> PathBuf {
@@ -675,51 +725,96 @@ mod tests {
         std::fs::remove_dir_all(&d).unwrap();
     }
 
+    fn member(p: u64, joined_ms: u64) -> MemberRecord {
+        serde_json::from_value(serde_json::json!({
+            "participant": p, "sender_index": p, "role": "participant", "name": "n", "subject": "s",
+            "public_key": "00", "session_hash": "00", "released_epoch": 1, "joined_ms": joined_ms,
+        }))
+        .unwrap()
+    }
+
+    fn used(hash: u8, expires_s: u64, used_ms: u64) -> UsedToken {
+        UsedToken {
+            expires_s,
+            used_ms,
+            hash: [hash; 32],
+        }
+    }
+
+    fn loaded_tokens(store: &Store) -> Vec<UsedToken> {
+        let mut tokens = store.load().unwrap().tokens;
+        tokens.sort();
+        tokens
+    }
+
     #[test]
-    fn tokens_of_a_store_keyed_by_hash_are_moved_at_open_and_forgotten_by_expiry() {
-        let d = dir("tokens");
+    fn members_and_tokens_of_earlier_layouts_are_moved_at_open() {
+        let d = dir("layouts");
         std::fs::create_dir_all(&d).unwrap();
+        let m = MeetingId::new("m1").unwrap();
         {
-            // A store as written before tokens were keyed by expiry.
+            // A store as written before: members by meeting, tokens by hash (the first
+            // layout) and by expiry (the second).
             let db = Database::create(d.join(FILE_NAME)).unwrap();
             let txn = db.begin_write().unwrap();
             {
                 let mut t = txn.open_table(TOKENS_BY_HASH).unwrap();
                 t.insert([1u8; 32].as_slice(), 500).unwrap();
-                t.insert([2u8; 32].as_slice(), 400).unwrap();
+                let mut t = txn.open_table(TOKENS_BY_EXPIRY).unwrap();
+                t.insert((400, [2u8; 32].as_slice()), ()).unwrap();
+                let mut t = txn.open_table(MEMBERS_BY_MEETING).unwrap();
+                for (p, joined) in [(1, 30), (2, 10)] {
+                    let rec = serde_json::to_vec(&member(p, joined)).unwrap();
+                    t.insert((m.as_str(), p), rec.as_slice()).unwrap();
+                }
             }
             txn.commit().unwrap();
         }
         let store = Store::open(&d).unwrap();
-        let mut tokens = store.load().unwrap().tokens;
-        tokens.sort();
-        assert_eq!(tokens, vec![([1; 32], 500), ([2; 32], 400)]);
+        assert_eq!(
+            loaded_tokens(&store),
+            vec![used(2, 400, 0), used(1, 500, 0)]
+        );
+        let members = store.load().unwrap().members;
+        assert_eq!(
+            members,
+            vec![(m.clone(), member(2, 10)), (m.clone(), member(1, 30))],
+            "in join order"
+        );
         let mut head = None;
+        let key = |p: u64, joined_ms| MemberKey {
+            joined_ms,
+            meeting: m.clone(),
+            participant: ParticipantId(p),
+        };
         store
             .commit(
-                &[Write::Token([3; 32], 600), Write::ForgetToken([2; 32], 400)],
+                &[
+                    Write::Token(used(3, 600, 7)),
+                    Write::ForgetToken(used(2, 400, 0)),
+                    Write::Member(key(2, 10), None),
+                    Write::Member(
+                        key(3, 40),
+                        Some(serde_json::to_vec(&member(3, 40)).unwrap()),
+                    ),
+                ],
                 vec![],
                 &mut head,
                 1,
             )
             .unwrap();
         drop(store);
-        // Reopening moves nothing twice and keeps what the commit left.
+        // Reopening moves nothing twice and keeps what the commit left; so does a backup.
         let store = Store::open(&d).unwrap();
-        let mut tokens = store.load().unwrap().tokens;
-        tokens.sort();
-        assert_eq!(tokens, vec![([1; 32], 500), ([3; 32], 600)]);
         let backup = d.join("backup.redb");
         store.copy_to(&backup).unwrap();
-        assert_eq!(
-            Store::open_file(&backup)
-                .unwrap()
-                .load()
-                .unwrap()
-                .tokens
-                .len(),
-            2
-        );
+        for s in [store, Store::open_file(&backup).unwrap()] {
+            assert_eq!(loaded_tokens(&s), vec![used(1, 500, 0), used(3, 600, 7)]);
+            assert_eq!(
+                s.load().unwrap().members,
+                vec![(m.clone(), member(1, 30)), (m.clone(), member(3, 40))]
+            );
+        }
         std::fs::remove_dir_all(&d).unwrap();
     }
 

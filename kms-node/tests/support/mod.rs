@@ -167,6 +167,18 @@ recordingKeyReaders: [\"token:portal:auditor\"]
         panic!("kms-node did not exit within 30 s of SIGTERM");
     }
 
+    /// Bytes the server process has caused to be written to storage (counted by the kernel
+    /// when it dirties page-cache pages: what its fsyncs will write), from /proc.
+    pub fn disk_write_bytes(&self) -> Option<u64> {
+        let pid = self.child.as_ref()?.id();
+        let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+        io.lines()
+            .find_map(|l| l.strip_prefix("write_bytes:"))?
+            .trim()
+            .parse()
+            .ok()
+    }
+
     /// SIGKILL: no shutdown code runs.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
