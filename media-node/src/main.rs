@@ -135,10 +135,9 @@ async fn main() -> anyhow::Result<()> {
         .send(Control::Drain { forward_for: drain })
         .await
         .ok();
-    // Keep forwarding while clients move, until none is left; a second signal ends it at once.
+    // Keep forwarding while clients move; a second signal ends it at once.
     tokio::select! {
         _ = tokio::time::sleep(drain) => {}
-        _ = health.drained.notified() => {}
         _ = signals.recv() => {}
     }
     if let Some(h) = heartbeat {

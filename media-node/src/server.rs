@@ -19,9 +19,6 @@ pub struct Health {
     /// Fired when draining starts, so the KMS hears it at once and moves
     /// the meetings while this relay still forwards, not a heartbeat later.
     pub drain_started: tokio::sync::Notify,
-    /// Fired once a drain has no bound client left (they said BYE or went idle): nothing is
-    /// left to forward, so the relay stops without waiting out the drain.
-    pub drained: tokio::sync::Notify,
 }
 
 /// Commands from the rest of the process to the forwarding task.
@@ -110,7 +107,6 @@ pub async fn run(
     let mut bufs = RecvBuffers::default();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     health.ready.store(true, Ordering::Relaxed);
-    let mut told_drained = false;
     loop {
         tokio::select! {
             r = bufs.recv_from(&socket) => {
@@ -158,11 +154,6 @@ pub async fn run(
                 }
                 None => break,
             }
-        }
-        if relay.is_draining() && relay.participants() == 0 && !told_drained {
-            told_drained = true;
-            tracing::info!("draining: no client left");
-            health.drained.notify_one();
         }
     }
 }

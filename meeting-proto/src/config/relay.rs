@@ -22,7 +22,7 @@
 //!   participantsPerMeeting: 100    # default
 //!   meetings: 1000                 # default
 //!   memoryBytes: 268435456         # routing state bound (default 256 MiB)
-//! drainSeconds: 10                 # after SIGTERM: keep forwarding at most this long (default)
+//! drainSeconds: 10                 # after SIGTERM: keep forwarding this long (default)
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -59,8 +59,7 @@ pub struct RelayConfig {
     pub kms: Option<RelayKms>,
     #[serde(default)]
     pub limits: RelayLimits,
-    /// After SIGTERM: how long at most the relay keeps forwarding while clients move. It stops
-    /// sooner once no client is bound.
+    /// After SIGTERM: how long the relay keeps forwarding while clients move.
     #[serde(default = "default_drain_seconds")]
     pub drain_seconds: u32,
 }
