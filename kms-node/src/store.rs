@@ -7,6 +7,11 @@
 //!
 //! [`Committer`] runs the writes on one thread and groups whatever is queued
 //! into one transaction (group commit): one fsync for many requests.
+//!
+//! The file's growth is reserved as it grows (`reserved_file`): a commit
+//! writing into a hole would make its fsync commit the filesystem's journal.
+
+mod reserved_file;
 
 use crate::audit::{self, AuditRecord, Checkpoint, Verifier, VerifyError};
 use crate::core::{
@@ -96,7 +101,8 @@ impl Store {
     }
 
     pub fn open_file(path: &Path) -> Result<Self, StoreError> {
-        let db = Database::create(path).map_err(dbe)?;
+        let file = reserved_file::ReservedFile::open(path).map_err(dbe)?;
+        let db = Database::builder().create_with_backend(file).map_err(dbe)?;
         let txn = db.begin_write().map_err(dbe)?;
         {
             // Create every table so readers never meet a missing one.
