@@ -44,6 +44,13 @@ impl Denial {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Write {
     Meeting(MeetingId, Vec<u8>),
+    /// A meeting's record as a join left it, kept beside the new member (in join order)
+    /// rather than in place: joins land on random meetings, and the store rewrites every
+    /// page a commit touches. The store keeps whichever copy of a meeting's record was
+    /// saved last ([`MeetingRecord::saves`]); it drops this one with the member.
+    /// Never written while the meeting holds an invitation target (a stream key, a phone
+    /// number): copies outlive the record they were taken of, and a target must not.
+    MeetingAtJoin(MemberKey, Vec<u8>),
     /// A member's record, or None when it left.
     Member(MemberKey, Option<Vec<u8>>),
     Token(UsedToken),
@@ -173,6 +180,10 @@ pub struct MeetingRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relay_instance: Option<String>,
     pub updated_ms: u64,
+    /// How many times the record was saved: of a meeting's copies in the store, the one
+    /// with the most saves is current. 0 in records from before joins saved copies.
+    #[serde(default)]
+    pub saves: u64,
 }
 
 /// An invitation target. Debug shows only the checked summary (scheme and
@@ -468,9 +479,20 @@ impl Core {
     }
 
     fn save_meeting(m: &mut Meeting, now_ms: u64, fx: &mut Effects) {
+        let record = Self::stamp(m, now_ms);
+        fx.writes.push(Write::Meeting(m.record.id.clone(), record));
+    }
+
+    /// Saves the meeting's record beside the member `joined` (see [`Write::MeetingAtJoin`]).
+    fn save_meeting_at_join(m: &mut Meeting, joined: MemberKey, now_ms: u64, fx: &mut Effects) {
+        let record = Self::stamp(m, now_ms);
+        fx.writes.push(Write::MeetingAtJoin(joined, record));
+    }
+
+    fn stamp(m: &mut Meeting, now_ms: u64) -> Vec<u8> {
         m.record.updated_ms = now_ms;
-        fx.writes
-            .push(Write::Meeting(m.record.id.clone(), json(&m.record)));
+        m.record.saves += 1;
+        json(&m.record)
     }
 
     fn new_meeting(&self, id: &MeetingId, now_ms: u64) -> Result<Meeting, Denial> {
@@ -500,6 +522,7 @@ impl Core {
                 relay: None,
                 relay_instance: None,
                 updated_ms: now_ms,
+                saves: 0,
             },
             key: Arc::new(key),
             members: BTreeMap::new(),
@@ -714,6 +737,9 @@ impl Core {
                 fx,
             )?;
         }
+        // A connector's join claims its invitation and drops the target, which must then go
+        // from the record in place too.
+        let claims_target = matches!(joiner, Joiner::Connector { .. });
         let participant = ParticipantId(m.record.next_participant);
         let sender_index = m.record.next_sender;
         m.record.next_participant += 1;
@@ -759,16 +785,19 @@ impl Core {
             released_epoch: m.record.epoch,
             joined_ms: now_ms,
         };
-        fx.writes.push(Write::Member(
-            MemberKey::of(meeting, &member),
-            Some(json(&member)),
-        ));
+        let joined = MemberKey::of(meeting, &member);
+        fx.writes
+            .push(Write::Member(joined.clone(), Some(json(&member))));
         m.members.insert(participant, member);
         m.sessions.insert(hash, participant);
         m.record.version += 1;
         let epoch = m.record.epoch;
         let key = m.key.clone();
-        Self::save_meeting(m, now_ms, fx);
+        if claims_target || !m.record.targets.is_empty() {
+            Self::save_meeting(m, now_ms, fx);
+        } else {
+            Self::save_meeting_at_join(m, joined, now_ms, fx);
+        }
         fx.audit.push(
             AuditRecord::new(AuditKind::RosterChange, &actor, format!("joined as {role}"))
                 .meeting(meeting)
@@ -2148,7 +2177,7 @@ mod tests {
             ConnectorKind::Telephony,
             Some("+15551234567".into()),
         );
-        r.unwrap();
+        let (phone_inv, _) = r.unwrap();
         assert_eq!(
             fx.audit[0].detail,
             "invited connector:telephony to a phone number"
@@ -2200,8 +2229,24 @@ mod tests {
         }
         assert_eq!(c.meetings[&m()].record.version, version);
         assert_eq!(c.assignments(ConnectorKind::LiveStreaming).len(), 1);
+        // A join while targets are stored saves the record in place, never as a copy.
+        let (r, fx) = c.join(
+            1000,
+            &m(),
+            Joiner::Person(claims("bob", Role::Participant, 2)),
+            [2; 32],
+        );
+        let bob = r.unwrap();
+        assert!(
+            fx.writes.iter().any(|w| matches!(w, Write::Meeting(..)))
+                && !fx
+                    .writes
+                    .iter()
+                    .any(|w| matches!(w, Write::MeetingAtJoin(..))),
+            "{:?}",
+            fx.writes
+        );
         // A participant is refused as not_host before the target is looked at.
-        let bob = join(&mut c, "bob", Role::Participant, 2);
         let (r, _) = c.invite(
             1000,
             &m(),
@@ -2210,21 +2255,30 @@ mod tests {
             Some("x".into()),
         );
         assert_eq!(r.unwrap_err().code, "not_host");
-        // Claiming the invitation drops the stored stream key.
-        let (r, _) = c.join(
-            1000,
-            &m(),
-            Joiner::Connector {
-                identity: "conclave://ns/connector/live/live-0".into(),
-                kind: ConnectorKind::LiveStreaming,
-                invitation: inv.id,
-                display_name: None,
-            },
-            [9; 32],
-        );
-        r.unwrap();
+        // Claiming an invitation drops its target from the record saved in place: the
+        // stream key first, then the last target, which leaves none to keep it in place.
+        let mut claim = |kind: ConnectorKind, invitation: u64, nonce: u8| {
+            let (r, fx) = c.join(
+                1000,
+                &m(),
+                Joiner::Connector {
+                    identity: format!("conclave://ns/connector/{kind}/c-{nonce}"),
+                    kind,
+                    invitation,
+                    display_name: None,
+                },
+                [nonce; 32],
+            );
+            r.unwrap();
+            match fx.writes.iter().find(|w| matches!(w, Write::Meeting(..))) {
+                Some(Write::Meeting(_, saved)) => String::from_utf8_lossy(saved).into_owned(),
+                _ => panic!("saved in place: {:?}", fx.writes),
+            }
+        };
+        assert!(!claim(ConnectorKind::LiveStreaming, inv.id, 9).contains("SECRET"));
+        assert!(!claim(ConnectorKind::Telephony, phone_inv.id, 10).contains("5551234567"));
         let record = &c.meetings[&m()].record;
-        assert!(!record.targets.contains_key(&inv.id));
+        assert!(record.targets.is_empty());
         assert!(!format!("{record:?}").contains("SECRET"));
         assert!(!String::from_utf8_lossy(&json(record)).contains("SECRET"));
     }

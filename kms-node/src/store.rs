@@ -21,6 +21,8 @@ use crate::keys::StoredKek;
 use meeting_proto::ids::MeetingId;
 use meeting_proto::kms_api::{AuditEntry, AuditVerifyResponse, Hex};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,6 +36,10 @@ const MEETINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("meetings");
 /// new members on the table's last pages (redb rewrites, checksums and syncs every page a
 /// commit touches).
 const MEMBERS: TableDefinition<(u64, &str, u64), &[u8]> = TableDefinition::new("members_by_join");
+/// Meetings' records as joins left them, keyed like the members they joined with: see
+/// [`crate::core::Write::MeetingAtJoin`].
+const MEETINGS_AT_JOIN: TableDefinition<(u64, &str, u64), &[u8]> =
+    TableDefinition::new("meetings_by_join");
 /// Used join tokens by (expiry, used ms, hash): see [`crate::core::UsedToken`]. Looked up in
 /// memory (all are loaded at start), so here too the order only decides which pages a commit
 /// dirties.
@@ -85,6 +91,18 @@ pub struct StoredKeys {
     pub signing_key: Option<Vec<u8>>,
 }
 
+/// How many times a stored meeting record was saved ([`MeetingRecord::saves`]).
+fn saves(record: &[u8]) -> Result<u64, StoreError> {
+    #[derive(serde::Deserialize)]
+    struct Saves {
+        #[serde(default)]
+        saves: u64,
+    }
+    serde_json::from_slice::<Saves>(record)
+        .map(|s| s.saves)
+        .map_err(|_| StoreError::Corrupt("meeting".into()))
+}
+
 fn member_key(k: &MemberKey) -> (u64, &str, u64) {
     (k.joined_ms, k.meeting.as_str(), k.participant.0)
 }
@@ -110,6 +128,7 @@ impl Store {
             txn.open_table(KEKS).map_err(dbe)?;
             txn.open_table(MEETINGS).map_err(dbe)?;
             txn.open_table(MEMBERS).map_err(dbe)?;
+            txn.open_table(MEETINGS_AT_JOIN).map_err(dbe)?;
             txn.open_table(TOKENS).map_err(dbe)?;
             txn.open_table(RECORDINGS).map_err(dbe)?;
             txn.open_table(AUDIT).map_err(dbe)?;
@@ -214,12 +233,39 @@ impl Store {
     pub fn load(&self) -> Result<Loaded, StoreError> {
         let txn = self.db.begin_read().map_err(dbe)?;
         let mut loaded = Loaded::default();
+        let mut meetings = BTreeMap::new();
+        let mut keep_newest = |r: MeetingRecord| match meetings.entry(r.id.clone()) {
+            Entry::Vacant(e) => {
+                e.insert(r);
+            }
+            Entry::Occupied(mut e) => {
+                if r.saves > e.get().saves {
+                    e.insert(r);
+                }
+            }
+        };
         for row in txn.open_table(MEETINGS).map_err(dbe)?.iter().map_err(dbe)? {
             let (k, v) = row.map_err(dbe)?;
-            let r: MeetingRecord = serde_json::from_slice(v.value())
-                .map_err(|_| StoreError::Corrupt(format!("meeting {}", k.value())))?;
-            loaded.meetings.push(r);
+            keep_newest(
+                serde_json::from_slice(v.value())
+                    .map_err(|_| StoreError::Corrupt(format!("meeting {}", k.value())))?,
+            );
         }
+        for row in txn
+            .open_table(MEETINGS_AT_JOIN)
+            .map_err(dbe)?
+            .iter()
+            .map_err(dbe)?
+        {
+            let (k, v) = row.map_err(dbe)?;
+            let (_, meeting, pid) = k.value();
+            keep_newest(
+                serde_json::from_slice(v.value()).map_err(|_| {
+                    StoreError::Corrupt(format!("meeting {meeting} at join of {pid}"))
+                })?,
+            );
+        }
+        loaded.meetings = meetings.into_values().collect();
         for row in txn.open_table(MEMBERS).map_err(dbe)?.iter().map_err(dbe)? {
             let (k, v) = row.map_err(dbe)?;
             let (_, meeting, pid) = k.value();
@@ -298,6 +344,7 @@ impl Store {
         {
             let mut meetings = txn.open_table(MEETINGS).map_err(dbe)?;
             let mut members = txn.open_table(MEMBERS).map_err(dbe)?;
+            let mut meetings_at_join = txn.open_table(MEETINGS_AT_JOIN).map_err(dbe)?;
             let mut tokens = txn.open_table(TOKENS).map_err(dbe)?;
             let mut recordings = txn.open_table(RECORDINGS).map_err(dbe)?;
             let mut keks = txn.open_table(KEKS).map_err(dbe)?;
@@ -306,11 +353,34 @@ impl Store {
                     Write::Meeting(id, rec) => {
                         meetings.insert(id.as_str(), rec.as_slice()).map_err(dbe)?;
                     }
+                    Write::MeetingAtJoin(k, rec) => {
+                        meetings_at_join
+                            .insert(member_key(k), rec.as_slice())
+                            .map_err(dbe)?;
+                    }
                     Write::Member(k, Some(rec)) => {
                         members.insert(member_key(k), rec.as_slice()).map_err(dbe)?;
                     }
                     Write::Member(k, None) => {
                         members.remove(member_key(k)).map_err(dbe)?;
+                        let copy = meetings_at_join
+                            .remove(member_key(k))
+                            .map_err(dbe)?
+                            .map(|v| v.value().to_vec());
+                        // The copy may be the meeting's newest record: then it moves in place.
+                        if let Some(copy) = copy {
+                            let in_place = meetings
+                                .get(k.meeting.as_str())
+                                .map_err(dbe)?
+                                .map(|v| saves(v.value()))
+                                .transpose()?;
+                            let newer = saves(&copy)?;
+                            if in_place.is_none_or(|n| newer > n) {
+                                meetings
+                                    .insert(k.meeting.as_str(), copy.as_slice())
+                                    .map_err(dbe)?;
+                            }
+                        }
                     }
                     Write::Token(t) => {
                         tokens.insert(token_key(t), ()).map_err(dbe)?;
@@ -483,6 +553,7 @@ impl Store {
             copy!(KEKS);
             copy!(MEETINGS);
             copy!(MEMBERS);
+            copy!(MEETINGS_AT_JOIN);
             copy!(TOKENS);
             copy!(RECORDINGS);
             copy!(AUDIT);
@@ -820,6 +891,84 @@ mod tests {
                 s.load().unwrap().members,
                 vec![(m.clone(), member(1, 30)), (m.clone(), member(3, 40))]
             );
+        }
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    fn meeting_record(id: &MeetingId, saves: u64) -> MeetingRecord {
+        MeetingRecord {
+            id: id.clone(),
+            version: saves,
+            epoch: saves,
+            epoch_started_ms: 0,
+            wrapped_key: Hex(vec![saves as u8; 60]),
+            next_participant: saves + 1,
+            next_sender: saves as u16,
+            next_invitation: 1,
+            invitations: Vec::new(),
+            targets: Default::default(),
+            relay: None,
+            relay_instance: None,
+            updated_ms: 0,
+            saves,
+        }
+    }
+
+    #[test]
+    fn the_newest_copy_of_a_meeting_record_is_loaded_and_survives_its_members_leaving() {
+        let d = dir("copies");
+        let store = Store::open(&d).unwrap();
+        let (m, other) = (MeetingId::new("m1").unwrap(), MeetingId::new("m2").unwrap());
+        let key = |meeting: &MeetingId, p: u64| MemberKey {
+            joined_ms: 100 + p,
+            meeting: meeting.clone(),
+            participant: ParticipantId(p),
+        };
+        let rec = |meeting: &MeetingId, saves| {
+            serde_json::to_vec(&meeting_record(meeting, saves)).unwrap()
+        };
+        let loaded = |s: &Store| {
+            let mut l = s.load().unwrap().meetings;
+            l.sort_by(|a, b| a.id.cmp(&b.id));
+            l.iter()
+                .map(|r| (r.id.to_string(), r.saves))
+                .collect::<Vec<_>>()
+        };
+        let mut head = None;
+        let mut commit = |writes: &[Write]| store.commit(writes, vec![], &mut head, 1).unwrap();
+        // m1: saved in place, then by two joins; m2 only by its first join.
+        commit(&[
+            Write::Meeting(m.clone(), rec(&m, 1)),
+            Write::MeetingAtJoin(key(&m, 2), rec(&m, 2)),
+            Write::MeetingAtJoin(key(&m, 3), rec(&m, 3)),
+            Write::MeetingAtJoin(key(&other, 1), rec(&other, 1)),
+        ]);
+        assert_eq!(loaded(&store), [("m1".into(), 3), ("m2".into(), 1)]);
+        assert_eq!(
+            store.load().unwrap().meetings.iter().find(|r| r.id == m),
+            Some(&meeting_record(&m, 3)),
+            "the whole record, not only its count"
+        );
+        // The member whose join left the newest copy leaves without a save (a failed
+        // rotation): its copy moves in place rather than going with it. m2's only member
+        // leaves the same way.
+        commit(&[
+            Write::Member(key(&m, 3), None),
+            Write::Member(key(&other, 1), None),
+        ]);
+        assert_eq!(loaded(&store), [("m1".into(), 3), ("m2".into(), 1)]);
+        // A leave that saves in place (the usual one), in either order within a commit.
+        commit(&[
+            Write::Meeting(m.clone(), rec(&m, 4)),
+            Write::Member(key(&m, 2), None),
+        ]);
+        assert_eq!(loaded(&store), [("m1".into(), 4), ("m2".into(), 1)]);
+        commit(&[Write::MeetingAtJoin(key(&m, 5), rec(&m, 5))]);
+        let backup = d.join("backup.redb");
+        store.copy_to(&backup).unwrap();
+        drop(store);
+        for s in [Store::open(&d).unwrap(), Store::open_file(&backup).unwrap()] {
+            assert_eq!(loaded(&s), [("m1".into(), 5), ("m2".into(), 1)]);
         }
         std::fs::remove_dir_all(&d).unwrap();
     }

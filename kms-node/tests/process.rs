@@ -778,6 +778,30 @@ async fn acknowledged_joins_survive_kill_9() {
                     .await
                     .unwrap();
             }
+            // Each meeting's state came back as its last acknowledged join left it: a
+            // newcomer gets a participant id, a sender index and an epoch after all of
+            // theirs (a reused sender index would reuse SFrame nonces).
+            let mut last: std::collections::BTreeMap<String, (u64, u16, u64)> = Default::default();
+            for (meeting, joined) in &acked_now {
+                let l = last.entry(meeting.to_string()).or_default();
+                l.0 = l.0.max(joined.participant.0);
+                l.1 = l.1.max(joined.sender_index);
+                l.2 = l.2.max(joined.key.epoch);
+            }
+            kms.register_relay().await;
+            for (meeting, (participant, sender, epoch)) in last
+                .iter()
+                .filter(|(m, _)| m.starts_with(&format!("r{round}-")))
+            {
+                let token = kms.token(&format!("after-{meeting}"), meeting, Role::Participant);
+                let newcomer = join_with_token(&c, meeting, token).await.unwrap().joined;
+                assert!(
+                    newcomer.participant.0 > *participant,
+                    "{meeting}: {newcomer:?}"
+                );
+                assert!(newcomer.sender_index > *sender, "{meeting}: {newcomer:?}");
+                assert!(newcomer.key.epoch > *epoch, "{meeting}: {newcomer:?}");
+            }
             let v = admin.verify_audit().await.unwrap();
             assert!(v.ok, "round {round}: {v:?}");
         }
