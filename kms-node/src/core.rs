@@ -894,14 +894,12 @@ impl Core {
             return (Ok(None), fx);
         }
         let release = if needs_key {
+            // Kept in memory only: after a restart each member is given the current key
+            // again at its next poll, audited like any release. Storing it would rewrite an
+            // old member row, on a page of its own, for every member at every new epoch.
             member.released_epoch = m.record.epoch;
             let actor = member.subject.clone();
             let public_key = member.public_key.array().unwrap_or_default();
-            let sender = member.sender_index;
-            fx.writes.push(Write::Member(
-                MemberKey::of(meeting, member),
-                Some(json(&*member)),
-            ));
             fx.audit.push(
                 AuditRecord::new(
                     AuditKind::KeyRelease,
@@ -912,7 +910,6 @@ impl Core {
                 .participant(participant)
                 .epoch(m.record.epoch),
             );
-            let _ = sender;
             Some(Release {
                 meeting: meeting.clone(),
                 epoch: m.record.epoch,
@@ -1709,10 +1706,14 @@ mod tests {
                     .version,
             ),
         ] {
-            let (r, _) = c.events(1001, &m(), &session(who), since);
+            let (r, fx) = c.events(1001, &m(), &session(who), since);
             let rel = r.unwrap().unwrap().release.unwrap();
             assert_eq!(rel.epoch, 3);
             assert_eq!(rel.key.expose(), d.release.key.expose());
+            // Audited, and nothing stored: which epoch a member was given is kept in memory.
+            assert_eq!(fx.audit.len(), 1);
+            assert_eq!(fx.audit[0].kind, AuditKind::KeyRelease);
+            assert_eq!(fx.writes, []);
         }
 
         // Real SFrame: ada and bob talk in epoch 2; dan captured it before
