@@ -168,6 +168,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let health = Arc::new(Health::default());
     let client = client(&args, metrics.clone()).await?;
 
+    // Registered before anything is served: a SIGTERM from then on stops the operator
+    // cleanly (the leader Lease released), rather than by the signal's default action.
+    let mut signals = conclave_shutdown::Signals::listen().context("registering stop signals")?;
     let listener = tokio::net::TcpListener::bind(args.http_addr)
         .await
         .with_context(|| format!("binding {}", args.http_addr))?;
@@ -181,7 +184,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
-        wait_for_signal().await;
+        signals.recv().await;
         tracing::info!("shutting down");
         let _ = stop_tx.send(true);
     });
@@ -309,26 +312,4 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         tracing::warn!(error = %e, "could not release the leader Lease");
     }
     Ok(())
-}
-
-async fn wait_for_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
 }
