@@ -81,6 +81,20 @@ def wait_ready(namespace: str, kind: str, name: str, timeout: int = 300) -> dict
         raise TimeoutError(f"{kind}/{name} not Ready: {json.dumps(obj.get('status'), indent=1)}")
 
 
+def wait_rolled_out(namespace: str, component: str, timeout: int = 180) -> None:
+    """Waits until every StatefulSet of a Conclave component runs its newest template
+    on all replicas. A KMS is rolled once just after it is created, when the pools
+    appear in its configuration, and its Ready condition does not wait for that."""
+    def rolled_out():
+        items = kubectl_json("get", "statefulsets", "-n", namespace,
+                             "-l", f"app.kubernetes.io/component={component}")["items"]
+        return items and all(
+            s.get("status", {}).get("observedGeneration") == s["metadata"]["generation"]
+            and s["status"].get("currentRevision") == s["status"].get("updateRevision")
+            and s["status"].get("readyReplicas", 0) == s["spec"].get("replicas", 1) for s in items)
+    wait_until(f"the {component} rollout in {namespace} to finish", rolled_out, timeout=timeout, interval=2)
+
+
 def apply_example(namespace: str, example: str) -> None:
     kubectl("apply", "-n", namespace, "-f", str(REPO / "examples" / example))
 

@@ -31,8 +31,8 @@ import pytest
 from deploy import (MEETING, Capture, Phone, audit_entries, component_pods, decode_to_pcm, interface_towards,
                     kms_admin, member_pod, mint_token_for, pod_json_lines, pool_client_identity, pool_volume_path,
                     delete_namespace, publish_kms_ca, restore_recording, rtp_exposure, setup_meetings_namespace,
-                    tone_share, wait_members_done, wait_ready)
-from kube import apply, kubectl, wait_until
+                    tone_share, wait_members_done, wait_ready, wait_rolled_out)
+from kube import apply, kubectl, kubectl_json, wait_until
 
 NS = "connectors"
 # Six participants, a tone each; none near the phone's tone, and none at
@@ -61,6 +61,8 @@ def meeting(namespace):
     wait_ready(namespace, "mz", "zone-a")
     wait_ready(namespace, "cp", "recorder")
     wait_ready(namespace, "cp", "phones")
+    # A meeting started while the KMS still rolls sees it restart; that is test_faults' subject.
+    wait_rolled_out(namespace, "kms")
     publish_kms_ca(namespace)
     url = kms["status"]["endpoint"]
     names = {i: f"user-{i}" for i in TONES}
@@ -91,7 +93,25 @@ def meeting(namespace):
     pool_log = "".join(kubectl("logs", "-n", namespace, p["metadata"]["name"], check=False)
                        for p in component_pods(namespace, "connector", "phones"))
     yield {"reports": {i: reports[names[i]] for i in TONES}, "phone": phone, "capture": capture,
-           "pool_log": pool_log}
+           "pool_log": pool_log, "diagnosis": diagnosis(namespace)}
+
+
+def diagnosis(namespace: str) -> str:
+    """What the recorder and the KMS said, and when their pods started: for a
+    failure message, to tell a recorder that joined late from one that never did."""
+    parts = []
+    for component, instance in (("connector", "recorder"), ("kms", None)):
+        for p in component_pods(namespace, component, instance):
+            name = p["metadata"]["name"]
+            log = kubectl("logs", "-n", namespace, name, "--tail=40", check=False)
+            parts.append(f"--- {name} (created {p['metadata']['creationTimestamp']}, "
+                         f"restarts {[c.get('restartCount') for c in p['status'].get('containerStatuses', [])]})\n"
+                         f"{log}")
+    for sts in kubectl_json("get", "statefulsets", "-n", namespace, "-l", "app.kubernetes.io/component=kms")["items"]:
+        st = sts.get("status", {})
+        parts.append(f"--- statefulset {sts['metadata']['name']}: generation {sts['metadata']['generation']}, "
+                     f"revisions {st.get('currentRevision')} -> {st.get('updateRevision')}")
+    return "\n".join(parts)
 
 
 def test_every_roster_lists_all_eight_with_connectors_as_connectors(meeting):
@@ -103,7 +123,7 @@ def test_every_roster_lists_all_eight_with_connectors_as_connectors(meeting):
         expected = sorted([(f"User {j}", "participant", "host" if j == 0 else "participant") for j in TONES]
                           + [("recording", "recording", "connector:recording"),
                              (PHONE_NAME, "telephony", "connector:telephony")])
-        assert seen == expected, f"user-{i} saw {r['roster']}"
+        assert seen == expected, f"user-{i} saw {r['roster']}\n{meeting['diagnosis']}"
 
 
 def test_only_the_host_may_invite(meeting, namespace):
@@ -146,7 +166,8 @@ def test_recording_restores_for_an_authorized_reader_and_holds_every_tone(meetin
     by_name = {p["name"]: p for p in manifest["participants"]}
     for i, hz in TONES.items():
         entry = by_name.get(f"User {i}")
-        assert entry, f"User {i} is not in the recording's manifest: {manifest['participants']}"
+        assert entry, f"User {i} is not in the recording's manifest: {manifest['participants']}\n" \
+                      f"{meeting['diagnosis']}"
         track = out / entry["file"]
         probe = json.loads(subprocess.run(["ffprobe", "-v", "error", "-show_streams", "-show_format", "-of", "json",
                                            str(track)], capture_output=True, text=True, timeout=30).stdout)
