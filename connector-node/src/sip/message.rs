@@ -164,6 +164,11 @@ pub fn parse(buf: &[u8]) -> Result<(Message, usize), ParseError> {
         if line.len() > MAX_HEADER_LINE {
             return Err(ParseError::HeaderTooLong);
         }
+        // A lone CR or LF, NUL and the like, also on a folded line, would end up inside a
+        // value; TAB is white space.
+        if line.bytes().any(|b| b.is_ascii_control() && b != b'\t') {
+            return Err(ParseError::Header("control character in header"));
+        }
         if line.starts_with([' ', '\t']) {
             // Folded continuation of the previous header (RFC 3261 §7.3.1).
             let last = headers
@@ -180,9 +185,6 @@ pub fn parse(buf: &[u8]) -> Result<(Message, usize), ParseError> {
         let name = name.trim_end();
         if !is_token(name) {
             return Err(ParseError::Header("bad header name"));
-        }
-        if value.bytes().any(|b| b.is_ascii_control() && b != b'\t') {
-            return Err(ParseError::Header("control character in value"));
         }
         if headers.len() == MAX_HEADERS {
             return Err(ParseError::TooManyHeaders);
@@ -499,6 +501,26 @@ CSeq: 314159 INVITE\r\n\
 Subject: folded\r\n  continuation\r\n\
 Content-Type: application/sdp\r\n\
 l: 4\r\n\r\nv=0\n";
+
+    #[test]
+    fn control_characters_are_refused_on_folded_lines_too() {
+        for bad in ["\0", "\n", "\x01", "\x7f"] {
+            for text in [
+                format!("SIP/2.0 200 OK\r\nSubject: a{bad}b\r\n\r\n"),
+                format!("SIP/2.0 200 OK\r\nSubject: a\r\n\tb{bad}\r\n\r\n"),
+            ] {
+                assert_eq!(
+                    parse(text.as_bytes()).unwrap_err(),
+                    ParseError::Header("control character in header"),
+                    "{text:?}"
+                );
+            }
+        }
+        // The fuzzer's find: a folded line of NULs became part of a value, which the
+        // message's own serialization then failed to parse again.
+        let found = b"SIP/2.0 333 x\r\nV:\r\n\t\t\n\0\0\x01\r\n\r\n";
+        assert!(parse(found).is_err());
+    }
 
     #[test]
     fn parses_compact_and_folded_headers() {
