@@ -61,8 +61,10 @@ def meeting(namespace):
     wait_ready(namespace, "mz", "zone-a")
     wait_ready(namespace, "cp", "recorder")
     wait_ready(namespace, "cp", "phones")
-    # A meeting started while the KMS still rolls sees it restart; that is test_faults' subject.
+    # A meeting started while the KMS or a relay still rolls sees it restart or drain;
+    # that is test_faults' subject.
     wait_rolled_out(namespace, "kms")
+    wait_rolled_out(namespace, "relay")
     publish_kms_ca(namespace)
     url = kms["status"]["endpoint"]
     names = {i: f"user-{i}" for i in TONES}
