@@ -104,13 +104,13 @@ done
 #    the bridge, CNI's address bookkeeping and the node address.
 if [ -x "$K8S_BIN/kube-proxy" ]; then "$K8S_BIN/kube-proxy" --cleanup >/dev/null 2>&1; fi
 for table in filter nat mangle; do
-  if iptables-save -t "$table" 2>/dev/null | grep -q -- 'KUBE-\|CNI-'; then
+  if iptables-save -t "$table" 2>/dev/null | grep -- 'KUBE-\|CNI-' >/dev/null; then
     iptables-save -t "$table" | grep -v -- 'KUBE-\|CNI-' | iptables-restore -T "$table" 2>/dev/null \
       || log "could not clean iptables table $table"
   fi
 done
 ip link show conclave0 >/dev/null 2>&1 && ip link delete conclave0
-ip addr show dev lo | grep -q " $NODE_IP/32" && ip addr del "$NODE_IP/32" dev lo
+ip addr show dev lo | grep " $NODE_IP/32" >/dev/null && ip addr del "$NODE_IP/32" dev lo
 
 rm -rf "$CONCLAVE_CACHE/last-cluster-logs"
 [ -d "$CLUSTER_STATE/logs" ] && cp -r "$CLUSTER_STATE/logs" "$CONCLAVE_CACHE/last-cluster-logs"

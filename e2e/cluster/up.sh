@@ -41,7 +41,9 @@ for p in 2379 2380 6443 10250 10256 10257 10259; do check_port tcp "$p"; done
 check_port udp 53
 
 mkdir -p "$PIDS" "$LOGS" "$PKI" "$CLUSTER_STATE"/{etcd,kubelet,run,containerd/root,containerd/state,cni/conf,cni/ipam}
-ip addr show dev lo | grep -q " $NODE_IP/32" || ip addr add "$NODE_IP/32" dev lo
+# grep without -q reads all of ip's output: with -q it may exit first, ip then dies of
+# SIGPIPE, and under pipefail the address is added a second time ("Address already assigned").
+ip addr show dev lo | grep " $NODE_IP/32" >/dev/null || ip addr add "$NODE_IP/32" dev lo
 
 start() {
   local name=$1; shift
