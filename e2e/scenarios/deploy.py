@@ -81,18 +81,28 @@ def wait_ready(namespace: str, kind: str, name: str, timeout: int = 300) -> dict
         raise TimeoutError(f"{kind}/{name} not Ready: {json.dumps(obj.get('status'), indent=1)}")
 
 
+def rolled_out(namespace: str, selector: str | None = None) -> bool:
+    """Every StatefulSet and Deployment (of `selector`, if given) has all its replicas
+    updated and ready, and the controller-manager has recorded it."""
+    args = ["get", "statefulsets,deployments", "-n", namespace] + (["-l", selector] if selector else [])
+    for o in kubectl_json(*args)["items"]:
+        spec, st = o["spec"], o.get("status", {})
+        want = spec.get("replicas", 1)
+        if st.get("observedGeneration") != o["metadata"]["generation"] or \
+                st.get("updatedReplicas", 0) != want or st.get("readyReplicas", 0) != want:
+            return False
+        if o["kind"] == "StatefulSet" and st.get("currentRevision") != st.get("updateRevision"):
+            return False
+    return True
+
+
 def wait_rolled_out(namespace: str, component: str, timeout: int = 180) -> None:
-    """Waits until every StatefulSet of a Conclave component runs its newest template
-    on all replicas. A KMS is rolled once just after it is created, when the pools
-    appear in its configuration, and its Ready condition does not wait for that."""
-    def rolled_out():
-        items = kubectl_json("get", "statefulsets", "-n", namespace,
-                             "-l", f"app.kubernetes.io/component={component}")["items"]
-        return items and all(
-            s.get("status", {}).get("observedGeneration") == s["metadata"]["generation"]
-            and s["status"].get("currentRevision") == s["status"].get("updateRevision")
-            and s["status"].get("readyReplicas", 0) == s["spec"].get("replicas", 1) for s in items)
-    wait_until(f"the {component} rollout in {namespace} to finish", rolled_out, timeout=timeout, interval=2)
+    """Waits until a Conclave component's workloads run their newest template on all
+    replicas. A KMS is rolled once just after it is created, when the pools appear in
+    its configuration, and its Ready condition does not wait for that."""
+    wait_until(f"the {component} rollout in {namespace} to finish",
+               lambda: rolled_out(namespace, f"app.kubernetes.io/component={component}"),
+               timeout=timeout, interval=2)
 
 
 def apply_example(namespace: str, example: str) -> None:

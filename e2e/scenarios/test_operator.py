@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from deploy import SYSTEM_NS, condition, delete_namespace, dev_jwks, wait_ready
+from deploy import SYSTEM_NS, condition, delete_namespace, dev_jwks, rolled_out, wait_ready
 from kube import kubectl, kubectl_json, wait_until
 
 NS = "operator-e2e"
@@ -295,20 +295,6 @@ def world_versions(namespace: str) -> dict[str, str]:
     operator answers both, so only a minute in which neither moved is idle."""
     return {f'{o["kind"]}/{o["metadata"]["name"]}': o["metadata"]["resourceVersion"]
             for o in kubectl_json("get", WORKLOADS, "-n", namespace)["items"]}
-
-
-def rolled_out(namespace: str) -> bool:
-    """Every StatefulSet and Deployment has all its replicas updated and ready,
-    and the controller-manager has recorded it."""
-    for o in kubectl_json("get", "statefulsets,deployments", "-n", namespace)["items"]:
-        spec, st = o["spec"], o.get("status", {})
-        want = spec.get("replicas", 1)
-        if st.get("observedGeneration") != o["metadata"]["generation"] or \
-                st.get("updatedReplicas", 0) != want or st.get("readyReplicas", 0) != want:
-            return False
-        if o["kind"] == "StatefulSet" and st.get("currentRevision") != st.get("updateRevision"):
-            return False
-    return True
 
 
 def pod_readiness(namespace: str) -> dict[str, list]:
